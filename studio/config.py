@@ -1,0 +1,321 @@
+"""What a run is made of: four small dataclasses (model, data, method, training) inside ``RunConfig``.
+
+Every field carries plain-language help (shown next to the setting in the UI and by
+``studio train --help-config``) and, where the values are a closed set, its choices. Checks that
+span fields live in ``validate()`` so a config read from YAML, built by the UI or sent straight to
+the app's API is refused the same way, with a message that names the field.
+
+This module knows nothing about torch: it only describes what the user asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from studio.errors import StudioError
+
+BUNDLED_MODEL = "bundled"
+DEMO_DATA = "demo"
+
+METHODS = ("lora", "dora", "rslora", "qlora", "lora8bit", "full", "prompt_tuning", "prefix_tuning")
+LORA_FAMILY = ("lora", "dora", "rslora", "qlora", "lora8bit")
+TARGET_PRESETS = ("all-linear", "attention")
+
+
+def setting(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None,
+            maximum: float | None = None) -> Any:
+    """A dataclass field with its help text and allowed values kept beside it."""
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = setting(
+        BUNDLED_MODEL,
+        "Which model to fine-tune: 'bundled' (SmolLM2-135M-Instruct, ships with the studio and works "
+        "offline), a Hugging Face id such as 'Qwen/Qwen2.5-0.5B-Instruct', a local model folder, or a .gguf file.")
+    chat_template: str = setting(
+        "auto",
+        "How conversations are turned into text. 'auto' uses the model's own template (or ChatML when it "
+        "has none); 'chatml', 'llama3' or 'alpaca' force a built-in one; anything else is used as a Jinja template.")
+    revision: str = setting("main", "Which version of a hub model to use (a branch, tag or commit).")
+
+
+@dataclass
+class DataConfig:
+    path: str = setting(
+        DEMO_DATA,
+        "Training data: 'demo' for the bundled pirate demo, or a .jsonl, .json, .csv or .parquet file, "
+        "or a folder saved with datasets' save_to_disk.")
+    eval_path: str = setting(
+        "", "Optional separate file of held-out rows. Empty: hold out a fraction of the training file instead.")
+    format: str = setting(
+        "auto", "Row format. 'auto' detects it from the columns.",
+        choices=("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"))
+    columns: dict = setting(
+        {}, "Rename columns before detection, e.g. {question: instruction, answer: output} when your "
+        "file uses other names.")
+    system_prompt: str = setting(
+        "", "A system message added to every conversation that has none. Empty: leave conversations as they are.")
+    eval_fraction: float = setting(
+        0.1, "Share of rows held out to measure progress on data the model does not train on (0 to skip).",
+        minimum=0.0, maximum=0.5)
+    max_length: int = setting(
+        512, "Longest conversation in tokens. Longer ones are cut (or dropped, see 'too_long'); shorter "
+        "uses less memory.", minimum=16, maximum=262144)
+    too_long: str = setting(
+        "truncate", "What to do with conversations over max_length: 'truncate' keeps the start, 'drop' skips them.",
+        choices=("truncate", "drop"))
+    train_on: str = setting(
+        "assistant", "Which tokens teach the model: 'assistant' (only the replies, usual for chat) or "
+        "'all' (the whole conversation).", choices=("assistant", "all"))
+
+
+@dataclass
+class MethodConfig:
+    method: str = setting(
+        "lora",
+        "How to fine-tune. LoRA trains small add-on matrices (fast, little memory); DoRA and rsLoRA are "
+        "LoRA variants; QLoRA and 8-bit LoRA load the base model compressed (NVIDIA GPU only); 'full' "
+        "trains every weight (most memory); prompt/prefix tuning learn only a few virtual tokens.",
+        choices=METHODS)
+    rank: int = setting(
+        16, "LoRA rank: size of the add-on matrices. Higher learns more but uses more memory; 8-64 is typical.",
+        minimum=1, maximum=1024)
+    alpha: int = setting(
+        32, "LoRA alpha: scales the add-on's effect (effective scale alpha/rank). Twice the rank is a safe default.",
+        minimum=1, maximum=4096)
+    dropout: float = setting(
+        0.05, "LoRA dropout: randomly ignores part of the add-on while training to reduce overfitting.",
+        minimum=0.0, maximum=0.9)
+    target_modules: list = setting(
+        ["all-linear"],
+        "Which layers get LoRA add-ons: ['all-linear'] (best quality), ['attention'] (lighter), or a list "
+        "of the model's own layer names such as ['q_proj', 'v_proj'].")
+    num_virtual_tokens: int = setting(
+        20, "Prompt/prefix tuning: how many learned virtual tokens to prepend.", minimum=1, maximum=512)
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = setting(
+        2e-4, "How big each update is. LoRA: 1e-4 to 1e-3; full fine-tuning: about 1e-5. Too high and the "
+        "loss jumps or becomes NaN.", minimum=1e-8, maximum=1.0)
+    epochs: float = setting(
+        3.0, "How many passes over the training data (ignored when max_steps is set).", minimum=0.01, maximum=1000)
+    max_steps: int = setting(
+        -1, "Stop after this many optimizer steps; -1 means use epochs.", minimum=-1, maximum=10_000_000)
+    batch_size: int = setting(
+        8, "Conversations per step on the device. Lower it if you run out of memory.", minimum=1, maximum=4096)
+    grad_accum: int = setting(
+        1, "Steps to accumulate before each update: effective batch = batch_size x grad_accum, without the memory.",
+        minimum=1, maximum=1024)
+    warmup_ratio: float = setting(
+        0.05, "Share of training spent ramping the learning rate up from zero, which avoids early instability.",
+        minimum=0.0, maximum=0.5)
+    weight_decay: float = setting(0.0, "Pulls weights gently towards zero to reduce overfitting.",
+                                  minimum=0.0, maximum=1.0)
+    scheduler: str = setting(
+        "cosine", "How the learning rate changes over training.",
+        choices=("cosine", "linear", "constant", "constant_with_warmup"))
+    packing: bool = setting(
+        False, "Pack several short conversations into each row so no compute is spent on padding. "
+        "Faster on GPUs with many short rows.")
+    seed: int = setting(42, "Random seed: the same seed, data and settings give the same run.", minimum=0,
+                        maximum=2**31 - 1)
+    logging_steps: int = setting(1, "Record the loss every this many steps.", minimum=1, maximum=100000)
+    eval_steps: int = setting(
+        0, "Measure held-out loss every this many steps; 0 means about five times per run.", minimum=0,
+        maximum=1000000)
+    save_steps: int = setting(
+        0, "Save a checkpoint every this many steps so a stopped or crashed run can resume; 0 means about "
+        "five times per run.", minimum=0, maximum=1000000)
+    precision: str = setting(
+        "auto", "Number format for training. 'auto': float32 on CPU, bf16 on GPUs that support it, else fp16.",
+        choices=("auto", "fp32", "bf16", "fp16"))
+    gradient_checkpointing: str = setting(
+        "auto", "Recompute activations to save memory at ~30% more compute. 'auto': off on CPU, on for full "
+        "fine-tuning on GPU.", choices=("auto", "on", "off"))
+
+
+@dataclass
+class RunConfig:
+    name: str = setting("", "A name for the run (letters, digits, '.', '_', '-'). Empty: one is made from the time.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self) -> "RunConfig":
+        """Check every field's type, range and choices, then the cross-field rules; raise StudioError."""
+        for section in (self, self.model, self.data, self.method, self.training):
+            _check_fields(section)
+        if self.name:
+            from studio.paths import check_safe_name
+            check_safe_name(self.name, "run name")
+        if self.method.method in LORA_FAMILY and not self.method.target_modules:
+            raise StudioError("method.target_modules is empty: pick 'all-linear', 'attention' or some layer names.")
+        if self.training.packing and self.method.method in ("prompt_tuning", "prefix_tuning"):
+            raise StudioError("training.packing cannot be combined with prompt or prefix tuning; turn packing off.")
+        return self
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "training": TrainingConfig}
+
+
+def _check_fields(obj: Any) -> None:
+    section = _section_name(obj)
+    for f in fields(obj):
+        if is_dataclass(f.type) or f.name in SECTIONS:
+            continue
+        value = getattr(obj, f.name)
+        where = f"{section}.{f.name}" if section else f.name
+        expected = _default_of(f)
+        value = _coerce(value, expected, where)
+        setattr(obj, f.name, value)
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise StudioError(f"{where} = {value!r} is not one of: {', '.join(map(str, meta['choices']))}.")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise StudioError(f"{where} = {value!r} must be a finite number.")
+            lo, hi = meta.get("min"), meta.get("max")
+            if lo is not None and value < lo or hi is not None and value > hi:
+                raise StudioError(f"{where} = {value!r} is out of range: use a value from {lo} to {hi}.")
+
+
+def _section_name(obj: Any) -> str:
+    for name, cls in SECTIONS.items():
+        if type(obj) is cls:
+            return name
+    return ""
+
+
+def _default_of(f) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _coerce(value: Any, expected: Any, where: str) -> Any:
+    """Accept what YAML, a form or a JSON API would naturally send, and refuse the rest by name."""
+    try:
+        if isinstance(expected, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if isinstance(expected, int):
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if isinstance(expected, float):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if isinstance(expected, str):
+            if value is None:
+                return ""
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if isinstance(expected, list):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
+        if isinstance(expected, dict):
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): str(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        kind = type(expected).__name__.replace("str", "text").replace("float", "number").replace("int", "whole number")
+        raise StudioError(f"{where} = {value!r} is not valid: expected a {kind}.") from None
+    return value
+
+
+def field_help(section: str, name: str) -> str:
+    cls = SECTIONS.get(section, RunConfig)
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(f"{section}.{name}")
+
+
+def field_info(section: str, name: str) -> dict:
+    """Help text, default, choices and range of one field, for building forms."""
+    cls = SECTIONS[section]
+    for f in fields(cls):
+        if f.name == name:
+            return {**f.metadata, "default": _default_of(f)}
+    raise KeyError(f"{section}.{name}")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    out: dict = {"name": cfg.name}
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        out[section] = {f.name: _copy(getattr(obj, f.name)) for f in fields(obj)}
+    return out
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+
+def from_dict(data: dict | None, *, source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig; an unknown key is an error naming the key and the file."""
+    data = dict(data or {})
+    cfg = RunConfig()
+    for key, value in data.items():
+        if key == "name":
+            cfg.name = "" if value is None else str(value)
+        elif key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise StudioError(f"{source}: '{key}' must be a section of settings, got {value!r}.")
+            section = getattr(cfg, key)
+            known = {f.name for f in fields(section)}
+            for sub_key, sub_value in value.items():
+                if sub_key not in known:
+                    raise StudioError(
+                        f"{source}: unknown setting '{key}.{sub_key}'. Known settings in '{key}': "
+                        f"{', '.join(sorted(known))}.")
+                setattr(section, sub_key, sub_value)
+        else:
+            raise StudioError(
+                f"{source}: unknown key '{key}'. The top level holds 'name' and the sections "
+                f"{', '.join(SECTIONS)}.")
+    return cfg.validate()
+
+
+def set_value(data: dict, dotted: str, value: Any) -> None:
+    """Apply ``section.field=value`` (or a bare ``field`` that exists in exactly one section) to a dict."""
+    if "." in dotted:
+        section, name = dotted.split(".", 1)
+    elif dotted == "name":
+        data["name"] = value
+        return
+    else:
+        owners = [s for s, cls in SECTIONS.items() if any(f.name == dotted for f in fields(cls))]
+        if len(owners) != 1:
+            raise StudioError(f"Unknown setting '{dotted}'. Use section.field, e.g. training.learning_rate=1e-4.")
+        section, name = owners[0], dotted
+    if section not in SECTIONS or name not in {f.name for f in fields(SECTIONS[section])}:
+        raise StudioError(f"Unknown setting '{dotted}'. Use section.field, e.g. training.learning_rate=1e-4.")
+    data.setdefault(section, {})
+    if not isinstance(data[section], dict):
+        data[section] = {}
+    data[section][name] = value

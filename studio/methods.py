@@ -1,0 +1,50 @@
+"""Map a MethodConfig onto PEFT: one small function per library boundary.
+
+Knows the model only through its Linear layer names; returns a PEFT config (or None for full
+fine-tuning) and whether the base must be loaded quantised.
+"""
+
+from __future__ import annotations
+
+from studio.config import MethodConfig
+from studio.errors import StudioError
+
+# Attention projections across common architectures (llama/qwen/mistral, gpt2, falcon, phi, gpt-neox).
+ATTENTION_LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value",
+                         "Wqkv", "out_proj", "query", "key", "value", "dense")
+
+
+def quantization_for(method: str) -> str | None:
+    return {"qlora": "4bit", "lora8bit": "8bit"}.get(method)
+
+
+def resolve_targets(targets: list[str], layer_names: list[str]) -> str | list[str]:
+    """'all-linear' is handed to PEFT as is; 'attention' and custom names are checked against the model."""
+    if targets == ["all-linear"]:
+        return "all-linear"
+    if targets == ["attention"]:
+        chosen = [n for n in layer_names if n in ATTENTION_LAYER_NAMES]
+        if not chosen:
+            raise StudioError(f"No attention layers found by name in this model (its layers: {', '.join(layer_names)}). "
+                              "Pick target modules from that list, or use 'all-linear'.")
+        return chosen
+    unknown = [t for t in targets if t not in layer_names and t not in ("all-linear", "attention")]
+    if unknown:
+        raise StudioError(f"method.target_modules names layers this model does not have: {', '.join(unknown)}. "
+                          f"Its layers are: {', '.join(layer_names)}.")
+    return list(targets)
+
+
+def peft_config_for(cfg: MethodConfig, layer_names: list[str]):
+    """The PEFT config for a method, or None for full fine-tuning."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+    if cfg.method == "full":
+        return None
+    if cfg.method == "prompt_tuning":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.method == "prefix_tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=resolve_targets(cfg.target_modules, layer_names),
+        use_dora=cfg.method == "dora", use_rslora=cfg.method == "rslora", bias="none")

@@ -1,0 +1,205 @@
+"""Train one run: data -> model -> PEFT -> TRL SFTTrainer -> adapter on disk.
+
+``train_run`` reads like the story it tells. It never raises to its caller for a user-fixable
+problem: the run's status.json ends ``completed``, ``failed`` (with a message that says what to do)
+or, when the process dies, stays ``running`` until the next start marks it ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import threading
+import traceback
+from dataclasses import dataclass
+
+from studio import models
+from studio.config import LORA_FAMILY, RunConfig
+from studio.data import Splits, load_splits
+from studio.errors import StudioError
+from studio.methods import peft_config_for, quantization_for
+from studio.rendering import EncodedSet, encode_all
+from studio.runs import Run
+
+OOM_HINT = ("Out of memory. Lower training.batch_size (and raise training.grad_accum to keep the same "
+            "effective batch), lower data.max_length, or use QLoRA on an NVIDIA GPU. Saved checkpoints are intact.")
+
+
+@dataclass
+class Prepared:
+    """Everything built before the first step, kept together so tests and the benchmark can reuse it."""
+    cfg: RunConfig
+    tokenizer: object
+    model: object
+    train: EncodedSet
+    eval: EncodedSet
+    device: str
+    dtype: object
+
+
+def prepare(cfg: RunConfig, run: Run | None = None) -> Prepared:
+    """Load and check data first (cheap, most errors live there), then the model, then wrap it in PEFT."""
+    import torch
+    splits: Splits = load_splits(cfg.data, seed=cfg.training.seed)
+    device = models.pick_device()
+    dtype = models.pick_dtype(cfg.training.precision, device)
+    quantization = quantization_for(cfg.method.method)
+    if quantization and device != "cuda":
+        models.bitsandbytes_config(quantization)  # raises the plain-language "needs an NVIDIA GPU" message
+    location = models.resolve(cfg.model.name_or_path)
+    tokenizer = models.load_tokenizer(cfg.model, location)
+    train = encode_all(tokenizer, splits.train, cfg.data.max_length, cfg.data.train_on, cfg.data.too_long)
+    evaluation = encode_all(tokenizer, splits.eval, cfg.data.max_length, cfg.data.train_on, cfg.data.too_long)
+    if not train.rows:
+        raise StudioError(f"No training rows are left after applying max_length={cfg.data.max_length} "
+                          f"({train.summary()}). Raise data.max_length or shorten the prompts.")
+    if run is not None:
+        run.write_json("data.json", _data_summary(splits, train, evaluation))
+    model = models.load_model(location, dtype=dtype, device=device, quantization=quantization)
+    model = _apply_method(model, cfg, quantization)
+    if device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return Prepared(cfg, tokenizer, model, train, evaluation, device, dtype)
+
+
+def _data_summary(splits: Splits, train: EncodedSet, evaluation: EncodedSet) -> dict:
+    lengths = sorted(train.lengths)
+    report = splits.train_report
+    return {"file": report.path, "format": report.format, "rows": report.total_rows, "usable": report.usable,
+            "bad_rows": [{"row": b.row, "reason": b.reason} for b in report.bad_rows[:200]],
+            "blank_rows": report.blank_rows, "train_rows": len(train.rows), "eval_rows": len(evaluation.rows),
+            "truncated": train.truncated, "dropped_too_long": train.dropped_too_long,
+            "dropped_nothing_to_learn": train.dropped_nothing_to_learn, "trained_tokens": train.trained_tokens,
+            "length_min": lengths[0], "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1]}
+
+
+def _apply_method(model, cfg: RunConfig, quantization: str | None):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    peft_config = peft_config_for(cfg.method, models.linear_layer_names(model))
+    if peft_config is None:
+        return model  # full fine-tuning trains the model itself
+    if quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(cfg, "cuda"))
+    return get_peft_model(model, peft_config)
+
+
+def _checkpointing(cfg: RunConfig, device: str) -> bool:
+    choice = cfg.training.gradient_checkpointing
+    if choice != "auto":
+        return choice == "on"
+    # Recomputation costs ~30-50% more compute; only full fine-tuning on a GPU needs the memory back by default.
+    return device == "cuda" and cfg.method.method == "full"
+
+
+def steps_plan(cfg: RunConfig, n_rows: int) -> tuple[int, int, int]:
+    """(total optimizer steps, eval every, save every) with 'about five times per run' defaults."""
+    t = cfg.training
+    per_epoch = max(1, math.ceil(n_rows / (t.batch_size * t.grad_accum)))
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(per_epoch * t.epochs))
+    every = max(1, total // 5)
+    return total, t.eval_steps or every, t.save_steps or every
+
+
+def build_trainer(prep: Prepared, run: Run, callbacks: list):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+    cfg, t = prep.cfg, prep.cfg.training
+    _, eval_every, save_every = steps_plan(cfg, len(prep.train.rows))
+    has_eval = bool(prep.eval.rows)
+    bf16 = prep.dtype is not None and str(prep.dtype) == "torch.bfloat16"
+    fp16 = prep.dtype is not None and str(prep.dtype) == "torch.float16"
+    args = SFTConfig(
+        output_dir=str(run.checkpoints_dir), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, lr_scheduler_type=t.scheduler,
+        logging_steps=t.logging_steps, eval_strategy="steps" if has_eval else "no", eval_steps=eval_every,
+        save_strategy="steps", save_steps=save_every, save_total_limit=2, seed=t.seed, data_seed=t.seed,
+        bf16=bf16, fp16=fp16, gradient_checkpointing=_checkpointing(cfg, prep.device),
+        max_length=cfg.data.max_length, packing=t.packing, report_to="none", disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, use_cpu=prep.device == "cpu",
+        save_only_model=False, logging_first_step=True)
+    train_ds = datasets.Dataset.from_list(prep.train.rows)
+    eval_ds = datasets.Dataset.from_list(prep.eval.rows) if has_eval else None
+    return SFTTrainer(model=prep.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=prep.tokenizer, callbacks=callbacks)
+
+
+def save_result(prep: Prepared, trainer, run: Run) -> None:
+    """Write the adapter (or full model) plus tokenizer to adapter/, replacing any older one whole."""
+    tmp = run.path / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    prep.tokenizer.save_pretrained(str(tmp))  # the chat template used in training travels with the adapter
+    shutil.rmtree(run.adapter_dir, ignore_errors=True)
+    os.replace(tmp, run.adapter_dir)
+
+
+def train_run(run: Run, stop_event: threading.Event | None = None, resume: bool = False) -> dict:
+    """Train (or resume) a run to the end; return its final status. Never raises for user errors."""
+    from studio.training.callbacks import MarkCompleteCheckpoints, NonFiniteLossGuard, RunLogger, StopOnRequest
+    stop_event = stop_event or threading.Event()
+    prep = trainer = None
+    try:
+        cfg = run.config()
+        run.set_status("running", "Loading data and model.", error="", stopped_early=False)
+        prep = prepare(cfg, run)
+        checkpoint = run.last_checkpoint() if resume else None
+        if resume and checkpoint is None:
+            raise StudioError(f"Run {run.id} has no complete checkpoint to resume from. Start it again instead.")
+        elapsed_before = 0.0
+        if checkpoint is not None:
+            step = int(checkpoint.name.rsplit("-", 1)[-1])
+            earlier = [m for m in run.metrics() if m.get("step", 0) <= step]
+            elapsed_before = earlier[-1]["elapsed_s"] if earlier else 0.0
+            run.truncate_metrics_after(step)
+        stopper, guard = StopOnRequest(stop_event, run), NonFiniteLossGuard()
+        trainer = build_trainer(prep, run, [RunLogger(run, elapsed_before), stopper, guard,
+                                            MarkCompleteCheckpoints(run)])
+        if stop_event.is_set():
+            return run.set_status("completed", "Stopped before the first step; nothing was trained.",
+                                  stopped_early=True)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if guard.bad_step is not None:
+            return run.set_status(
+                "failed", f"The loss became NaN or infinite at step {guard.bad_step}, so training stopped. Lower "
+                "training.learning_rate (e.g. by 10x) and start again. This adapter is not saved, merged or exported.",
+                error="non-finite loss")
+        save_result(prep, trainer, run)
+        step = trainer.state.global_step
+        if stopper.stopped_at is not None:
+            return run.set_status("completed", f"Stopped by you at step {step}; the adapter from that step is saved.",
+                                  stopped_early=True, step=step)
+        return run.set_status("completed", f"Finished {step} steps; the adapter is saved.", step=step)
+    except StudioError as err:
+        return run.set_status("failed", str(err), error=str(err))
+    except Exception as err:  # noqa: BLE001 - the run must end in a readable state whatever happened
+        if _is_out_of_memory(err):
+            return run.set_status("failed", OOM_HINT, error="out of memory", oom=True)
+        if isinstance(err, OSError) and err.errno == 28:
+            return run.set_status("failed", "The disk is full, so saving failed. Free some space, then resume: "
+                                  "earlier checkpoints are intact.", error="disk full")
+        (run.path / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        return run.set_status("failed", f"Training failed: {type(err).__name__}: {err}. The full error is in "
+                              f"{run.path / 'error.log'}.", error=f"{type(err).__name__}: {err}")
+    finally:
+        del prep, trainer
+        release_memory()
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def release_memory() -> None:
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_lora_family(method: str) -> bool:
+    return method in LORA_FAMILY
