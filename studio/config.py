@@ -11,7 +11,7 @@ This module knows nothing about torch: it only describes what the user asked for
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from studio.errors import StudioError
@@ -171,7 +171,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "t
 def _check_fields(obj: Any) -> None:
     section = _section_name(obj)
     for f in fields(obj):
-        if is_dataclass(f.type) or f.name in SECTIONS:
+        if isinstance(obj, RunConfig) and f.name in SECTIONS:
             continue
         value = getattr(obj, f.name)
         where = f"{section}.{f.name}" if section else f.name

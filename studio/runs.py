@@ -76,7 +76,7 @@ class Run:
         assert state in STATES, state
         status = self.status()
         status.update(extra)
-        status.update({"state": state, "message": message, "updated": time.time()})
+        status.update({"state": state, "message": message, "updated": time.time(), "pid": os.getpid()})
         _write_atomic(self.path / "status.json", json.dumps(status, indent=1))
         return status
 
@@ -181,11 +181,23 @@ def list_runs() -> list[Run]:
     return sorted(runs, key=lambda r: r.status().get("created") or 0, reverse=True)
 
 
+def _alive(pid) -> bool:
+    # A run trained by another live process (the CLI beside the UI) is not interrupted.
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
 def mark_interrupted_runs() -> list[str]:
     """After a restart no thread is training, so any run still marked active was cut off."""
     marked = []
     for run in list_runs():
-        if run.status().get("state") in ACTIVE_STATES:
+        status = run.status()
+        if status.get("state") in ACTIVE_STATES and not _alive(status.get("pid")):
             step = run.last_checkpoint()
             hint = (f" It can resume from {step.name}." if step else " No checkpoint was saved; start it again.")
             run.set_status("interrupted", "The studio stopped while this run was training." + hint)

@@ -47,9 +47,14 @@ class RunLogger(TrainerCallback):
         self.run.append_metrics(record)
         if "loss" in record:
             self.run.set_status(self.run.status().get("state", "running"),
-                                f"Training: step {state.global_step} of {state.max_steps}, loss {record['loss']:.4f}.",
+                                f"Training: step {state.global_step} of {state.max_steps}, loss {fmt(record['loss'])}.",
                                 step=state.global_step, total_steps=state.max_steps,
                                 elapsed_s=record["elapsed_s"])
+
+
+def fmt(value) -> str:
+    """A loss for people: 4 decimals, or 'nan'/'inf' as stored when it is not finite."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
 def _num(value):

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 
 from studio import models
-from studio.config import LORA_FAMILY, RunConfig
+from studio.config import RunConfig
 from studio.data import Splits, load_splits
 from studio.errors import StudioError
 from studio.methods import peft_config_for, quantization_for
@@ -120,11 +120,16 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
         bf16=bf16, fp16=fp16, gradient_checkpointing=_checkpointing(cfg, prep.device),
         max_length=cfg.data.max_length, packing=t.packing, report_to="none", disable_tqdm=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, use_cpu=prep.device == "cpu",
-        save_only_model=False, logging_first_step=True)
+        save_only_model=False, logging_first_step=True,
+        logging_nan_inf_filter=False)  # the default filter hides NaN losses from the logs, and so from our guard
     train_ds = datasets.Dataset.from_list(prep.train.rows)
     eval_ds = datasets.Dataset.from_list(prep.eval.rows) if has_eval else None
-    return SFTTrainer(model=prep.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=prep.tokenizer, callbacks=callbacks)
+    from transformers.trainer_callback import PrinterCallback
+    datasets.disable_progress_bars()
+    trainer = SFTTrainer(model=prep.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=prep.tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # progress goes to metrics.jsonl; the CLI and UI show it
+    return trainer
 
 
 def save_result(prep: Prepared, trainer, run: Run) -> None:
@@ -200,6 +205,3 @@ def release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def is_lora_family(method: str) -> bool:
-    return method in LORA_FAMILY

