@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(os.environ.get("STUDIO_PORT", 7860)), help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="make a public Gradio link (always behind a login)")
     p.add_argument("--auth", default=None, help="login for the UI as user:password (share mode makes one if omitted)")
+    p.add_argument("--share-local", action="store_true",
+                   help="share mode (login, limits) without the public link, e.g. on a trusted network")
     sub = p.add_subparsers(dest="command")
 
     t = sub.add_parser("train", help="train from a YAML preset")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command is None:
         from studio.ui.launch import launch
-        return launch(host=args.host, port=args.port, share=args.share, auth=args.auth)
+        return launch(host=args.host, port=args.port, share=args.share, auth=args.auth, share_local=args.share_local)
     if args.command == "train":
         from studio.presets import load_run_config
         from studio.runs import new_run
@@ -136,7 +138,7 @@ def _train(run, resume: bool, quiet: bool) -> int:
 
 
 def _print_progress(run, printed: int, quiet: bool) -> int:
-    from studio.training.callbacks import fmt
+    from studio.runs import format_loss as fmt
     records = run.metrics()
     if not quiet:
         for r in records[printed:]:
@@ -180,7 +182,7 @@ def _chat(args) -> int:
 
 def _runs(as_json: bool) -> int:
     from studio.runs import list_runs
-    from studio.training.callbacks import fmt
+    from studio.runs import format_loss as fmt
     rows = [r.summary() for r in list_runs()]
     if as_json:
         print(json.dumps(rows, indent=1))

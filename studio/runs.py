@@ -30,6 +30,11 @@ ACTIVE_STATES = ("queued", "running", "stopping")
 COMPLETE_MARKER = "COMPLETE"
 
 
+def format_loss(value) -> str:
+    """A loss for people: 4 decimals, or 'nan'/'inf' as stored when it was not finite."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     # Write-then-rename: a reader (or a crash) never sees half a status file.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

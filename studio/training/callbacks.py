@@ -8,7 +8,7 @@ import time
 
 from transformers import TrainerCallback
 
-from studio.runs import COMPLETE_MARKER, Run
+from studio.runs import COMPLETE_MARKER, Run, format_loss
 
 
 class RunLogger(TrainerCallback):
@@ -47,14 +47,9 @@ class RunLogger(TrainerCallback):
         self.run.append_metrics(record)
         if "loss" in record:
             self.run.set_status(self.run.status().get("state", "running"),
-                                f"Training: step {state.global_step} of {state.max_steps}, loss {fmt(record['loss'])}.",
+                                f"Training: step {state.global_step} of {state.max_steps}, loss {format_loss(record['loss'])}.",
                                 step=state.global_step, total_steps=state.max_steps,
                                 elapsed_s=record["elapsed_s"])
-
-
-def fmt(value) -> str:
-    """A loss for people: 4 decimals, or 'nan'/'inf' as stored when it is not finite."""
-    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
 def _num(value):

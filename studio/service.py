@@ -1,0 +1,281 @@
+"""The engine as the UI sees it: plain data in, plain data out, no gradio and no torch objects.
+
+One ``Studio`` object per app process owns the run manager, the chat-model cache and the share-mode
+policy (what visitors may load and upload). UI handlers call these methods and only lay out results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio import models
+from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, RunConfig, from_dict, to_dict
+from studio.data import load_report, resolve_data_path
+from studio.errors import StudioError
+from studio.inference import ChatModelCache, merge_run, stream_reply
+from studio.paths import check_safe_name, is_within, studio_home, uploads_dir
+from studio.presets import model_presets
+from studio.rendering import IGNORE, encode
+from studio.runs import list_runs, open_run
+from studio.training.manager import RunManager
+
+PREVIEW_PAGE = 10
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class Policy:
+    """What a visitor may do. Share mode: no local model paths, limited uploads, owner-only stop."""
+    share: bool = False
+    max_upload_mb: int = 50
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 2**20
+
+
+class Studio:
+    def __init__(self, policy: Policy | None = None):
+        self.policy = policy or Policy()
+        self.manager = RunManager()
+        self.chat_cache = ChatModelCache(size=2)
+        self._tokenizers: dict[str, object] = {}
+        self._infos: dict[str, models.ModelInfo] = {}
+        self._lock = threading.Lock()
+
+    # --- models ---
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the model picker: the bundled model first, then presets."""
+        choices = [(models.BUNDLED_LABEL, BUNDLED_MODEL)]
+        for preset in model_presets().values():
+            name = preset["model"]["name_or_path"]
+            if name != BUNDLED_MODEL:
+                choices.append((preset["label"], name))
+        return choices
+
+    def preset_for(self, name_or_path: str) -> dict:
+        for preset in model_presets().values():
+            if preset["model"]["name_or_path"] == name_or_path:
+                return preset
+        return {}
+
+    def check_model_allowed(self, name_or_path: str) -> str:
+        name_or_path = (name_or_path or BUNDLED_MODEL).strip()
+        if self.policy.share and name_or_path != BUNDLED_MODEL:
+            looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.endswith(".gguf") \
+                or "\\" in name_or_path or ".." in name_or_path or name_or_path.count("/") != 1
+            if looks_local:
+                raise StudioError("On a shared link, models come only from the presets, the bundled model or "
+                                  "Hugging Face ids like 'owner/name'; local paths are not allowed.")
+        return name_or_path
+
+    def describe_model(self, name_or_path: str) -> dict:
+        name_or_path = self.check_model_allowed(name_or_path)
+        with self._lock:
+            info = self._infos.get(name_or_path)
+        if info is None:
+            info = models.inspect_model(ModelConfig(name_or_path=name_or_path))
+            with self._lock:
+                self._infos[name_or_path] = info
+        estimates = []
+        for method, label in (("lora", "LoRA / DoRA / rsLoRA"), ("qlora", "QLoRA (4-bit)"), ("lora8bit", "8-bit LoRA"),
+                              ("full", "Full fine-tuning"), ("prompt_tuning", "Prompt / prefix tuning")):
+            gib = models.memory_estimate_gib(info.parameters, method, info.device, batch_tokens=8 * 256,
+                                             hidden_size=info.hidden_size or 1024, num_layers=info.num_layers or 16)
+            possible = "needs an NVIDIA GPU" if method in ("qlora", "lora8bit") and info.device != "cuda" else ""
+            estimates.append({"method": label, "estimated GiB": round(gib, 2), "note": possible})
+        return {"info": info.as_rows(), "layer_names": info.layer_names, "memory": estimates,
+                "device": info.device, "name": name_or_path}
+
+    def tokenizer_for(self, name_or_path: str, chat_template: str = "auto"):
+        key = f"{name_or_path}|{chat_template}"
+        with self._lock:
+            tok = self._tokenizers.get(key)
+        if tok is None:
+            tok = models.load_tokenizer(ModelConfig(name_or_path=name_or_path, chat_template=chat_template))
+            with self._lock:
+                self._tokenizers[key] = tok
+        return tok
+
+    # --- data ---
+    def store_upload(self, temp_path: str, owner: str, remove_source: bool = False) -> str:
+        """Copy an uploaded file into this visitor's own upload folder; return the stored path.
+
+        remove_source: delete the web server's temporary copy, which other visitors could otherwise fetch
+        by its URL."""
+        src = Path(temp_path)
+        suffix = src.suffix.lower()
+        if suffix not in UPLOAD_SUFFIXES:
+            raise StudioError(f"{src.name}: only {', '.join(UPLOAD_SUFFIXES)} files can be uploaded.")
+        size = src.stat().st_size
+        if size > self.policy.max_upload_bytes:
+            raise StudioError(f"{src.name} is {size / 2**20:.1f} MB; the limit here is {self.policy.max_upload_mb} MB.")
+        folder = uploads_dir() / check_safe_name(owner, "session id")
+        folder.mkdir(parents=True, exist_ok=True)
+        safe_stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in src.stem)[:40] or "data"
+        target = folder / f"{safe_stem}-{uuid.uuid4().hex[:8]}{suffix}"
+        shutil.copyfile(src, target)
+        if remove_source:
+            src.unlink(missing_ok=True)
+        return str(target)
+
+    def check_data_allowed(self, path: str, owner: str) -> str:
+        if path in ("", DEMO_DATA):
+            return DEMO_DATA
+        if self.policy.share:
+            own = uploads_dir() / check_safe_name(owner, "session id")
+            if not is_within(Path(path), own):
+                raise StudioError("On a shared link, training data must be the demo set or a file you uploaded.")
+        return path
+
+    def inspect_data(self, data: dict, model_name: str, owner: str, page: int = 0) -> dict:
+        """Everything the Data tab shows: format, preview, rendered sample, lengths, bad rows, split."""
+        data = dict(data)
+        data["path"] = self.check_data_allowed(data.get("path", DEMO_DATA), owner)
+        cfg = from_dict({"data": data}).data
+        report = load_report(cfg, max_bytes=self.policy.max_upload_bytes)
+        tokenizer = self.tokenizer_for(self.check_model_allowed(model_name))
+        lengths, trained = [], 0
+        for example in report.examples:
+            ids, labels = encode(tokenizer, example, cfg.train_on)
+            lengths.append(len(ids))
+            trained += sum(1 for x in labels if x != IGNORE)
+        over = sum(1 for n in lengths if n > cfg.max_length)
+        pages = max(1, -(-report.usable // PREVIEW_PAGE))
+        page = min(max(0, int(page)), pages - 1)
+        rows = report.examples[page * PREVIEW_PAGE:(page + 1) * PREVIEW_PAGE]
+        n_eval = 0 if cfg.eval_fraction == 0 or report.usable < 4 else max(1, round(report.usable * cfg.eval_fraction))
+        if cfg.path in ("", DEMO_DATA):
+            n_eval = sum(1 for line in resolve_data_path(DEMO_DATA).with_name("heldout.jsonl").open() if line.strip())
+            split = f"{report.usable} training rows; {n_eval} held-out rows from heldout.jsonl"
+        else:
+            split = f"{report.usable - n_eval} training rows, {n_eval} held out ({cfg.eval_fraction:.0%})"
+        return {
+            "file": report.path, "format": report.format, "columns": report.columns,
+            "summary": report.summary(), "split": split,
+            "bad_rows": [{"row": b.row, "reason": b.reason} for b in report.bad_rows[:200]],
+            "preview": [_conversation_row(i + page * PREVIEW_PAGE + 1, ex) for i, ex in enumerate(rows)],
+            "page": page, "pages": pages, "lengths": lengths, "over_max_length": over,
+            "max_length": cfg.max_length, "too_long": cfg.too_long, "trained_tokens": trained,
+            "sample": self.sample_tokens(report.examples[page * PREVIEW_PAGE] if rows else report.examples[0],
+                                         tokenizer, cfg.train_on),
+        }
+
+    @staticmethod
+    def sample_tokens(example: dict, tokenizer, train_on: str) -> list[tuple[str, str | None]]:
+        ids, labels = encode(tokenizer, example, train_on)
+        return [(tokenizer.decode([i]), "trained" if lab != IGNORE else "masked") for i, lab in zip(ids, labels)]
+
+    # --- runs ---
+    def start(self, cfg_dict: dict, owner: str) -> dict:
+        cfg = from_dict(cfg_dict, source="the form")
+        self.check_model_allowed(cfg.model.name_or_path)
+        cfg.data.path = self.check_data_allowed(cfg.data.path, owner)
+        if cfg.data.eval_path:
+            cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, owner)
+        run = self.manager.start(cfg, owner=owner)
+        return {"run_id": run.id, "message": f"Started run {run.id}."}
+
+    def stop(self, owner: str) -> str:
+        return self.manager.stop(owner=owner if self.policy.share else None)
+
+    def resume(self, run_id: str, owner: str) -> str:
+        run = self.manager.resume(run_id, owner=owner)
+        return f"Resuming run {run.id} from its last checkpoint."
+
+    def snapshot(self, run_id: str | None = None) -> dict:
+        snap = self.manager.snapshot(run_id)
+        active = self.manager.active_run
+        snap["active"] = active is not None and active.id == snap["run_id"]
+        return snap
+
+    def runs_table(self) -> list[dict]:
+        return [r.summary() for r in list_runs()]
+
+    def run_detail(self, run_id: str) -> dict:
+        run = open_run(run_id)
+        return {"config": to_dict(run.config()), "status": run.status(), "metrics": run.metrics(),
+                "data": run.read_json("data.json")}
+
+    def finished_runs(self) -> list[str]:
+        return [r.id for r in list_runs() if r.has_adapter() and r.status().get("state") == "completed"]
+
+    # --- chat ---
+    def chat(self, source: str, run_id: str | None, messages: list[dict], settings: dict):
+        """Stream a reply. The model being trained is never served: chat loads its own copy from disk."""
+        if source != "base" and not run_id:
+            raise StudioError("Pick a finished run to chat with, or train one first.")
+        base = None
+        if run_id is None:
+            base = ModelConfig()
+        chat = self.chat_cache.get(source, run_id, base)
+        yield from stream_reply(chat, messages, max_new_tokens=settings.get("max_new_tokens", 128),
+                                temperature=settings.get("temperature", 0.0), top_p=settings.get("top_p", 0.9))
+
+    # --- export ---
+    def exports_dir(self) -> Path:
+        path = studio_home() / "exports"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def export(self, run_id: str, what: str) -> str:
+        """Zip a run's adapter ('adapter') or merged model ('merged') into the exports folder."""
+        run = open_run(run_id)
+        if what == "merged":
+            if run.is_full_model():
+                folder = run.adapter_dir
+            else:
+                if not (run.merged_dir / "config.json").is_file():
+                    merge_run(run)
+                folder = run.merged_dir
+        elif what == "adapter":
+            if run.status().get("error") == "non-finite loss" or not run.has_adapter():
+                raise StudioError(f"Run {run.id} has no usable adapter to export.")
+            folder = run.adapter_dir
+        else:
+            raise StudioError(f"Unknown export {what!r}; use 'adapter' or 'merged'.")
+        target = self.exports_dir() / f"{run.id}-{what}.zip"
+        tmp = target.with_suffix(".zip.tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            for file in sorted(folder.rglob("*")):
+                if file.is_file():
+                    zf.write(file, Path(f"{run.id}-{what}") / file.relative_to(folder))
+        tmp.replace(target)
+        return str(target)
+
+    @staticmethod
+    def load_snippets(run_id: str) -> dict:
+        run = open_run(run_id)
+        adapter = (f"# unzip {run.id}-adapter.zip; adapter_config.json names the base model it was trained on\n"
+                   "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                   f"model = AutoPeftModelForCausalLM.from_pretrained(\"{run.id}-adapter\")\n"
+                   f"tokenizer = AutoTokenizer.from_pretrained(\"{run.id}-adapter\")")
+        merged = (f"# unzip {run.id}-merged.zip: a plain transformers model, no PEFT needed\n"
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                  f"model = AutoModelForCausalLM.from_pretrained(\"{run.id}-merged\")\n"
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"{run.id}-merged\")\n"
+                  "messages = [{\"role\": \"user\", \"content\": \"Hello!\"}]\n"
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, "
+                  "return_tensors=\"pt\", return_dict=True)\n"
+                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))")
+        return {"adapter": adapter, "merged": merged}
+
+
+def demo_config() -> RunConfig:
+    from studio.paths import PRESETS_DIR
+    from studio.presets import load_run_config
+    return load_run_config(PRESETS_DIR / "demo.yaml")
+
+
+def _conversation_row(number: int, example: dict) -> dict:
+    if "text" in example:
+        return {"#": number, "conversation": example["text"][:500]}
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in example["messages"])
+    return {"#": number, "conversation": text[:800]}
+

@@ -1,0 +1,91 @@
+"""Assemble the tabs into one Gradio app and wire the events that cross tabs (Start reads the model,
+data and train tabs; the quick demo fills all of them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from studio.config import BUNDLED_MODEL, DEMO_DATA
+from studio.paths import ASSETS_DIR
+from studio.ui import api, chat_tab, data_tab, export_tab, model_tab, train_tab
+from studio.ui.common import friendly, new_owner
+
+CSS_PATH = ASSETS_DIR / "studio.css"
+
+
+def build_app(studio) -> gr.Blocks:
+    with gr.Blocks(title="Fine-tuning Studio") as app:
+        owner = gr.BrowserState("", storage_key="studio-owner")
+        with gr.Row(elem_id="studio-header"):
+            gr.Markdown("# Fine-tuning Studio\nTeach a language model new habits from your own examples: pick a "
+                        "model, give it examples, train, then chat with the result.")
+            quick = gr.Button("Quick demo: teach the bundled model to talk like a pirate", variant="primary",
+                              elem_id="quick-demo", scale=0, min_width=260)
+        if studio.policy.share:
+            gr.Markdown("This studio is shared: models come from presets or the hub, and uploads are limited to "
+                        f"{studio.policy.max_upload_mb} MB.", elem_id="share-banner")
+        with gr.Tabs(selected="model", elem_id="tabs") as tabs:
+            with gr.Tab("1 · Model", id="model", elem_id="tab-model"):
+                model = model_tab.build(studio)
+            with gr.Tab("2 · Data", id="data", elem_id="tab-data"):
+                data = data_tab.build(studio, owner, model.picker)
+            with gr.Tab("3 · Train", id="train", elem_id="tab-train"):
+                train = train_tab.build(studio)
+            with gr.Tab("4 · Chat", id="chat", elem_id="tab-chat") as chat_item:
+                chat = chat_tab.build(studio)
+            with gr.Tab("5 · Export", id="export", elem_id="tab-export") as export_item:
+                export = export_tab.build(studio)
+
+        start_inputs = {model.picker, owner, train.name, train.target_pick, train.layers,
+                        *data.inputs, *train.form.fields.values()}
+        live = [*train.live_outputs, train.timer, train.watched]
+
+        def form_config(values: dict) -> dict:
+            """The one mapping from the whole form to a config dict (validated by the engine)."""
+            cfg = train.form.to_dict(values)
+            picker = values[model.picker] or BUNDLED_MODEL
+            preset = studio.preset_for(picker)
+            cfg["model"] = {"name_or_path": picker, **{k: v for k, v in preset.get("model", {}).items()
+                                                       if k == "chat_template"}}
+            cfg["data"] = data.current(values)
+            cfg["method"]["target_modules"] = train_tab.targets_from(values[train.target_pick], values[train.layers])
+            cfg["name"] = (values[train.name] or "").strip()
+            return cfg
+
+        @friendly
+        def start(values):
+            return train.start_run(values, form_config(values), values[owner])
+
+        @friendly
+        def save(values):
+            return train.save_settings(values, form_config(values), values[train.save_name])
+
+        train.start.click(start, start_inputs, live, concurrency_limit=None)
+        train.save_preset.click(save, {*start_inputs, train.save_name}, train.preset)
+        train.stop.click(train.stop_run, owner, None)
+        train.resume.click(train.resume_run, [train.run_pick, owner], live)
+        train.target_pick.change(train.on_target_pick, [train.target_pick, model.layer_names], train.layers)
+        model.layer_names.change(train.on_target_pick, [train.target_pick, model.layer_names], train.layers)
+
+        def demo_fill():
+            updates = train.apply_preset("demo")
+            updates.update({model.picker: BUNDLED_MODEL, data.data_path: DEMO_DATA,
+                            data.source: "Using: **demo set**", tabs: gr.Tabs(selected="train")})
+            return updates
+
+        quick.click(demo_fill, None, {*train.form.fields.values(), train.target_pick, train.layers, model.picker,
+                                      data.data_path, data.source, tabs}).then(
+            start, start_inputs, live)
+        chat_item.select(lambda: gr.Dropdown(choices=studio.finished_runs()), None, chat.run_pick)
+        export_item.select(lambda: gr.Dropdown(choices=studio.finished_runs()), None, export.run_pick)
+        api.register(studio)
+        app.load(new_owner, owner, owner).then(train.reattach, train.watched, live).then(
+            train.list_runs_table, None, [train.runs_table, train.run_pick])
+    api.hide_page_events(app)
+    return app
+
+
+def css() -> str:
+    return Path(CSS_PATH).read_text(encoding="utf-8") if Path(CSS_PATH).is_file() else ""

@@ -1,0 +1,74 @@
+"""Chat tab: the same prompt to the base model and the fine-tuned one, side by side, streamed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from studio.ui.common import friendly
+
+
+def build(studio) -> SimpleNamespace:
+    gr.Markdown("### 4. Talk to the result\nAsk both models the same thing and compare. Replies come from the "
+                "fine-tuned weights merged into the base (the model being trained is never used here).")
+    with gr.Row():
+        run_pick = gr.Dropdown(studio.finished_runs(), label="Fine-tuned run", scale=3, elem_id="chat-run",
+                               info="Finished runs with a saved adapter.")
+        refresh = gr.Button("Refresh", scale=1)
+        source = gr.Radio([("Merged model", "merged"), ("Adapter on base", "adapter")], value="merged",
+                          label="Serve the tuned model as", scale=2,
+                          info="Same replies either way; merged is what you would export.")
+    with gr.Accordion("Sampling", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
+                                    info="0 always picks the likeliest word (repeatable); higher is more varied.")
+            top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p",
+                              info="With temperature above 0: sample only from the likeliest words making up this share.")
+            max_new = gr.Slider(16, 1024, value=160, step=16, label="Max new tokens", info="Longest reply.")
+    with gr.Row():
+        base_chat = gr.Chatbot(label="Base model", height=380, elem_id="chat-base")
+        tuned_chat = gr.Chatbot(label="Fine-tuned", height=380, elem_id="chat-tuned")
+    with gr.Row():
+        prompt = gr.Textbox(placeholder="Ask something, e.g. What is the capital of Portugal?", scale=5,
+                            show_label=False, elem_id="chat-prompt")
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        clear = gr.Button("Clear", scale=1)
+
+    @friendly
+    def respond(text, run_id, how, temp, p, limit, base_history, tuned_history):
+        text = (text or "").strip()
+        if not text:
+            raise gr.Error("Type a message first.")
+        if not run_id:
+            raise gr.Error("Pick a finished run first (train one on the Train tab).")
+        settings = {"temperature": temp, "top_p": p, "max_new_tokens": int(limit)}
+        base_history = [*(base_history or []), {"role": "user", "content": text}]
+        tuned_history = [*(tuned_history or []), {"role": "user", "content": text}]
+        for name, history in (("tuned", tuned_history), ("base", base_history)):
+            turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
+            history.append({"role": "assistant", "content": ""})
+            for partial in studio.chat(how if name == "tuned" else "base", run_id, turns, settings):
+                history[-1]["content"] = partial
+                yield "", base_history, tuned_history
+        yield "", base_history, tuned_history
+
+    inputs = [prompt, run_pick, source, temperature, top_p, max_new, base_chat, tuned_chat]
+    outputs = [prompt, base_chat, tuned_chat]
+    send.click(respond, inputs, outputs, concurrency_id="heavy")
+    prompt.submit(respond, inputs, outputs, concurrency_id="heavy")
+    clear.click(lambda: ([], []), None, [base_chat, tuned_chat])
+    refresh.click(lambda: gr.Dropdown(choices=studio.finished_runs()), None, run_pick)
+    return SimpleNamespace(run_pick=run_pick, refresh=refresh, respond=respond, prompt=prompt, send=send,
+                           base_chat=base_chat, tuned_chat=tuned_chat)
+
+
+def _text(content) -> str:
+    """Chatbot messages may come back as lists of parts; the model needs plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)

@@ -1,0 +1,98 @@
+"""Helpers shared by the tabs: readable errors, and form fields generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import uuid
+
+import gradio as gr
+
+from studio.config import field_info
+from studio.errors import StudioError
+
+log = logging.getLogger("studio.ui")
+
+
+def friendly(fn):
+    """Show StudioError text in the page; any other failure as one readable line (the log keeps the trace)."""
+    def translate(err: Exception) -> gr.Error:
+        if isinstance(err, gr.Error):
+            return err
+        if isinstance(err, StudioError):
+            return gr.Error(str(err), print_exception=False)
+        log.exception("handler %s failed", fn.__name__)
+        return gr.Error(f"Something went wrong ({type(err).__name__}: {err}). The studio keeps running; "
+                        "try again, and see the console for details.", print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001
+                raise translate(err) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            raise translate(err) from None
+    return wrapper
+
+
+def setting_field(section: str, name: str, label: str | None = None, **overrides) -> gr.components.Component:
+    """A form component for one config field: its help text, default, choices and range come from config.py."""
+    info = field_info(section, name)
+    default = info["default"]
+    common = {"label": label or name.replace("_", " ").capitalize(), "info": info["help"],
+              "elem_id": f"{section}-{name}".replace("_", "-"), "interactive": True}
+    common.update(overrides)
+    if info.get("choices"):
+        return gr.Dropdown(choices=list(info["choices"]), value=default, **common)
+    if isinstance(default, bool):
+        return gr.Checkbox(value=default, **common)
+    if isinstance(default, (int, float)):
+        return gr.Number(value=default, precision=0 if isinstance(default, int) else None,
+                         minimum=info.get("min"), maximum=info.get("max"), **common)
+    return gr.Textbox(value=default, **common)
+
+
+class Form:
+    """A group of setting fields keyed by 'section.name', read back as a nested config dict."""
+
+    def __init__(self):
+        self.fields: dict[str, gr.components.Component] = {}
+
+    def add(self, key: str, component: gr.components.Component) -> gr.components.Component:
+        self.fields[key] = component
+        return component
+
+    def field(self, section: str, name: str, **kwargs) -> gr.components.Component:
+        return self.add(f"{section}.{name}", setting_field(section, name, **kwargs))
+
+    def to_dict(self, values: dict) -> dict:
+        """values: {component: value} as Gradio passes when inputs is a set."""
+        nested: dict = {}
+        for key, component in self.fields.items():
+            if component in values:
+                section, name = key.split(".", 1)
+                nested.setdefault(section, {})[name] = values[component]
+        return nested
+
+    def updates_from(self, cfg: dict) -> dict:
+        """{component: value} to fill the form from a nested config dict (a preset)."""
+        out = {}
+        for key, component in self.fields.items():
+            section, name = key.split(".", 1)
+            if name in cfg.get(section, {}):
+                out[component] = cfg[section][name]
+        return out
+
+
+def new_owner(current: str | None) -> str:
+    """A random id kept in the browser, so a reload still owns the run it started."""
+    return current if current and current.isalnum() and len(current) == 32 else uuid.uuid4().hex

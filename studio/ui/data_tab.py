@@ -1,0 +1,109 @@
+"""Data tab: upload or pick the demo set, see how it was read, preview it, and see one sample exactly as
+the model will (trained tokens highlighted), with a token-length histogram and the bad-row report."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from studio.config import DEMO_DATA
+from studio.ui.common import Form, friendly
+
+NONE = "(none)"
+
+
+def build(studio, owner, model_picker) -> SimpleNamespace:
+    gr.Markdown("### 2. Give it examples\nUpload .jsonl, .json, .csv or .parquet in any common format (alpaca, "
+                "sharegpt, messages, prompt/completion, text), or use the demo set.")
+    form = Form()
+    data_path = gr.State(DEMO_DATA)
+    with gr.Row():
+        upload = gr.File(label=f"Upload data (up to {studio.policy.max_upload_mb} MB)", file_count="single",
+                         file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="data-upload", scale=2)
+        with gr.Column(scale=1):
+            use_demo = gr.Button("Use the demo set (pirate talk)", elem_id="data-demo")
+            source = gr.Markdown("Using: **demo set**", elem_id="data-source")
+    with gr.Row():
+        fmt = form.field("data", "format", label="Format")
+        prompt_col = gr.Dropdown([NONE], value=NONE, label="Prompt column", allow_custom_value=False,
+                                 info="Flat files: which column holds the question or instruction.")
+        reply_col = gr.Dropdown([NONE], value=NONE, label="Reply column", info="Which column holds the answer to learn.")
+        system_col = gr.Dropdown([NONE], value=NONE, label="System column", info="Optional per-row system message.")
+    with gr.Row():
+        form.field("data", "max_length", label="Max length (tokens)")
+        form.field("data", "too_long", label="Too-long rows")
+        form.field("data", "train_on", label="Train on")
+        form.field("data", "eval_fraction", label="Held-out share")
+    form.field("data", "system_prompt", label="System prompt for every conversation")
+    inspect_btn = gr.Button("Check the data", variant="primary", elem_id="data-check")
+    summary = gr.Markdown("", elem_id="data-summary")
+    with gr.Row():
+        with gr.Column():
+            page = gr.Number(value=1, precision=0, minimum=1, label="Preview page", elem_id="data-page")
+            preview = gr.Dataframe(label="Conversations, as the studio understood them", wrap=True,
+                                   interactive=False, elem_id="data-preview")
+        with gr.Column():
+            sample = gr.HighlightedText(label="First row of the page, exactly as the model sees it "
+                                              "(green: learned, grey: context only)",
+                                        color_map={"trained": "green", "masked": "lightgray"}, combine_adjacent=True,
+                                        show_legend=True, elem_id="data-sample")
+            histogram = gr.BarPlot(x="tokens", y="rows", label="Token lengths", elem_id="data-histogram",
+                                   x_title="tokens per conversation", y_title="rows", sort=None)
+    bad = gr.Dataframe(label="Rows that will not be trained, and why", interactive=False, elem_id="data-bad")
+
+    def current(values):
+        data = form.to_dict(values).get("data", {})
+        mapping = {}
+        for col, target in ((values[prompt_col], "instruction"), (values[reply_col], "output"),
+                            (values[system_col], "system")):
+            if col and col != NONE and col != target:
+                mapping[col] = target
+        data["columns"] = mapping
+        data["path"] = values[data_path]
+        return data
+
+    @friendly
+    def check(values):
+        d = studio.inspect_data(current(values), values[model_picker], values[owner], page=int(values[page] or 1) - 1)
+        over = d["over_max_length"]
+        policy = "cut to fit" if d["too_long"] == "truncate" else "dropped"
+        text = (f"**{d['summary']}**  \n{d['split']}.  \n{d['trained_tokens']:,} tokens to learn from. "
+                f"{over} rows are longer than max length {d['max_length']} and will be {policy}. "
+                f"Page {d['page'] + 1} of {d['pages']}.")
+        columns = [NONE, *d["columns"]]
+        return {summary: text, preview: pd.DataFrame(d["preview"]), sample: d["sample"],
+                histogram: _histogram(d["lengths"]), bad: pd.DataFrame(d["bad_rows"] or [{"row": "-", "reason": "none"}]),
+                prompt_col: gr.Dropdown(choices=columns), reply_col: gr.Dropdown(choices=columns),
+                system_col: gr.Dropdown(choices=columns)}
+
+    @friendly
+    def uploaded(file, who):
+        if file is None:
+            return DEMO_DATA, "Using: **demo set**"
+        stored = studio.store_upload(file, who, remove_source=True)
+        return stored, f"Using: **{stored.rsplit('/', 1)[-1]}**"
+
+    inputs = {data_path, model_picker, owner, page, prompt_col, reply_col, system_col, *form.fields.values()}
+    outputs = [summary, preview, sample, histogram, bad, prompt_col, reply_col, system_col]
+    upload.upload(uploaded, [upload, owner], [data_path, source]).then(check, inputs, outputs, concurrency_id="heavy")
+    use_demo.click(lambda: (DEMO_DATA, "Using: **demo set**"), None, [data_path, source]).then(
+        check, inputs, outputs, concurrency_id="heavy")
+    inspect_btn.click(check, inputs, outputs, concurrency_id="heavy")
+    page.submit(check, inputs, outputs, concurrency_id="heavy")
+    return SimpleNamespace(form=form, data_path=data_path, prompt_col=prompt_col, reply_col=reply_col,
+                           system_col=system_col, current=current, check=check, inputs=inputs, outputs=outputs,
+                           use_demo=use_demo, source=source)
+
+
+def _histogram(lengths: list[int]) -> pd.DataFrame:
+    if not lengths:
+        return pd.DataFrame({"tokens": [], "rows": []})
+    lo, hi = min(lengths), max(lengths)
+    width = max(1, -(-(hi - lo + 1) // 15))
+    bins: dict[int, int] = {}
+    for n in lengths:
+        start = lo + (n - lo) // width * width
+        bins[start] = bins.get(start, 0) + 1
+    return pd.DataFrame({"tokens": [f"{s}-{s + width - 1}" for s in sorted(bins)], "rows": [bins[s] for s in sorted(bins)]})

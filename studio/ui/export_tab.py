@@ -1,0 +1,45 @@
+"""Export tab: download the adapter or the merged model as a zip, and the code that loads each."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from studio.ui.common import friendly
+
+
+def build(studio) -> SimpleNamespace:
+    gr.Markdown("### 5. Take it with you\nThe **adapter** is small and needs the base model; the **merged model** "
+                "is a complete model that loads anywhere transformers runs.")
+    with gr.Row():
+        run_pick = gr.Dropdown(studio.finished_runs(), label="Run", scale=3, elem_id="export-run")
+        refresh = gr.Button("Refresh", scale=1)
+    with gr.Row():
+        zip_adapter = gr.Button("Zip the adapter", elem_id="export-adapter")
+        zip_merged = gr.Button("Zip the merged model", elem_id="export-merged")
+    files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="export-files")
+    with gr.Row():
+        adapter_code = gr.Code(language="python", label="Load the adapter", interactive=False)
+        merged_code = gr.Code(language="python", label="Load the merged model", interactive=False)
+
+    @friendly
+    def make(run_id, what, current):
+        if not run_id:
+            raise gr.Error("Pick a run first.")
+        path = studio.export(run_id, what)
+        kept = [f for f in (current or []) if not str(f).endswith(f"-{what}.zip")]
+        return [*kept, path]
+
+    @friendly
+    def snippets(run_id):
+        if not run_id:
+            return "", ""
+        s = studio.load_snippets(run_id)
+        return s["adapter"], s["merged"]
+
+    zip_adapter.click(lambda r, c: make(r, "adapter", c), [run_pick, files], files, concurrency_id="heavy")
+    zip_merged.click(lambda r, c: make(r, "merged", c), [run_pick, files], files, concurrency_id="heavy")
+    run_pick.change(snippets, run_pick, [adapter_code, merged_code])
+    refresh.click(lambda: gr.Dropdown(choices=studio.finished_runs()), None, run_pick)
+    return SimpleNamespace(run_pick=run_pick, refresh=refresh, make=make, files=files)

@@ -1,0 +1,116 @@
+"""Drive a launched app through gradio_client, as an automation script or a share-link visitor would."""
+
+import json
+import socket
+import time
+import zipfile
+
+import pytest
+from gradio_client import Client, handle_file
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def launched(studio_home):
+    from studio.ui.launch import launch
+    apps = []
+
+    def start(**kwargs):
+        port = free_port()
+        apps.append(launch(host="127.0.0.1", port=port, block=False, **kwargs))
+        return f"http://127.0.0.1:{port}/"
+
+    yield start
+    for app in apps:
+        app.close()
+
+
+def wait_for(predicate, timeout=120, every=0.3):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def test_whole_flow_upload_preview_train_stop_chat_export(launched, tiny_model, tmp_path):
+    client = Client(launched(), verbose=False)
+    model = client.predict(str(tiny_model), api_name="/describe_model")
+    assert "q_proj" in model["layer_names"] and model["device"] == "cpu"
+
+    data_file = tmp_path / "qa.jsonl"
+    rows = [{"instruction": f"Say hello number {i}", "output": f"Ahoy {i}! Arr!"} for i in range(30)]
+    rows.append({"instruction": "broken row", "output": ""})
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stored = client.predict(handle_file(str(data_file)), api_name="/upload_data")["data_path"]
+    assert "/uploads/" in stored
+
+    report = client.predict({"path": stored, "max_length": 64}, str(tiny_model), 0, api_name="/inspect_data")
+    assert report["format"] == "alpaca" and len(report["preview"]) == 10 and report["pages"] == 3
+    assert report["bad_rows"] == [{"row": 31, "reason": "'output' is empty"}]
+    assert len(report["lengths"]) == 30 and any(label == "trained" for _, label in report["sample"])
+
+    config = {"name": "ui-flow", "model": {"name_or_path": str(tiny_model)}, "data": {"path": stored, "max_length": 64},
+              "method": {"rank": 4}, "training": {"max_steps": 100000, "batch_size": 4, "save_steps": 100000,
+                                                 "learning_rate": 1e-3}}
+    started = client.predict(config, api_name="/start_training")
+    assert started["run_id"] == "ui-flow"
+    with pytest.raises(Exception, match="already training"):
+        client.predict(config, api_name="/start_training")
+
+    def losses():
+        return [m for m in client.predict("ui-flow", api_name="/run_status")["metrics"] if "loss" in m]
+    first = wait_for(lambda: len(losses()) >= 2 and losses())
+    wait_for(lambda: len(losses()) > len(first) + 2)  # the plot's data keeps growing while it trains
+    assert "Stopping" in client.predict(api_name="/stop_training")
+    final = wait_for(lambda: (s := client.predict("ui-flow", api_name="/run_status"))["status"]["state"]
+                     in ("completed", "failed") and s)
+    assert final["status"]["state"] == "completed" and final["status"]["stopped_early"], final["status"]
+    assert client.predict(api_name="/list_runs")[0]["id"] == "ui-flow"
+
+    reply = client.predict("ui-flow", "Say hello number 3", "merged", 8, 0.0, api_name="/chat")
+    assert isinstance(reply, str) and reply
+    exported = client.predict("ui-flow", "adapter", api_name="/export_run")
+    with zipfile.ZipFile(exported) as zf:
+        assert "ui-flow-adapter/adapter_config.json" in zf.namelist()
+
+
+def test_settings_sent_straight_to_the_api_are_checked_on_the_server(launched, tiny_model):
+    client = Client(launched(), verbose=False)
+    base = {"model": {"name_or_path": str(tiny_model)}}
+    for section, values, pattern in (("training", {"learning_rate": 1e9}, "training.learning_rate"),
+                                     ("training", {"batch_size": 0}, "training.batch_size"),
+                                     ("method", {"rank": 0}, "method.rank"),
+                                     ("method", {"method": "magic"}, "method.method")):
+        with pytest.raises(Exception, match=pattern):
+            client.predict({**base, section: values}, api_name="/start_training")
+    assert client.predict(api_name="/list_runs") == []
+    # Page events (dozens of unnamed inputs) are not part of the API.
+    assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
+        "/describe_model", "/upload_data", "/inspect_data", "/start_training", "/stop_training", "/run_status",
+        "/list_runs", "/chat", "/export_run"}
+
+
+def test_share_mode_requires_login_and_refuses_local_paths(launched, tiny_model, capsys):
+    url = launched(share_local=True)
+    password = capsys.readouterr().out.split("password: ")[1].split()[0]
+    with pytest.raises(Exception):
+        Client(url, verbose=False)
+    with pytest.raises(Exception):
+        Client(url, auth=("studio", "wrong"), verbose=False)
+    client = Client(url, auth=("studio", password), verbose=False)
+    with pytest.raises(Exception, match="local paths are not allowed"):
+        client.predict(str(tiny_model), api_name="/describe_model")
+    with pytest.raises(Exception, match="demo set or a file you uploaded"):
+        client.predict({"path": "/etc/passwd"}, "bundled", 0, api_name="/inspect_data")
+    import httpx
+    with httpx.Client(base_url=url) as raw:
+        assert raw.get("gradio_api/file=/etc/passwd").status_code in (401, 403)
+        assert raw.get("monitoring/summary").status_code in (401, 403, 404)
