@@ -75,8 +75,8 @@ def build_app(studio) -> gr.Blocks:
                             data.source: "Using: **demo set**", tabs: gr.Tabs(selected="train")})
             return updates
 
-        quick.click(demo_fill, None, {*train.form.fields.values(), train.target_pick, train.layers, model.picker,
-                                      data.data_path, data.source, tabs}).then(
+        quick.click(demo_fill, None, {*train.form.fields.values(), train.target_pick, train.layers, train.name,
+                                      model.picker, data.data_path, data.source, tabs}).then(
             start, start_inputs, live)
         chat_item.select(lambda: gr.Dropdown(choices=studio.finished_runs()), None, chat.run_pick)
         export_item.select(lambda: gr.Dropdown(choices=studio.finished_runs()), None, export.run_pick)

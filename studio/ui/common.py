@@ -47,7 +47,7 @@ def friendly(fn):
 def setting_field(section: str, name: str, label: str | None = None, **overrides) -> gr.components.Component:
     """A form component for one config field: its help text, default, choices and range come from config.py."""
     info = field_info(section, name)
-    default = info["default"]
+    default = overrides.pop("value", info["default"])
     common = {"label": label or name.replace("_", " ").capitalize(), "info": info["help"],
               "elem_id": f"{section}-{name}".replace("_", "-"), "interactive": True}
     common.update(overrides)
@@ -64,14 +64,18 @@ def setting_field(section: str, name: str, label: str | None = None, **overrides
 class Form:
     """A group of setting fields keyed by 'section.name', read back as a nested config dict."""
 
-    def __init__(self):
+    def __init__(self, initial: dict | None = None):
+        """initial: a nested config dict (e.g. a preset) whose values the fields start with."""
         self.fields: dict[str, gr.components.Component] = {}
+        self.initial = initial or {}
 
     def add(self, key: str, component: gr.components.Component) -> gr.components.Component:
         self.fields[key] = component
         return component
 
     def field(self, section: str, name: str, **kwargs) -> gr.components.Component:
+        if name in self.initial.get(section, {}):
+            kwargs.setdefault("value", self.initial[section][name])
         return self.add(f"{section}.{name}", setting_field(section, name, **kwargs))
 
     def to_dict(self, values: dict) -> dict:

@@ -15,19 +15,21 @@ from studio.runs import format_loss
 from studio.ui.common import Form, friendly
 
 ALL_LINEAR, ATTENTION, CHOOSE = "All linear layers (best quality)", "Attention only (lighter)", "Choose layers"
-PLOT_EMPTY = pd.DataFrame({"step": [], "loss": [], "series": []})
+# Plots start from None: an empty DataFrame makes Gradio fix the colour encoding wrongly for good.
+PLOT_EMPTY = None
 
 
 def build(studio) -> SimpleNamespace:
-    from studio.presets import run_presets
-    form = Form()
+    from studio.presets import load_run_config, run_presets
+    # The page opens on the bundled model and the demo data, so the form starts with the demo preset.
+    form = Form(initial=to_dict(load_run_config(run_presets()["demo"])))
     gr.Markdown("### 3. Train\nThe defaults work. Hover over a setting's description for what it does.")
     with gr.Row():
         preset = gr.Dropdown(choices=list(run_presets()), value="demo", label="Preset", scale=2,
                              info="Load a saved set of settings (presets/*.yaml).", elem_id="train-preset")
         load_preset = gr.Button("Load preset", scale=1)
-        name = gr.Textbox(label="Run name", info="Optional; letters, digits, '.', '_', '-'.", scale=2,
-                          elem_id="train-name")
+        name = gr.Textbox(form.initial.get("name", ""), label="Run name", scale=2, elem_id="train-name",
+                          info="Optional; letters, digits, '.', '_', '-'. A number is added if the name is taken.")
     with gr.Row():
         form.field("method", "method", label="Method")
         form.field("method", "rank", label="LoRA rank")
@@ -67,6 +69,7 @@ def build(studio) -> SimpleNamespace:
     status = gr.Markdown("No run is training.", elem_id="train-status")
     progress = gr.HTML("", elem_id="train-progress")
     plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", label="Loss (lower is better)",
+                       color_map=SERIES_COLOURS,
                        elem_id="train-plot", height=320, x_title="step", y_title="loss")
     log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True, elem_id="train-log")
     timer = gr.Timer(2.0, active=False)
@@ -81,7 +84,8 @@ def build(studio) -> SimpleNamespace:
         run_status = gr.Markdown("")
         with gr.Row():
             run_config = gr.Code(language="yaml", label="Its settings", interactive=False)
-            run_plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", label="Its loss", height=280)
+            run_plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", label="Its loss", height=280,
+                                   color_map=SERIES_COLOURS)
 
     # --- handlers ---
     def show(snap: dict):
@@ -124,6 +128,7 @@ def build(studio) -> SimpleNamespace:
         pick = ALL_LINEAR if targets == ["all-linear"] else ATTENTION if targets == ["attention"] else CHOOSE
         updates = form.updates_from(cfg)
         updates[target_pick] = pick
+        updates[name] = cfg.get("name", "")
         if pick == CHOOSE:
             updates[layers] = gr.CheckboxGroup(value=targets, visible=True)
         return updates
@@ -166,7 +171,7 @@ def build(studio) -> SimpleNamespace:
 
     live_outputs = [status, progress, plot, log]
     timer.tick(tick, watched, [*live_outputs, timer], show_progress="hidden")
-    load_preset.click(apply_preset, preset, {*form.fields.values(), target_pick, layers})
+    load_preset.click(apply_preset, preset, {*form.fields.values(), target_pick, layers, name})
     refresh.click(list_runs_table, None, [runs_table, run_pick])
     run_pick.change(open_run, run_pick, [run_status, run_config, run_plot])
     return SimpleNamespace(form=form, name=name, target_pick=target_pick, layers=layers, start=start, stop=stop,
@@ -188,13 +193,24 @@ def targets_from(pick: str, chosen: list[str]) -> list[str]:
     return ["all-linear"]
 
 
-def plot_frame(metrics: list[dict]) -> pd.DataFrame:
+SERIES = (("loss", "training loss"), ("eval_loss", "held-out loss"))
+SERIES_COLOURS = {"training loss": "#4f46e5", "held-out loss": "#f59e0b"}
+
+
+def plot_frame(metrics: list[dict]) -> pd.DataFrame | None:
     rows = []
     for m in metrics:
-        for key, series in (("loss", "training loss"), ("eval_loss", "held-out loss")):
+        for key, series in SERIES:
             if isinstance(m.get(key), (int, float)):
                 rows.append({"step": m["step"], "loss": m[key], "series": series})
-    return pd.DataFrame(rows) if rows else PLOT_EMPTY
+    if not rows:
+        return None
+    # Gradio fixes the plot's series from the first data it gets; a blank point keeps 'held-out loss'
+    # in the legend until the first evaluation arrives (a line skips points with no value).
+    for _, series in SERIES:
+        if not any(r["series"] == series for r in rows):
+            rows.append({"step": rows[0]["step"], "loss": float("nan"), "series": series})
+    return pd.DataFrame(rows)
 
 
 def _progress_html(status: dict, metrics: list[dict]) -> str:
