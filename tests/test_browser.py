@@ -111,8 +111,10 @@ def test_newcomer_tour_of_every_tab(page):
     page.locator("#chat-prompt textarea").fill("What is the capital of Portugal?")
     page.locator("#chat-send").click()
     page.locator("#chat-base .message.bot, #chat-base [data-testid='bot']").first.wait_for()
-    page.wait_for_function("() => !document.querySelector('#chat-base .generating, #chat-tuned .generating')")
-    time.sleep(1)
+    previous = None
+    while previous != (current := page.locator("#chat-base").inner_text()):  # wait until streaming ends
+        previous = current
+        time.sleep(2)
     for panel in ("#chat-base", "#chat-tuned"):  # the prompt and a non-empty reply in each
         assert len(page.locator(panel).inner_text().replace("What is the capital of Portugal?", "").strip()) > 10
     page.screenshot(path=shots() / "4-chat.png", full_page=True)

@@ -114,3 +114,13 @@ def test_share_mode_requires_login_and_refuses_local_paths(launched, tiny_model,
     with httpx.Client(base_url=url) as raw:
         assert raw.get("gradio_api/file=/etc/passwd").status_code in (401, 403)
         assert raw.get("monitoring/summary").status_code in (401, 403, 404)
+
+
+def test_the_ui_layer_imports_no_torch(studio_home):
+    """The UI only lays out components and calls the engine; building the whole app must not load torch."""
+    import subprocess
+    import sys
+    code = ("import sys; from studio.ui.launch import build; build(); "
+            "heavy = [m for m in ('torch', 'trl', 'peft') if m in sys.modules]; print(heavy); assert not heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
