@@ -138,6 +138,9 @@ class TrainingConfig:
     precision: str = setting(
         "auto", "Number format for training. 'auto': float32 on CPU, bf16 on GPUs that support it, else fp16.",
         choices=("auto", "fp32", "bf16", "fp16"))
+    oom_retry: bool = setting(
+        True, "If memory runs out, retry automatically with half the batch size and twice the gradient "
+        "accumulation (same effective batch), continuing from the last checkpoint.")
     gradient_checkpointing: str = setting(
         "auto", "Recompute activations to save memory at ~30% more compute. 'auto': off on CPU, on for full "
         "fine-tuning on GPU.", choices=("auto", "on", "off"))

@@ -36,3 +36,27 @@ def tiny_config(model_dir, **sections):
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return from_dict(data)
+
+
+class Hook:
+    """A trainer callback built from one method, for injecting faults at a chosen step."""
+
+    def __init__(self, event: str, fn):
+        setattr(self, event, fn)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture()
+def inject(monkeypatch):
+    """inject(event, fn): every trainer built during the test also gets this callback (a fault to survive)."""
+    from studio.training import trainer as trainer_module
+    original = trainer_module.build_trainer
+    hooks = []
+
+    def build(prep, run, callbacks):
+        return original(prep, run, [*hooks, *callbacks])
+
+    monkeypatch.setattr(trainer_module, "build_trainer", build)
+    return lambda event, fn: hooks.append(Hook(event, fn))

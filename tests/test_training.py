@@ -85,26 +85,12 @@ def test_stop_mid_run_leaves_loadable_adapter(tiny_model):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run.adapter_dir))
 
 
-def test_interrupted_run_resumes_and_step_count_continues(tiny_model):
+def test_interrupted_run_resumes_and_step_count_continues(tiny_model, inject):
     cfg = tiny_config(tiny_model, training={"max_steps": 6, "save_steps": 2, "eval_steps": 100})
     run = new_run(cfg)
     stop = threading.Event()
-
-    class StopAtThree:  # stand-in for a crash: the process stops right after step 3
-        def __getattr__(self, name):
-            return lambda *a, **k: None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                stop.set()
-
-    from studio.training import trainer as trainer_module
-    original = trainer_module.build_trainer
-    trainer_module.build_trainer = lambda prep, run, callbacks: original(prep, run, [StopAtThree(), *callbacks])
-    try:
-        train_run(run, stop)
-    finally:
-        trainer_module.build_trainer = original
+    inject("on_step_end", lambda args, state, control, **kw: stop.set() if state.global_step == 3 else None)
+    train_run(run, stop)  # stands in for a crash right after step 3
     assert run.last_checkpoint().name == "checkpoint-2"
     # Pretend the process died while training: state running, owned by a process that no longer exists.
     run.set_status("running", "Training.")
@@ -160,25 +146,15 @@ def test_unknown_target_layer_is_refused_with_the_real_names(tiny_model):
     assert "attn_qkv" in status["message"] and "q_proj" in status["message"]
 
 
-def test_nan_loss_stops_the_run_and_nothing_is_saved(tiny_model):
+def test_nan_loss_stops_the_run_and_nothing_is_saved(tiny_model, inject):
     run = new_run(tiny_config(tiny_model, training={"max_steps": 50}))
 
-    class PoisonWeightsAtStepTwo:  # stands in for a numerical blow-up in the middle of training
-        def __getattr__(self, name):
-            return lambda *a, **k: None
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 2:
-                with torch.no_grad():
-                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
-
-    from studio.training import trainer as trainer_module
-    original = trainer_module.build_trainer
-    trainer_module.build_trainer = lambda prep, r, cbs: original(prep, r, [PoisonWeightsAtStepTwo(), *cbs])
-    try:
-        status = train_run(run)
-    finally:
-        trainer_module.build_trainer = original
+    def poison(args, state, control, model=None, **kwargs):  # a numerical blow-up in the middle of training
+        if state.global_step == 2:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    inject("on_step_end", poison)
+    status = train_run(run)
     assert status["state"] == "failed" and "NaN or infinite" in status["message"], status
     assert max(r["step"] for r in run.metrics()) <= 4
     assert not run.has_adapter()

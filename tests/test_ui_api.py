@@ -124,3 +124,49 @@ def test_the_ui_layer_imports_no_torch(studio_home):
             "heavy = [m for m in ('torch', 'trl', 'peft') if m in sys.modules]; print(heavy); assert not heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_two_sessions_pressing_start_at_once_get_one_run(launched, tiny_model):
+    import threading
+    url = launched()
+    config = {"model": {"name_or_path": str(tiny_model)}, "training": {"max_steps": 100000, "batch_size": 2}}
+    outcomes = []
+
+    def press(name):
+        try:
+            outcomes.append(Client(url, verbose=False).predict({**config, "name": name}, api_name="/start_training"))
+        except Exception as err:  # noqa: BLE001
+            outcomes.append(err)
+    threads = [threading.Thread(target=press, args=(n,)) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    started = [o for o in outcomes if isinstance(o, dict)]
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(started) == 1 and len(refused) == 1 and "already training" in str(refused[0])
+    client = Client(url, verbose=False)
+    assert [r["id"] for r in client.predict(api_name="/list_runs")] == [started[0]["run_id"]]
+    client.predict(api_name="/stop_training")
+    wait_for(lambda: client.predict(api_name="/run_status")["status"]["state"] == "idle")
+
+
+@pytest.mark.slow
+def test_share_visitors_cannot_stop_each_other_or_read_uploads(launched, tmp_path, capsys):
+    url = launched(share_local=True)
+    password = capsys.readouterr().out.split("password: ")[1].split()[0]
+    alice = Client(url, auth=("studio", password), verbose=False)
+    bob = Client(url, auth=("studio", password), verbose=False)
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"instruction": "secret question", "output": "secret answer"}) + "\n")
+    stored = alice.predict(handle_file(str(data)), api_name="/upload_data")["data_path"]
+    with pytest.raises(Exception, match="demo set or a file you uploaded"):
+        bob.predict({"path": stored}, "bundled", 0, api_name="/inspect_data")
+    import httpx
+    with httpx.Client(base_url=url) as raw:
+        assert raw.get(f"gradio_api/file={stored}").status_code in (401, 403)
+    alice.predict({"name": "alices", "training": {"max_steps": 100000}}, api_name="/start_training")
+    with pytest.raises(Exception, match="started by someone else"):
+        bob.predict(api_name="/stop_training")
+    assert "Stopping" in alice.predict(api_name="/stop_training")
+    wait_for(lambda: alice.predict("alices", api_name="/run_status")["status"]["state"] == "completed", timeout=300)

@@ -58,9 +58,12 @@ class RunManager:
         state = run.status().get("state")
         if state not in ("interrupted", "failed", "completed"):
             raise StudioError(f"Run {run.id} is {state}; only interrupted, failed or stopped runs can resume.")
-        if run.last_checkpoint() is None:
+        checkpoint = run.last_checkpoint()
+        if checkpoint is None:
             raise StudioError(f"Run {run.id} has no complete checkpoint to resume from. Start it again instead.")
         with self._lock:
+            # Forget now the steps after the checkpoint, so the plot never shows them while the model loads.
+            run.truncate_metrics_after(int(checkpoint.name.rsplit("-", 1)[-1]))
             self._ensure_idle()
             run.set_status("queued", "Resuming from the last checkpoint.")
             self._launch(run, resume=True, owner=owner)

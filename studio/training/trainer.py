@@ -7,6 +7,7 @@ or, when the process dies, stays ``running`` until the next start marks it ``int
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import os
@@ -142,10 +143,37 @@ def save_result(prep: Prepared, trainer, run: Run) -> None:
     os.replace(tmp, run.adapter_dir)
 
 
+MAX_OOM_RETRIES = 3
+
+
 def train_run(run: Run, stop_event: threading.Event | None = None, resume: bool = False) -> dict:
-    """Train (or resume) a run to the end; return its final status. Never raises for user errors."""
-    from studio.training.callbacks import MarkCompleteCheckpoints, NonFiniteLossGuard, RunLogger, StopOnRequest
+    """Train (or resume) a run to the end; return its final status. Never raises for user errors.
+
+    Out of memory with training.oom_retry on: halve the micro-batch, double gradient accumulation (the
+    same effective batch, so the step count and the schedule stay as planned) and continue from the
+    last complete checkpoint, up to three times.
+    """
     stop_event = stop_event or threading.Event()
+    status = _train_once(run, stop_event, resume)
+    for _ in range(MAX_OOM_RETRIES):
+        cfg = run.config()
+        if not status.get("oom") or not cfg.training.oom_retry or cfg.training.batch_size == 1 or stop_event.is_set():
+            break
+        cfg.training.batch_size //= 2
+        cfg.training.grad_accum *= 2
+        run.write_config(cfg)
+        note = (f"Ran out of memory; retrying automatically with batch size {cfg.training.batch_size} and gradient "
+                f"accumulation {cfg.training.grad_accum}.")
+        run.set_status("running", note, oom=False, retried=note)
+        resume = run.last_checkpoint() is not None
+        if not resume:
+            run.truncate_metrics_after(0)
+        status = _train_once(run, stop_event, resume)
+    return status
+
+
+def _train_once(run: Run, stop_event: threading.Event, resume: bool) -> dict:
+    from studio.training.callbacks import MarkCompleteCheckpoints, NonFiniteLossGuard, RunLogger, StopOnRequest
     prep = trainer = None
     try:
         cfg = run.config()
@@ -183,7 +211,7 @@ def train_run(run: Run, stop_event: threading.Event | None = None, resume: bool 
     except Exception as err:  # noqa: BLE001 - the run must end in a readable state whatever happened
         if _is_out_of_memory(err):
             return run.set_status("failed", OOM_HINT, error="out of memory", oom=True)
-        if isinstance(err, OSError) and err.errno == 28:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return run.set_status("failed", "The disk is full, so saving failed. Free some space, then resume: "
                                   "earlier checkpoints are intact.", error="disk full")
         (run.path / "error.log").write_text(traceback.format_exc(), encoding="utf-8")

@@ -60,6 +60,7 @@ def build(studio) -> SimpleNamespace:
             form.field("training", "eval_steps", label="Evaluate every")
             form.field("training", "save_steps", label="Checkpoint every")
             form.field("training", "logging_steps", label="Log every")
+            form.field("training", "oom_retry", label="Retry smaller if out of memory")
     with gr.Row():
         save_name = gr.Textbox(label="Save these settings as a preset named", scale=3, elem_id="train-save-name")
         save_preset = gr.Button("Save preset", scale=1)
