@@ -48,6 +48,17 @@ class Studio:
         self._tokenizers: dict[str, object] = {}
         self._infos: dict[str, models.ModelInfo] = {}
         self._lock = threading.Lock()
+        self.clean_old_uploads()
+
+    def clean_old_uploads(self, max_age_days: float = 7.0) -> int:
+        """Uploads are working copies: delete those older than a week (a run keeps what it trained on)."""
+        import time
+        cutoff, removed = time.time() - max_age_days * 86400, 0
+        for file in uploads_dir().glob("*/*"):
+            if file.is_file() and file.stat().st_mtime < cutoff:
+                file.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     # --- models ---
     def model_choices(self) -> list[tuple[str, str]]:

@@ -125,3 +125,17 @@ def test_split_is_seeded_and_disjoint(tmp_path):
 def test_demo_data_has_held_out_file():
     splits = load_splits(DataConfig(), seed=0)
     assert len(splits.train) == 95 and len(splits.eval) == 20
+
+
+def test_nested_parquet_conversations(tmp_path):
+    import pandas as pd
+    frame = pd.DataFrame({"messages": [CONVO, [{"role": "user", "content": "Hi"}]]})
+    frame.to_parquet(tmp_path / "nested.parquet")
+    report = load_report(DataConfig(path=str(tmp_path / "nested.parquet")))
+    assert report.examples == [{"messages": CONVO}] and "ends on a user turn" in report.bad_rows[0].reason
+
+
+def test_missing_columns_error_lists_what_was_found(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "reply": "b"}])
+    with pytest.raises(StudioError, match=r"columns found \(question, reply\)"):
+        load_report(DataConfig(path=str(path)))

@@ -148,3 +148,24 @@ def _folder(root, config, weights):
     if weights:
         (folder / weights).write_bytes(b"\0")
     return folder
+
+
+def test_max_length_that_leaves_nothing_to_learn_is_an_error_not_a_nan(tiny_model, tmp_path):
+    data = tmp_path / "long-prompts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Tell me about the sea " * 40, "output": "Arr!"}) + "\n"
+                            for _ in range(10)))
+    status = train_run(new_run(tiny_config(tiny_model, data={"path": str(data), "max_length": 32})))
+    assert status["state"] == "failed" and "No training rows are left" in status["message"]
+    assert "max_length" in status["message"]
+
+
+def test_old_uploads_are_cleaned_up(studio_home, tmp_path):
+    from studio.paths import uploads_dir
+    from studio.service import Studio
+    old, new = uploads_dir() / "a", uploads_dir() / "b"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        (folder / "data.jsonl").write_text("{}")
+    os.utime(old / "data.jsonl", (time.time() - 8 * 86400,) * 2)
+    Studio()
+    assert not (old / "data.jsonl").exists() and (new / "data.jsonl").exists()

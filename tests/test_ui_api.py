@@ -94,7 +94,8 @@ def test_settings_sent_straight_to_the_api_are_checked_on_the_server(launched, t
     assert client.predict(api_name="/list_runs") == []
     # Page events (dozens of unnamed inputs) are not part of the API.
     assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
-        "/describe_model", "/upload_data", "/inspect_data", "/start_training", "/stop_training", "/run_status",
+        "/describe_model", "/upload_data", "/inspect_data", "/start_training", "/stop_training", "/resume_training",
+        "/run_status",
         "/list_runs", "/chat", "/export_run"}
 
 

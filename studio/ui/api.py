@@ -11,8 +11,8 @@ from gradio.data_classes import FileData
 
 from studio.ui.common import friendly
 
-API_NAMES = ("describe_model", "upload_data", "inspect_data", "start_training", "stop_training", "run_status",
-             "list_runs", "chat", "export_run")
+API_NAMES = ("describe_model", "upload_data", "inspect_data", "start_training", "stop_training", "resume_training",
+             "run_status", "list_runs", "chat", "export_run")
 
 
 def _who(request: gr.Request | None) -> str:
@@ -47,6 +47,11 @@ def register(studio) -> None:
         return studio.stop(_who(request))
 
     @friendly
+    def resume_training(run_id: str, request: gr.Request) -> str:
+        """Continue an interrupted (or stopped) run from its last complete checkpoint."""
+        return studio.resume(run_id, _who(request))
+
+    @friendly
     def run_status(run_id: str = "") -> dict:
         """Status and metrics so far of a run (default: the one training now)."""
         return studio.snapshot(run_id or None)
@@ -68,7 +73,8 @@ def register(studio) -> None:
         """A zip of the run's adapter ('adapter') or merged model ('merged')."""
         return FileData(path=studio.export(run_id, what))
 
-    for fn in (describe_model, upload_data, inspect_data, start_training, stop_training, run_status, list_runs):
+    for fn in (describe_model, upload_data, inspect_data, start_training, stop_training, resume_training, run_status,
+               list_runs):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None if fn in (run_status, list_runs, stop_training)
                else "default", concurrency_id=None if fn in (run_status, list_runs, stop_training) else "heavy")
     gr.api(chat, api_name="chat", concurrency_id="heavy")
