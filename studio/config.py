@@ -123,9 +123,16 @@ class TrainingConfig:
     scheduler: str = setting(
         "cosine", "How the learning rate changes over training.",
         choices=("cosine", "linear", "constant", "constant_with_warmup"))
-    packing: bool = setting(
-        False, "Pack several short conversations into each row so no compute is spent on padding. "
-        "Faster on GPUs with many short rows.")
+    packing: str = setting(
+        "auto", "Pack several short conversations into each row of max_length tokens so no compute is spent on "
+        "padding (batch_size then counts packed rows). 'auto': on for NVIDIA GPUs, off on the CPU.",
+        choices=("auto", "on", "off"))
+    attention: str = setting(
+        "auto", "Attention kernel. 'auto': flex attention for packed rows on a GPU (keeps conversations apart "
+        "cheaply), PyTorch's SDPA otherwise.", choices=("auto", "sdpa", "flex_attention", "eager"))
+    fused_kernels: str = setting(
+        "auto", "Liger's fused RMSNorm/RoPE/SwiGLU kernels. 'auto': used on NVIDIA GPUs when liger-kernel is "
+        "installed (pip install liger-kernel).", choices=("auto", "on", "off"))
     seed: int = setting(42, "Random seed: the same seed, data and settings give the same run.", minimum=0,
                         maximum=2**31 - 1)
     logging_steps: int = setting(1, "Record the loss every this many steps.", minimum=1, maximum=100000)
@@ -142,8 +149,8 @@ class TrainingConfig:
         True, "If memory runs out, retry automatically with half the batch size and twice the gradient "
         "accumulation (same effective batch), continuing from the last checkpoint.")
     gradient_checkpointing: str = setting(
-        "auto", "Recompute activations to save memory at ~30% more compute. 'auto': off on CPU, on for full "
-        "fine-tuning on GPU.", choices=("auto", "on", "off"))
+        "auto", "Recompute activations to save memory at ~30-50% more compute. 'auto': only when the memory "
+        "estimate says the run would not fit without it.", choices=("auto", "on", "off"))
 
 
 @dataclass
@@ -163,7 +170,7 @@ class RunConfig:
             check_safe_name(self.name, "run name")
         if self.method.method in LORA_FAMILY and not self.method.target_modules:
             raise StudioError("method.target_modules is empty: pick 'all-linear', 'attention' or some layer names.")
-        if self.training.packing and self.method.method in ("prompt_tuning", "prefix_tuning"):
+        if self.training.packing == "on" and self.method.method in ("prompt_tuning", "prefix_tuning"):
             raise StudioError("training.packing cannot be combined with prompt or prefix tuning; turn packing off.")
         return self
 

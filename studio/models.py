@@ -174,11 +174,14 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None):
     return tokenizer
 
 
-def load_model(location: str, dtype=None, device: str = "cpu", quantization: str | None = None):
+def load_model(location: str, dtype=None, device: str = "cpu", quantization: str | None = None,
+               attention: str | None = None):
     """Load a causal LM. ``quantization`` is '4bit' or '8bit' (bitsandbytes, CUDA only) or None."""
     import torch
     from transformers import AutoModelForCausalLM
     kwargs: dict = {"trust_remote_code": False, "dtype": dtype or torch.float32}
+    if attention:
+        kwargs["attn_implementation"] = attention
     if quantization:
         kwargs["quantization_config"] = bitsandbytes_config(quantization, dtype)
         kwargs["device_map"] = {"": 0}

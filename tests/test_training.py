@@ -161,3 +161,24 @@ def test_nan_loss_stops_the_run_and_nothing_is_saved(tiny_model, inject):
     from studio.inference import merge_run
     with pytest.raises(StudioError, match="NaN"):
         merge_run(run.id)
+
+
+def test_packed_rows_train_and_the_plan_is_recorded(tiny_model):
+    run = new_run(tiny_config(tiny_model, training={"packing": "on", "attention": "sdpa", "max_steps": 3}))
+    status = train_run(run)
+    assert status["state"] == "completed", status
+    assert status["speed"]["packing"] is True and status["speed"]["attention"] == "sdpa"
+    assert status["speed"]["gradient_checkpointing"] is False
+    # 95 conversations of ~40 tokens packed into rows of 128: far fewer rows than conversations per epoch.
+    assert run.metrics()[0]["epoch"] > 2 * 8 / 95  # one step covers over twice the rows it would unpacked
+
+
+def test_speed_plan_defaults_per_device(tiny_model):
+    from studio.training.speed import plan_speed
+    cfg = tiny_config(tiny_model)
+    cpu = plan_speed(cfg, "cpu", "llama")
+    assert (cpu.packing, cpu.attention, cpu.liger, cpu.gradient_checkpointing) == (False, "sdpa", False, False)
+    gpu = plan_speed(cfg, "cuda", "llama", parameters=8_000_000_000, hidden_size=4096, num_layers=32, free_gib=79)
+    assert gpu.packing and gpu.attention == "flex_attention" and not gpu.gradient_checkpointing
+    tight = plan_speed(cfg, "cuda", "llama", parameters=8_000_000_000, hidden_size=4096, num_layers=32, free_gib=16)
+    assert tight.gradient_checkpointing
