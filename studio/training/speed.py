@@ -72,6 +72,9 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", parameters: in
     elif device != "cuda":
         checkpointing = False
         reasons.append("checkpointing: off on the CPU (memory is not the limit there)")
+    elif method in ("qlora", "lora8bit"):
+        checkpointing = True
+        reasons.append("checkpointing: on, QLoRA and 8-bit are chosen to save memory, so activations stay small too")
     else:
         checkpointing = _needs_checkpointing(cfg, parameters, hidden_size, num_layers, free_gib)
         reasons.append("checkpointing: on, the estimate does not fit in free GPU memory without it"

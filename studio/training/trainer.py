@@ -138,6 +138,10 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
         bf16=bf16, fp16=fp16, gradient_checkpointing=prep.speed.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, use_liger_kernel=prep.speed.liger,
         max_length=cfg.data.max_length, packing=prep.speed.packing, packing_strategy="bfd",
+        # Flex attention is compiled for fixed shapes: pad each packed batch to one length (bins are nearly
+        # full, so little is wasted) instead of recompiling for every new total length.
+        pad_to_multiple_of=t.batch_size * cfg.data.max_length
+        if prep.speed.packing and prep.speed.attention == "flex_attention" else None,
         report_to="none", disable_tqdm=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, use_cpu=prep.device == "cpu",
         save_only_model=False, logging_first_step=True,

@@ -1,0 +1,359 @@
+"""Training-speed benchmark: the studio's own training path against what a user of the stock tools gets.
+
+GPU mode (default), on a CUDA machine, no downloads:
+    python bench/bench.py [--shapes 1b,8b] [--arms stock,studio,studio-qlora,studio-full] [--seconds 30]
+Each (shape, arm) runs in its own process on Llama-3.2-1B / Llama-3.1-8B shapes built from config with
+random weights, over the same documents (log-normal lengths, median 384, clipped to [32, 2048], seed 0).
+
+  stock         Trainer + PEFT LoRA (r16, alpha 32, all 7 projections), bf16, SDPA, batches padded to the
+                longest row, gradient checkpointing on: what the common web UIs do by default.
+  studio        studio.training: prepare-style model set-up, the speed plan it picks for this GPU, and its
+                TRL trainer, with LoRA bf16 (same LoRA settings).
+  studio-qlora  the same with the base in 4-bit NF4 (double quantisation).
+  studio-full   full fine-tuning (1B shape only).
+
+Before timing, each studio arm checks that its training loss on 8 documents matches a plain per-document
+forward pass (relative difference <= 1e-2). Reported per arm: real (non-padding) tokens/s, MFU, peak
+GPU memory, ratio to the stock arm of the same shape.
+
+FLOPs per document of length L (performance.md): LoRA L*(4*N_mm + 6*N_lora) + 6*n_layers*d_attn*L^2;
+full 6*N_mm*L + 6*n_layers*d_attn*L^2. N_mm counts every matmul weight including the LM head (which is
+a matmul over the whole vocabulary for every position), not the embedding lookup. Recomputation from
+checkpointing is not counted. MFU = FLOPs / (seconds * 989.4e12), and also against the measured bf16
+matmul peak of the card.
+
+CPU mode: python bench/bench.py --cpu   (the bundled model: studio path vs TRL defaults, as a ratio)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+PEAK_DATASHEET = 989.4e12
+LORA_R, LORA_ALPHA = 16, 32
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+               max_position_embeddings=131072, head_dim=64),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+               max_position_embeddings=131072, head_dim=128),
+}
+STOCK_BATCH = {"1b": 16, "8b": 8}
+# Studio micro-batches: packed rows of 4096 tokens (the QLoRA goal is stated for 4k-token micro-batches).
+STUDIO_ROWS = {("1b", "studio"): 8, ("8b", "studio"): 2, ("1b", "studio-qlora"): 2, ("8b", "studio-qlora"): 1,
+               ("1b", "studio-full"): 2}
+PACK_LENGTH = 4096
+
+
+# ----------------------------------------------------------------------------------------------- data
+def make_documents(n: int = 3000, vocab: int = 128256, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.exp(rng.normal(math.log(384), 0.8, n)), 32, 2048).astype(int)
+    return [rng.integers(10, vocab, int(L)).tolist() for L in lengths]
+
+
+def flops_per_token_terms(shape: str) -> dict:
+    s = SHAPES[shape]
+    h, i, layers, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = s["num_key_value_heads"] * s["head_dim"]
+    d_attn = s["num_attention_heads"] * s["head_dim"]
+    per_layer = h * d_attn + 2 * h * kv + d_attn * h + 3 * h * i
+    n_mm = layers * per_layer + h * v
+    lora_per_layer = sum(LORA_R * (a + b) for a, b in ((h, d_attn), (h, kv), (h, kv), (d_attn, h), (h, i), (h, i),
+                                                       (i, h)))
+    return {"n_mm": n_mm, "n_lora": layers * lora_per_layer, "layers": layers, "d_attn": d_attn}
+
+
+def flops(shape: str, method: str, tokens: float, sum_sq_per_token: float) -> float:
+    """FLOPs for `tokens` real tokens whose documents have sum(L^2)/sum(L) = sum_sq_per_token."""
+    t = flops_per_token_terms(shape)
+    attention = 6 * t["layers"] * t["d_attn"] * sum_sq_per_token * tokens
+    if method == "full":
+        return 6 * t["n_mm"] * tokens + attention
+    return tokens * (4 * t["n_mm"] + 6 * t["n_lora"]) + attention
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(shape: str, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model
+
+
+def model_folder(shape: str, with_weights: bool) -> Path:
+    """Config and tokenizer on disk (what the studio's planner reads); the random weights too when asked
+    (QLoRA quantises through from_pretrained). Same seed, same weights."""
+    folder = Path(os.environ.get("BENCH_CACHE", "/tmp/studio-bench")) / shape
+    if with_weights and not (folder / "model.safetensors.index.json").is_file() \
+            and not (folder / "model.safetensors").is_file():
+        model = build_model(shape)
+        model.save_pretrained(folder)
+        del model
+    if not (folder / "config.json").is_file():
+        from transformers import LlamaConfig
+        LlamaConfig(**SHAPES[shape]).save_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():
+        tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Timer:
+    """A Trainer callback that times whole steps after a warm-up and stops after `seconds`."""
+
+    def __init__(self, seconds: float, warmup: int = 5):
+        import torch
+        from transformers import TrainerCallback
+        self.torch, self.seconds, self.warmup = torch, seconds, warmup
+        self.start = self.tokens0 = None
+        self.steps = 0
+        self.result = {}
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.torch.cuda.synchronize()
+                now = time.perf_counter()
+                if state.global_step == timer.warmup:
+                    timer.start, timer.tokens0 = now, state.num_input_tokens_seen
+                    timer.torch.cuda.reset_peak_memory_stats()
+                elif timer.start is not None:
+                    timer.steps += 1
+                    if now - timer.start >= timer.seconds:
+                        timer.result = {"seconds": now - timer.start, "steps": timer.steps,
+                                        "tokens": state.num_input_tokens_seen - timer.tokens0}
+                        control.should_training_stop = True
+                return control
+        self.callback = Callback()
+
+
+def common_args(**overrides):
+    from transformers import TrainingArguments
+    args = dict(output_dir="/tmp/studio-bench/out", max_steps=100000, learning_rate=1e-4, bf16=True,
+                logging_steps=1000000, save_strategy="no", report_to="none", disable_tqdm=True,
+                include_num_input_tokens_seen="non_padding", dataloader_num_workers=2, seed=0)
+    args.update(overrides)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ arms
+def run_stock(shape: str, docs, seconds: float) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+    model = build_model(shape)
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=PROJECTIONS,
+                                             task_type="CAUSAL_LM"))
+    rows = [{"input_ids": d} for d in docs]
+
+    def pad_to_longest(batch):
+        longest = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, r in enumerate(batch):
+            ids[k, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[k, :len(r["input_ids"])] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    timer = Timer(seconds)
+    args = TrainingArguments(**common_args(per_device_train_batch_size=STOCK_BATCH[shape], gradient_checkpointing=True,
+                                           remove_unused_columns=False))
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=pad_to_longest,
+                      callbacks=[timer.callback])
+    trainer.train()
+    return {**timer.result, "method": "lora", "settings": f"padded batch {STOCK_BATCH[shape]}, checkpointing, SDPA"}
+
+
+def run_studio(shape: str, arm: str, docs, seconds: float) -> dict:
+    import torch
+
+    from studio.config import from_dict
+    from studio.methods import quantization_for
+    from studio.rendering import EncodedSet
+    from studio.runs import new_run
+    from studio.training.trainer import Prepared, apply_method, build_trainer, plan_for
+    method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
+    os.environ.setdefault("STUDIO_HOME", "/tmp/studio-bench/home")
+    quantization = quantization_for(method)
+    location = model_folder(shape, with_weights=quantization is not None)
+    cfg = from_dict({"name": f"bench-{shape}-{arm}", "model": {"name_or_path": str(location)},
+                     "data": {"max_length": PACK_LENGTH},
+                     "method": {"method": method, "rank": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
+                                "target_modules": PROJECTIONS},
+                     "training": {"batch_size": STUDIO_ROWS[(shape, arm)], "learning_rate": 1e-4 if method != "full"
+                                  else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
+                                  "logging_steps": 100000, "precision": "bf16"}})
+    speed = plan_for(cfg, str(location), "cuda")
+    if quantization:
+        from studio import models
+        model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization=quantization,
+                                  attention=speed.attention)
+    else:  # the same weights as from_pretrained would give, without writing 16 GB to disk first
+        model = build_model(shape)
+        model.set_attn_implementation(speed.attention)
+    model = apply_method(model, cfg, quantization, speed)
+    rows = EncodedSet(rows=[{"input_ids": d, "labels": d} for d in docs])
+    prep = Prepared(cfg, tokenizer(), model, rows, EncodedSet(), "cuda", torch.bfloat16, speed)
+    timer = Timer(seconds)
+    trainer = build_trainer(prep, new_run(cfg), [timer.callback])
+    check = loss_check(trainer, model, docs[:8])
+    trainer.train()
+    return {**timer.result, "method": method, "loss_check": check,
+            "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows"}
+
+
+def loss_check(trainer, model, docs) -> dict:
+    """Training loss of the studio path vs a plain per-document forward (same weights, LoRA B = 0)."""
+    import torch
+    import torch.nn.functional as F
+    model.eval()
+    with torch.no_grad():
+        total, count = 0.0, 0
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        previous = base.config._attn_implementation
+        base.set_attn_implementation("sdpa")
+        for d in docs:
+            ids = torch.tensor([d], device="cuda")
+            logits = base(input_ids=ids).logits.float()
+            total += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+            count += len(d) - 1
+        base.set_attn_implementation(previous)
+        reference = total / count
+        batch = trainer.data_collator([{"input_ids": d, "labels": d} for d in docs])
+        batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in batch.items()}
+        studio = float(trainer.compute_loss(model, batch))
+    model.train()
+    return {"reference": reference, "studio": studio, "relative_difference": abs(studio - reference) / reference}
+
+
+def matmul_peak() -> float:
+    import torch
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - start)
+
+
+def child(shape: str, arm: str, seconds: float) -> dict:
+    import torch
+    docs = make_documents()
+    lengths = [len(d) for d in docs]
+    sum_sq_per_token = sum(L * L for L in lengths) / sum(lengths)
+    result = run_stock(shape, docs, seconds) if arm == "stock" else run_studio(shape, arm, docs, seconds)
+    tokens, secs = result["tokens"], result["seconds"]
+    total = flops(shape, result["method"], tokens, sum_sq_per_token)
+    return {**result, "shape": shape, "arm": arm, "tokens_per_s": tokens / secs, "mfu": total / secs / PEAK_DATASHEET,
+            "achieved_tflops": total / secs / 1e12, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    stock = {r["shape"]: r["tokens_per_s"] for r in rows if r["arm"] == "stock" and "tokens_per_s" in r}
+    lines = ["| shape | arm | settings | tokens/s | MFU | MFU vs measured peak | peak GiB | vs stock | loss check |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['arm']} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / stock[r['shape']]:.2f}x" if r["shape"] in stock else "-"
+        check = r.get("loss_check")
+        check_text = f"{check['relative_difference']:.1e}" if check else "-"
+        lines.append(f"| {r['shape']} | {r['arm']} | {r['settings']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+                     f"{100 * r['mfu'] * PEAK_DATASHEET / r['matmul_peak']:.1f}% | {r['peak_gib']:.1f} | {ratio} | "
+                     f"{check_text} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--arms", default="stock,studio,studio-qlora,studio-full")
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--child", nargs=2, metavar=("SHAPE", "ARM"))
+    p.add_argument("--cpu", action="store_true", help="CPU mode on the bundled model")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    if args.cpu:
+        from bench.cpu import main as cpu_main
+        return cpu_main(Path(args.out))
+    if args.child:
+        print("RESULT " + json.dumps(child(*args.child, args.seconds)), flush=True)
+        return 0
+    import torch
+    device = torch.cuda.get_device_name(0)
+    peak = matmul_peak()
+    rows = []
+    for shape in args.shapes.split(","):
+        for arm in args.arms.split(","):
+            if arm == "studio-full" and shape != "1b":
+                continue
+            started = time.time()
+            done = subprocess.run([sys.executable, __file__, "--child", shape, arm, "--seconds", str(args.seconds)],
+                                  capture_output=True, text=True)
+            found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            row = json.loads(found[-1]) if found else {"shape": shape, "arm": arm,
+                                                       "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            row["matmul_peak"], row["wall_s"] = peak, time.time() - started
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not found:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"{shape}-{arm}.log").write_text(done.stderr)
+                print(done.stderr[-1500:], file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    meta = {"device": device, "matmul_peak_tflops": peak / 1e12, "versions": versions(), "seconds": args.seconds}
+    (out / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = f"{device}; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s; {meta['versions']}\n\n{table(rows)}\n"
+    (out / f"gpu-{stamp}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
