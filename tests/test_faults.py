@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,10 @@ def test_old_uploads_are_cleaned_up(studio_home, tmp_path):
     os.utime(old / "data.jsonl", (time.time() - 8 * 86400,) * 2)
     Studio()
     assert not (old / "data.jsonl").exists() and (new / "data.jsonl").exists()
+
+
+def test_a_gguf_file_path_loads_like_the_bundled_model():
+    from studio.models import bundled_gguf_path, resolve
+    folder = resolve(str(bundled_gguf_path()))
+    assert folder == resolve("bundled")
+    assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()

@@ -82,7 +82,9 @@ def build_app(studio) -> gr.Blocks:
         export_item.select(lambda: gr.Dropdown(choices=studio.finished_runs()), None, export.run_pick)
         api.register(studio)
         app.load(new_owner, owner, owner).then(train.reattach, train.watched, live).then(
-            train.list_runs_table, None, [train.runs_table, train.run_pick])
+            train.list_runs_table, None, [train.runs_table, train.run_pick]).then(
+            model.describe, model.picker, [model.info, model.memory, model.layer_names, model.status],
+            concurrency_id="heavy")
     api.hide_page_events(app)
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 
 from studio.errors import StudioError
 
@@ -49,6 +50,8 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth:
 
     from studio.ui.app import css
     app, studio, opts = build(share, auth, share_local)
+    # Convert the bundled model now (first launch only, ~30 s) so the page opens with it ready.
+    threading.Thread(target=studio.warm_up, name="warm-up", daemon=True).start()
     if opts["generated"]:
         user, password = opts["generated"]
         print(f"Shared studio login -> user: {user}  password: {password}", flush=True)

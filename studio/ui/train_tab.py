@@ -227,8 +227,13 @@ def _progress_html(status: dict, metrics: list[dict]) -> str:
         eta = f", about {_duration(elapsed / step * (total - step))} left"
     speed = f", {train[-1].get('tokens_per_s', 0):,.0f} tokens/s" if train else ""
     pct = 100 * step / total
+    plan = status.get("speed") or {}
+    how = (f"<div class='studio-plan'>Training with {'packed' if plan.get('packing') else 'padded'} rows, "
+           f"{html.escape(str(plan.get('attention')))} attention"
+           f"{', fused kernels' if plan.get('liger') else ''}"
+           f"{', gradient checkpointing' if plan.get('gradient_checkpointing') else ''}.</div>") if plan else ""
     return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"
-            f"<div>Step {step} of {total} ({pct:.0f}%){eta}{speed}</div></div>")
+            f"<div>Step {step} of {total} ({pct:.0f}%){eta}{speed}</div>{how}</div>")
 
 
 def _duration(seconds: float) -> str:
