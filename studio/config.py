@@ -255,14 +255,6 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
     return value
 
 
-def field_help(section: str, name: str) -> str:
-    cls = SECTIONS.get(section, RunConfig)
-    for f in fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    raise KeyError(f"{section}.{name}")
-
-
 def field_info(section: str, name: str) -> dict:
     """Help text, default, choices and range of one field, for building forms."""
     cls = SECTIONS[section]

@@ -21,7 +21,7 @@ from studio.errors import StudioError
 from studio.inference import ChatModelCache, merge_run, stream_reply
 from studio.paths import check_safe_name, is_within, studio_home, uploads_dir
 from studio.presets import model_presets
-from studio.rendering import IGNORE, encode
+from studio.rendering import IGNORE, encode, token_preview
 from studio.runs import list_runs, open_run
 from studio.training.manager import RunManager
 
@@ -186,9 +186,9 @@ class Studio:
         }
 
     @staticmethod
-    def sample_tokens(example: dict, tokenizer, train_on: str) -> list[tuple[str, str | None]]:
-        ids, labels = encode(tokenizer, example, train_on)
-        return [(tokenizer.decode([i]), "trained" if lab != IGNORE else "masked") for i, lab in zip(ids, labels)]
+    def sample_tokens(example: dict, tokenizer, train_on: str) -> list[tuple[str, str]]:
+        return [(text, "trained" if trained else "masked") for text, trained in token_preview(tokenizer, example,
+                                                                                              train_on)]
 
     # --- runs ---
     def start(self, cfg_dict: dict, owner: str) -> dict:
