@@ -243,12 +243,15 @@ def linear_layer_names(model) -> list[str]:
 
 
 def inspect_model(cfg: ModelConfig) -> ModelInfo:
-    """Load the model on the meta device (no memory, no weights read) to describe it."""
-    from accelerate import init_empty_weights
+    """Build the model on the meta device (no memory, no weights read) to describe it.
+
+    torch.device("meta") is a per-thread mode; accelerate's init_empty_weights patches nn.Module for the
+    whole process and would put a model that the training thread loads at the same moment on meta too."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     location = resolve(cfg.name_or_path)
     config = AutoConfig.from_pretrained(location, trust_remote_code=False)
-    with init_empty_weights():
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     params = sum(p.numel() for p in model.parameters())  # a tied embedding/head is counted once
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

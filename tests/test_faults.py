@@ -177,3 +177,31 @@ def test_a_gguf_file_path_loads_like_the_bundled_model():
     folder = resolve(str(bundled_gguf_path()))
     assert folder == resolve("bundled")
     assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
+
+
+def test_describing_a_model_never_puts_a_model_loading_meanwhile_on_meta(tiny_model, monkeypatch):
+    """The UI describes models (on the meta device) while a run may be loading its own: they must not mix.
+    Found in CI: a process-wide meta patch made a training run fail with 'Cannot copy out of meta tensor'."""
+    import threading
+
+    import transformers
+
+    from studio import models
+    inside, release = threading.Event(), threading.Event()
+    original = transformers.AutoModelForCausalLM.from_config
+
+    def paused_from_config(*args, **kwargs):
+        model = original(*args, **kwargs)
+        inside.set()
+        release.wait(60)  # stay inside inspect_model's meta context while the other thread loads
+        return model
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", paused_from_config)
+    describing = threading.Thread(target=models.inspect_model, args=(ModelConfig(name_or_path=str(tiny_model)),))
+    describing.start()
+    try:
+        assert inside.wait(60)
+        loaded = models.load_model(str(tiny_model))
+        assert not any(p.is_meta for p in loaded.parameters())
+    finally:
+        release.set()
+        describing.join(60)
