@@ -191,7 +191,7 @@ def run_stock(shape: str, docs, seconds: float) -> dict:
     return {**timer.result, "method": "lora", "settings": f"padded batch {STOCK_BATCH[shape]}, checkpointing, SDPA"}
 
 
-def run_studio(shape: str, arm: str, docs, seconds: float) -> dict:
+def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tuple = ()) -> dict:
     import torch
 
     from studio.config import from_dict
@@ -222,7 +222,7 @@ def run_studio(shape: str, arm: str, docs, seconds: float) -> dict:
     rows = EncodedSet(rows=[{"input_ids": d, "labels": d} for d in docs])
     prep = Prepared(cfg, tokenizer(), model, rows, EncodedSet(), "cuda", torch.bfloat16, speed)
     timer = Timer(seconds)
-    trainer = build_trainer(prep, new_run(cfg), [timer.callback])
+    trainer = build_trainer(prep, new_run(cfg), [timer.callback, *extra_callbacks])
     check = loss_check(trainer, model, docs[:8])
     trainer.train()
     return {**timer.result, "method": method, "loss_check": check,

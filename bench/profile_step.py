@@ -1,0 +1,76 @@
+"""Where a training step of the studio's path spends its GPU time (CUDA only).
+
+    python bench/profile_step.py [--shape 1b] [--arm studio]
+
+Profiles 3 steps after the warm-up with torch.profiler and prints the kernels that took the most GPU
+time, plus a rough split into matmuls, attention, elementwise/normalisation and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> int:
+    import torch
+    from transformers import TrainerCallback
+
+    from bench.bench import make_documents, run_studio
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1b")
+    p.add_argument("--arm", default="studio")
+    args = p.parse_args()
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+
+    import time
+    wall = {}
+
+    class Profile(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == 8:
+                torch.cuda.synchronize()
+                wall["start"] = time.perf_counter()
+                prof.start()
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 11:
+                torch.cuda.synchronize()
+                wall["end"] = time.perf_counter()
+                prof.stop()
+                control.should_training_stop = True
+            return control
+    run_studio(args.shape, args.arm, make_documents(), seconds=1e9, extra_callbacks=(Profile(),))
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    groups = {"matmul (gemm)": ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm"),
+              "attention (flex)": ("flex", "triton_tem", "attention"),
+              "triton fused (liger/inductor)": ("triton",), "elementwise/reduce": ("elementwise", "reduce",
+                                                                                      "vectorized", "copy", "fill")}
+    split = dict.fromkeys(groups, 0.0)
+    split["other"] = 0.0
+    for e in events:
+        name = e.key.lower()
+        for group, keys in groups.items():
+            if any(k in name for k in keys):
+                split[group] += e.device_time_total
+                break
+        else:
+            split["other"] += e.device_time_total
+    elapsed = (wall["end"] - wall["start"]) * 1e3
+    print(f"3 steps: wall {elapsed:.1f} ms, GPU kernels {total / 1e3:.1f} ms "
+          f"(GPU busy {100 * total / 1e3 / elapsed:.0f}% of wall; kernels may overlap)")
+    for group, t in split.items():
+        print(f"  {group:32} {100 * t / total:5.1f}%")
+    print(f"{'kernel':90} {'ms':>9} {'%':>6} {'calls':>7}")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:30]:
+        print(f"{e.key[:90]:90} {e.device_time_total / 1e3:9.2f} {100 * e.device_time_total / total:6.1f} "
+              f"{e.count:7d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
