@@ -218,7 +218,7 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     else:  # the same weights as from_pretrained would give, without writing 16 GB to disk first
         model = build_model(shape)
         model.set_attn_implementation(speed.attention)
-    model = apply_method(model, cfg, quantization, speed)
+    model = apply_method(model, cfg, quantization, speed, torch.bfloat16)
     rows = EncodedSet(rows=[{"input_ids": d, "labels": d} for d in docs])
     prep = Prepared(cfg, tokenizer(), model, rows, EncodedSet(), "cuda", torch.bfloat16, speed)
     timer = Timer(seconds)
@@ -234,7 +234,8 @@ def loss_check(trainer, model, docs) -> dict:
     import torch
     import torch.nn.functional as F
     model.eval()
-    with torch.no_grad():
+    # Both sides under bf16 autocast, as the Trainer runs the model (the LoRA layers live inside the base).
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         total, count = 0.0, 0
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         previous = base.config._attn_implementation

@@ -39,7 +39,7 @@ def try_length(shape: str, length: int) -> dict:
     speed = plan_for(cfg, str(location), "cuda")
     model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization="4bit",
                               attention=speed.attention)
-    model = apply_method(model, cfg, "4bit", speed)
+    model = apply_method(model, cfg, "4bit", speed, torch.bfloat16)
     doc = torch.randint(10, 128000, (length,)).tolist()
     prep = Prepared(cfg, tokenizer(), model, EncodedSet(rows=[{"input_ids": doc, "labels": doc}] * 3), EncodedSet(),
                     "cuda", torch.bfloat16, speed)

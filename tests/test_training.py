@@ -182,3 +182,18 @@ def test_speed_plan_defaults_per_device(tiny_model):
     assert gpu.packing and gpu.attention == "flex_attention" and not gpu.gradient_checkpointing
     tight = plan_speed(cfg, "cuda", "llama", parameters=8_000_000_000, hidden_size=4096, num_layers=32, free_gib=16)
     assert tight.gradient_checkpointing
+
+
+def test_lora_inputs_stay_16_bit_only_when_training_under_autocast(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from studio.training.speed import plan_speed
+    from studio.training.trainer import apply_method
+    cfg = tiny_config(tiny_model)
+    plan = plan_speed(cfg, "cpu", "llama")
+
+    def cast_flags(dtype):
+        model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model), cfg, None, plan, dtype)
+        return {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")}
+    assert cast_flags(torch.bfloat16) == {False}  # autocast runs the adapters in bf16; no fp32 copies
+    assert cast_flags(torch.float32) == {True}

@@ -63,7 +63,7 @@ def prepare(cfg: RunConfig, run: Run | None = None) -> Prepared:
     speed = plan_for(cfg, location, device)
     model = models.load_model(location, dtype=dtype, device=device, quantization=quantization,
                               attention=speed.attention)
-    model = apply_method(model, cfg, quantization, speed)
+    model = apply_method(model, cfg, quantization, speed, dtype)
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     if run is not None:
@@ -95,7 +95,7 @@ def _data_summary(splits: Splits, train: EncodedSet, evaluation: EncodedSet) -> 
             "length_min": lengths[0], "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1]}
 
 
-def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPlan):
+def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPlan, dtype=None):
     from peft import get_peft_model
     peft_config = peft_config_for(cfg.method, models.linear_layer_names(model))
     if peft_config is None:
@@ -108,7 +108,15 @@ def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPl
         model.enable_input_require_grads()
         if speed.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if dtype is not None and str(dtype) in ("torch.bfloat16", "torch.float16"):
+        # PEFT keeps adapter weights in float32 (right for the optimizer) and casts every input activation
+        # to float32 to match them: on the 1B shape that was ~19% of GPU time in copies (bench/NOTES.md).
+        # Training runs under autocast, which does the adapter matmuls in 16-bit anyway, so skip the cast.
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    return model
 
 
 def steps_plan(cfg: RunConfig, n_rows: int) -> tuple[int, int, int]:
