@@ -35,6 +35,11 @@ def format_loss(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The global step a ``checkpoint-<step>`` folder was saved at."""
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
 def _write_atomic(path: Path, text: str) -> None:
     # Write-then-rename: a reader (or a crash) never sees half a status file.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -123,7 +128,7 @@ class Run:
         if not self.checkpoints_dir.is_dir():
             return []
         found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-        return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+        return sorted(found, key=checkpoint_step)
 
     def last_checkpoint(self) -> Path | None:
         done = self.complete_checkpoints()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio import models
-from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, RunConfig, from_dict, to_dict
-from studio.data import load_report, resolve_data_path
+from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, from_dict, to_dict
+from studio.data import DEMO_EVAL, load_report
 from studio.errors import StudioError
 from studio.inference import ChatModelCache, merge_run, stream_reply
 from studio.paths import check_safe_name, is_within, studio_home, uploads_dir
@@ -134,7 +134,7 @@ class Studio:
         size = src.stat().st_size
         if size > self.policy.max_upload_bytes:
             raise StudioError(f"{src.name} is {size / 2**20:.1f} MB; the limit here is {self.policy.max_upload_mb} MB.")
-        folder = uploads_dir() / check_safe_name(owner, "session id")
+        folder = self._upload_folder(owner)
         folder.mkdir(parents=True, exist_ok=True)
         safe_stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in src.stem)[:40] or "data"
         target = folder / f"{safe_stem}-{uuid.uuid4().hex[:8]}{suffix}"
@@ -143,12 +143,16 @@ class Studio:
             src.unlink(missing_ok=True)
         return str(target)
 
+    @staticmethod
+    def _upload_folder(owner: str) -> Path:
+        """Each visitor's uploads live in a folder of their own, named by their (checked) session id."""
+        return uploads_dir() / check_safe_name(owner, "session id")
+
     def check_data_allowed(self, path: str, owner: str) -> str:
         if path in ("", DEMO_DATA):
             return DEMO_DATA
         if self.policy.share:
-            own = uploads_dir() / check_safe_name(owner, "session id")
-            if not is_within(Path(path), own):
+            if not is_within(Path(path), self._upload_folder(owner)):
                 raise StudioError("On a shared link, training data must be the demo set or a file you uploaded.")
         return path
 
@@ -170,7 +174,7 @@ class Studio:
         rows = report.examples[page * PREVIEW_PAGE:(page + 1) * PREVIEW_PAGE]
         n_eval = 0 if cfg.eval_fraction == 0 or report.usable < 4 else max(1, round(report.usable * cfg.eval_fraction))
         if cfg.path in ("", DEMO_DATA):
-            n_eval = sum(1 for line in resolve_data_path(DEMO_DATA).with_name("heldout.jsonl").open() if line.strip())
+            n_eval = sum(1 for line in DEMO_EVAL.open() if line.strip())
             split = f"{report.usable} training rows; {n_eval} held-out rows from heldout.jsonl"
         else:
             split = f"{report.usable - n_eval} training rows, {n_eval} held out ({cfg.eval_fraction:.0%})"
@@ -283,12 +287,6 @@ class Studio:
                   "return_tensors=\"pt\", return_dict=True)\n"
                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))")
         return {"adapter": adapter, "merged": merged}
-
-
-def demo_config() -> RunConfig:
-    from studio.paths import PRESETS_DIR
-    from studio.presets import load_run_config
-    return load_run_config(PRESETS_DIR / "demo.yaml")
 
 
 def _conversation_row(number: int, example: dict) -> dict:

@@ -14,7 +14,7 @@ import torch
 
 from studio.config import ModelConfig
 from studio.errors import StudioError
-from studio.runs import list_runs, open_run
+from studio.runs import checkpoint_step, list_runs, open_run
 from studio.training.manager import RunManager
 from studio.training.trainer import train_run
 from tests.conftest import tiny_config
@@ -85,7 +85,7 @@ def test_process_killed_mid_run_resumes_from_last_complete_checkpoint(tiny_model
     manager = RunManager()  # a restart: the dead process's run is marked interrupted
     run = open_run("killed")
     assert run.status()["state"] == "interrupted"
-    resume_from = int(run.last_checkpoint().name.split("-")[1])
+    resume_from = checkpoint_step(run.last_checkpoint())
     manager.resume("killed")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and max(

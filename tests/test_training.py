@@ -197,3 +197,19 @@ def test_lora_inputs_stay_16_bit_only_when_training_under_autocast(tiny_model):
         return {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")}
     assert cast_flags(torch.bfloat16) == {False}  # autocast runs the adapters in bf16; no fp32 copies
     assert cast_flags(torch.float32) == {True}
+
+
+def test_a_resume_refused_while_busy_changes_nothing(tiny_model):
+    done = new_run(tiny_config(tiny_model, training={"max_steps": 4, "save_steps": 2, "eval_steps": 100}))
+    train_run(done)
+    (done.checkpoints_dir / "checkpoint-4" / "COMPLETE").unlink()  # resume would go back to step 2
+    before = done.metrics()
+    manager = RunManager()
+    manager.start(tiny_config(tiny_model, training={"max_steps": 100000, "save_steps": 100000}))
+    try:
+        with pytest.raises(BusyError):
+            manager.resume(done.id)
+        assert done.metrics() == before and max(r["step"] for r in before) == 4
+    finally:
+        manager.stop()
+        assert manager.wait(120)

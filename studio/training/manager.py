@@ -12,7 +12,7 @@ import threading
 
 from studio.config import RunConfig
 from studio.errors import BusyError, StudioError
-from studio.runs import ACTIVE_STATES, Run, mark_interrupted_runs, new_run, open_run
+from studio.runs import ACTIVE_STATES, Run, checkpoint_step, mark_interrupted_runs, new_run, open_run
 
 
 class RunManager:
@@ -32,10 +32,6 @@ class RunManager:
             if self._thread is not None and self._thread.is_alive():
                 return self._run
             return None
-
-    def owner_of_active(self) -> str | None:
-        with self._lock:
-            return self._owner if self._thread is not None and self._thread.is_alive() else None
 
     def snapshot(self, run_id: str | None = None) -> dict:
         """Status plus metrics so far for a run (default: the active one, else none)."""
@@ -62,9 +58,9 @@ class RunManager:
         if checkpoint is None:
             raise StudioError(f"Run {run.id} has no complete checkpoint to resume from. Start it again instead.")
         with self._lock:
-            # Forget now the steps after the checkpoint, so the plot never shows them while the model loads.
-            run.truncate_metrics_after(int(checkpoint.name.rsplit("-", 1)[-1]))
             self._ensure_idle()
+            # Forget now the steps after the checkpoint, so the plot never shows them while the model loads.
+            run.truncate_metrics_after(checkpoint_step(checkpoint))
             run.set_status("queued", "Resuming from the last checkpoint.")
             self._launch(run, resume=True, owner=owner)
             return run

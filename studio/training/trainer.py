@@ -22,7 +22,7 @@ from studio.data import Splits, load_splits
 from studio.errors import StudioError
 from studio.methods import peft_config_for, quantization_for
 from studio.rendering import EncodedSet, encode_all
-from studio.runs import Run
+from studio.runs import Run, checkpoint_step
 from studio.training.speed import SpeedPlan, plan_speed
 
 OOM_HINT = ("Out of memory. Lower training.batch_size (and raise training.grad_accum to keep the same "
@@ -215,7 +215,7 @@ def _train_once(run: Run, stop_event: threading.Event, resume: bool) -> dict:
             raise StudioError(f"Run {run.id} has no complete checkpoint to resume from. Start it again instead.")
         elapsed_before = 0.0
         if checkpoint is not None:
-            step = int(checkpoint.name.rsplit("-", 1)[-1])
+            step = checkpoint_step(checkpoint)
             earlier = [m for m in run.metrics() if m.get("step", 0) <= step]
             elapsed_before = earlier[-1]["elapsed_s"] if earlier else 0.0
             run.truncate_metrics_after(step)

@@ -56,11 +56,11 @@ def build_app(studio) -> gr.Blocks:
 
         @friendly
         def start(values):
-            return train.start_run(values, form_config(values), values[owner])
+            return train.start_run(form_config(values), values[owner])
 
         @friendly
         def save(values):
-            return train.save_settings(values, form_config(values), values[train.save_name])
+            return train.save_settings(form_config(values), values[train.save_name])
 
         train.start.click(start, start_inputs, live, concurrency_limit=None)
         train.save_preset.click(save, {*start_inputs, train.save_name}, train.preset)

@@ -99,7 +99,7 @@ def build(studio) -> SimpleNamespace:
         return message, _progress_html(st, metrics), plot_frame(metrics), _log_text(metrics)
 
     @friendly
-    def start_run(values: dict, cfg_dict: dict, who: str):
+    def start_run(cfg_dict: dict, who: str):
         result = studio.start(cfg_dict, who)
         snap = studio.snapshot(result["run_id"])
         return (*show(snap), gr.Timer(active=True), result["run_id"])
@@ -135,7 +135,7 @@ def build(studio) -> SimpleNamespace:
         return updates
 
     @friendly
-    def save_settings(values: dict, cfg_dict: dict, preset_name: str):
+    def save_settings(cfg_dict: dict, preset_name: str):
         from studio.config import from_dict
         from studio.paths import PRESETS_DIR
         from studio.presets import save_run_preset
