@@ -131,8 +131,10 @@ class TrainingConfig:
         "auto", "Attention kernel. 'auto': flex attention for packed rows on a GPU (keeps conversations apart "
         "cheaply), PyTorch's SDPA otherwise.", choices=("auto", "sdpa", "flex_attention", "eager"))
     fused_kernels: str = setting(
-        "auto", "Liger's fused RMSNorm/RoPE/SwiGLU kernels. 'auto': used on NVIDIA GPUs when liger-kernel is "
-        "installed (pip install liger-kernel).", choices=("auto", "on", "off"))
+        "auto", "Fused kernels: the studio's LoRA projections (the add-on folded into the base matmul, on any "
+        "device) and Liger's RMSNorm/RoPE/SwiGLU kernels (NVIDIA GPUs, when liger-kernel is installed). 'off' "
+        "runs the plain PEFT and transformers code, e.g. to rule these out when something looks wrong.",
+        choices=("auto", "on", "off"))
     seed: int = setting(42, "Random seed: the same seed, data and settings give the same run.", minimum=0,
                         maximum=2**31 - 1)
     logging_steps: int = setting(1, "Record the loss every this many steps.", minimum=1, maximum=100000)

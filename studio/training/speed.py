@@ -4,7 +4,8 @@
   compute goes to padding. On the CPU rows are short and the dense masks cost more than padding.
 - Attention: packed rows need a kernel that keeps documents apart without a dense mask. flash-attn
   has no wheel for most users, so PyTorch's own flex attention (block-sparse document masks) is used.
-- Fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only).
+- Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, any
+  device), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only).
   The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
 - Gradient checkpointing: only when the memory estimate says the run would not fit without it; it
   costs ~30-50% more compute for nothing when memory is there.
@@ -28,6 +29,7 @@ class SpeedPlan:
     attention: str
     liger: bool
     gradient_checkpointing: bool
+    fused_lora: bool = True
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -35,6 +37,8 @@ class SpeedPlan:
 
     def summary(self) -> str:
         parts = ["packed rows" if self.packing else "padded rows", f"{self.attention} attention"]
+        if self.fused_lora:
+            parts.append("fused LoRA")
         if self.liger:
             parts.append("Liger kernels")
         parts.append("gradient checkpointing" if self.gradient_checkpointing else "no checkpointing")
@@ -79,7 +83,8 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", parameters: in
         checkpointing = _needs_checkpointing(cfg, parameters, hidden_size, num_layers, free_gib)
         reasons.append("checkpointing: on, the estimate does not fit in free GPU memory without it"
                        if checkpointing else "checkpointing: off, it fits without")
-    return SpeedPlan(packing, attention, liger, checkpointing, reasons)
+    fused_lora = t.fused_kernels != "off" and method in ("lora", "rslora", "qlora")
+    return SpeedPlan(packing, attention, liger, checkpointing, fused_lora=fused_lora, reasons=reasons)
 
 
 def _needs_checkpointing(cfg: RunConfig, parameters: int, hidden: int, layers: int, free_gib: float | None) -> bool:

@@ -116,6 +116,9 @@ def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPl
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    if speed.fused_lora:
+        from studio.training.fused_lora import fuse_lora_layers
+        fuse_lora_layers(model)
     return model
 
 

@@ -1,0 +1,97 @@
+"""The fused LoRA path must compute what PEFT computes: same outputs, same gradients, same fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _peft_pair(dropout: float = 0.0, **lora_kwargs):
+    """Two identical PEFT models on a tiny random Llama (B made non-zero so the LoRA term matters)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", **lora_kwargs))
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+        models.append(model)
+    return models
+
+
+def _loss_and_grads(model, ids, seed=2):
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_matches_peft_outputs_and_gradients(dropout):
+    from studio.training.fused_lora import fuse_lora_layers
+    reference, fused = _peft_pair(dropout)
+    assert fuse_lora_layers(fused) == 2 * 7  # every projection of both layers
+    ids = torch.randint(0, 97, (3, 17))
+    ref_loss, ref_logits, ref_grads = _loss_and_grads(reference, ids)
+    loss, logits, grads = _loss_and_grads(fused, ids)
+    # The same random draws reach the same dropout, so even with dropout on the numbers must agree.
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * 7
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lora_input_gradient_and_eval_mode():
+    """The gradient reaching the layer input (what earlier layers learn from) and eval-mode outputs match."""
+    from studio.training.fused_lora import fuse_lora_layers
+    reference, fused = _peft_pair(dropout=0.2)
+    fuse_lora_layers(fused)
+    layer_ref = reference.base_model.model.model.layers[0].self_attn.q_proj
+    layer_fused = fused.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    for model in (reference, fused):
+        model.eval()  # dropout off: deterministic
+    y_ref, y = layer_ref(x), layer_fused(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    (y_ref * torch.arange(y_ref.shape[-1])).sum().backward()
+    (y * torch.arange(y.shape[-1])).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lora_bf16_autocast_matches_peft_closely():
+    """Under bf16 autocast (how GPU training runs) the fused result stays within bf16 rounding of PEFT's."""
+    from studio.training.fused_lora import fuse_lora_layers
+    reference, fused = _peft_pair()
+    fuse_lora_layers(fused)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference(input_ids=ids).logits.float()
+        out = fused(input_ids=ids).logits.float()
+    assert out.dtype == ref.dtype
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_fused_lora_falls_back_where_it_does_not_apply():
+    """DoRA is left to PEFT; merged or disabled adapters take PEFT's own path at call time."""
+    from studio.training.fused_lora import fuse_lora_layers
+    dora, _ = _peft_pair(use_dora=True)
+    assert fuse_lora_layers(dora) == 0
+    reference, fused = _peft_pair()
+    fuse_lora_layers(fused)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        with fused.disable_adapter(), reference.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+        lora_on = fused(input_ids=ids).logits
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).logits, lora_on, rtol=1e-4, atol=1e-4)
