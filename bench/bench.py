@@ -211,6 +211,8 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
                                   else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
                                   "logging_steps": 100000, "precision": "bf16"}})
     speed = plan_for(cfg, str(location), "cuda")
+    if os.environ.get("BENCH_NO_FUSED_LORA"):  # A/B runs: PEFT's own LoRA forward, everything else the same
+        speed.fused_lora = False
     if quantization:
         from studio import models
         model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization=quantization,

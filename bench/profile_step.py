@@ -23,8 +23,12 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1b")
     p.add_argument("--arm", default="studio")
+    p.add_argument("--host", action="store_true", help="also record the CPU side: where the host waits on the GPU")
     args = p.parse_args()
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if args.host:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    prof = torch.profiler.profile(activities=activities)
 
     import time
     wall = {}
@@ -44,7 +48,10 @@ def main() -> int:
                 control.should_training_stop = True
             return control
     run_studio(args.shape, args.arm, make_documents(), seconds=1e9, extra_callbacks=(Profile(),))
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    averages = prof.key_averages()
+    if args.host:
+        print_host_side(averages)
+    events = [e for e in averages if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     groups = {"matmul (gemm)": ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm"),
               "attention (flex)": ("flex", "triton_tem", "attention"),
@@ -70,6 +77,20 @@ def main() -> int:
         print(f"{e.key[:90]:90} {e.device_time_total / 1e3:9.2f} {100 * e.device_time_total / total:6.1f} "
               f"{e.count:7d}")
     return 0
+
+
+def print_host_side(averages) -> None:
+    """Host calls that wait for the GPU (each one drains the queue, and the GPU then idles while the host
+    launches the next kernels), and the host-side operations that took the most time."""
+    waits = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "aten::item", "aten::_local_scalar_dense",
+             "aten::nonzero", "aten::is_nonzero", "cudaEventSynchronize")
+    print("host waits (3 steps):")
+    for e in averages:
+        if any(w in e.key for w in waits):
+            print(f"  {e.key[:60]:60} calls {e.count:6d}  host {e.cpu_time_total / 1e3:9.1f} ms")
+    print("top host operations by self time:")
+    for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:25]:
+        print(f"  {e.key[:60]:60} calls {e.count:6d}  self {e.self_cpu_time_total / 1e3:9.1f} ms")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def _base_parts(layer):
         return weight, base.bias, None
     quant_state = getattr(weight, "quant_state", None)
     if type(base).__name__ == "Linear4bit" and quant_state is not None:
-        return weight, base.bias, quant_state
+        # The packed bytes as a plain tensor: bitsandbytes' parameter subclass routes every op through Python.
+        return weight.data, base.bias, quant_state
     return None
 
 
