@@ -137,16 +137,18 @@ class Timer:
         timer = self
 
         class Callback(TrainerCallback):
+            # The GPU is synchronised only where the clock starts and stops: a wait in every step would itself
+            # leave the GPU idle while the next batch is prepared, which is what is being measured.
             def on_step_end(self, args, state, control, **kwargs):
-                timer.torch.cuda.synchronize()
-                now = time.perf_counter()
                 if state.global_step == timer.warmup:
-                    timer.start, timer.tokens0 = now, state.num_input_tokens_seen
+                    timer.torch.cuda.synchronize()
+                    timer.start, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
                     timer.torch.cuda.reset_peak_memory_stats()
                 elif timer.start is not None:
                     timer.steps += 1
-                    if now - timer.start >= timer.seconds:
-                        timer.result = {"seconds": now - timer.start, "steps": timer.steps,
+                    if time.perf_counter() - timer.start >= timer.seconds:
+                        timer.torch.cuda.synchronize()
+                        timer.result = {"seconds": time.perf_counter() - timer.start, "steps": timer.steps,
                                         "tokens": state.num_input_tokens_seen - timer.tokens0}
                         control.should_training_stop = True
                 return control

@@ -7,6 +7,9 @@
 - Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, any
   device), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only).
   The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
+- Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
+  process the GPU sat idle while each batch was built (~14 ms a step on the 1B benchmark shape).
+  On the CPU every core is already training, so batches are built in line.
 - Gradient checkpointing: only when the memory estimate says the run would not fit without it; it
   costs ~30-50% more compute for nothing when memory is there.
 - QLoRA keeps embeddings and the LM head in bf16 (PEFT's kbit preparation upcasts them to float32,
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import asdict, dataclass, field
 
 from studio.config import RunConfig
@@ -30,6 +34,7 @@ class SpeedPlan:
     liger: bool
     gradient_checkpointing: bool
     fused_lora: bool = True
+    data_workers: int = 0
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -84,7 +89,9 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", parameters: in
         reasons.append("checkpointing: on, the estimate does not fit in free GPU memory without it"
                        if checkpointing else "checkpointing: off, it fits without")
     fused_lora = t.fused_kernels != "off" and method in ("lora", "rslora", "qlora")
-    return SpeedPlan(packing, attention, liger, checkpointing, fused_lora=fused_lora, reasons=reasons)
+    workers = 2 if device == "cuda" and os.name == "posix" else 0  # workers fork; elsewhere they would re-import
+    return SpeedPlan(packing, attention, liger, checkpointing, fused_lora=fused_lora, data_workers=workers,
+                     reasons=reasons)
 
 
 def _needs_checkpointing(cfg: RunConfig, parameters: int, hidden: int, layers: int, free_gib: float | None) -> bool:

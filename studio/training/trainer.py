@@ -154,7 +154,8 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
         pad_to_multiple_of=t.batch_size * cfg.data.max_length
         if prep.speed.packing and prep.speed.attention == "flex_attention" else None,
         report_to="none", disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, use_cpu=prep.device == "cpu",
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=prep.speed.data_workers,
+        use_cpu=prep.device == "cpu",
         save_only_model=False, logging_first_step=True,
         logging_nan_inf_filter=False)  # the default filter hides NaN losses from the logs, and so from our guard
     train_ds = datasets.Dataset.from_list(prep.train.rows)
