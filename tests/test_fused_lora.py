@@ -95,3 +95,43 @@ def test_fused_lora_falls_back_where_it_does_not_apply():
         lora_on = fused(input_ids=ids).logits
         fused.merge_adapter()
         torch.testing.assert_close(fused(input_ids=ids).logits, lora_on, rtol=1e-4, atol=1e-4)
+
+
+def test_sibling_projections_share_one_node_and_match_peft_under_checkpointing():
+    """q/k/v and gate/up run as one grouped node; with gradient checkpointing (recomputed forward, as QLoRA
+    trains) the loss and every adapter gradient still match PEFT's."""
+    from studio.training import fused_lora
+    reference, fused = _peft_pair()
+    fused_lora.fuse_lora_layers(fused)
+    attention = fused.base_model.model.model.layers[0].self_attn
+    assert attention.q_proj._studio_siblings is attention.v_proj._studio_siblings
+    calls = []
+    original = fused_lora._LoraLinearGroup.apply
+    fused_lora._LoraLinearGroup.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        for model in (reference, fused):
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.base_model.model.enable_input_require_grads()
+        ids = torch.randint(0, 97, (2, 11))
+        ref_loss, _, ref_grads = _loss_and_grads(reference, ids)
+        loss, _, grads = _loss_and_grads(fused, ids)
+    finally:
+        fused_lora._LoraLinearGroup.apply = original
+    assert len(calls) == 2 * 2 * 2  # 2 groups x 2 layers, forward and the recomputed forward
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sibling_output_is_only_reused_for_the_same_input():
+    from studio.training.fused_lora import fuse_lora_layers
+    reference, fused = _peft_pair()
+    fuse_lora_layers(fused)
+    ref_attn = reference.base_model.model.model.layers[0].self_attn
+    attn = fused.base_model.model.model.layers[0].self_attn
+    x1, x2 = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        attn.q_proj(x1)  # computes and holds k and v for x1
+        torch.testing.assert_close(attn.k_proj(x2), ref_attn.k_proj(x2))  # a different input is computed afresh
+        torch.testing.assert_close(attn.v_proj(x2), ref_attn.v_proj(x2))
+        torch.testing.assert_close(attn.q_proj(x2), ref_attn.q_proj(x2))

@@ -93,6 +93,91 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, None, grad_a, grad_b, None, None, None
 
 
+class _LoraLinearGroup(torch.autograd.Function):
+    """Sibling projections that read the same input (q/k/v, gate/up), without dropout, in one node: their
+    LoRA A matrices are one stacked matmul, and the input gradient is accumulated by the matmuls themselves
+    (addmm_) instead of autograd adding up three separate (tokens x hidden) gradients."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, specs, *tensors):
+        in_features = x.shape[-1]
+        x2 = x.reshape(-1, in_features).to(dtype)
+        members = [tensors[i:i + 4] for i in range(0, len(tensors), 4)]  # (weight, bias, lora_a, lora_b) each
+        ranks = [m[2].shape[0] for m in members]
+        with torch.autocast(x.device.type, enabled=False):
+            a_stack = torch.cat([m[2] for m in members]).to(dtype)
+            xa = x2 @ a_stack.t()  # (tokens x sum of ranks): the input is read once for every adapter
+            xa_parts = xa.split(ranks, dim=1)
+            b_scaled = [(m[3] * scaling).to(dtype) for m, (_, scaling) in zip(members, specs)]
+            outs = []
+            for (weight, bias, _, _), (quant_state, _), part, b in zip(members, specs, xa_parts, b_scaled):
+                out = F.linear(x2, _dense_weight(weight, quant_state, dtype), None if bias is None else bias.to(dtype))
+                out.addmm_(part, b.t())
+                outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(x2, xa, a_stack, *b_scaled, *[m[0] for m in members])
+        ctx.specs, ctx.ranks, ctx.dtype, ctx.x_shape, ctx.x_dtype = specs, ranks, dtype, x.shape, x.dtype
+        ctx.param_dtypes = [(m[2].dtype, m[3].dtype) for m in members]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = len(ctx.specs)
+        saved = ctx.saved_tensors  # read once: checkpointing allows each saved tensor to be unpacked only once
+        x2, xa, a_stack = saved[:3]
+        b_scaled, weights = saved[3:3 + n], saved[3 + n:]
+        dtype = ctx.dtype
+        gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
+        grad_x = None
+        param_grads = []
+        with torch.autocast(x2.device.type, enabled=False):
+            g_xa = torch.cat([g @ b for g, b in zip(gs, b_scaled)], dim=1)  # (tokens x sum of ranks)
+            if ctx.needs_input_grad[0]:
+                for g, weight, (quant_state, _) in zip(gs, weights, ctx.specs):
+                    dense = _dense_weight(weight, quant_state, dtype)
+                    grad_x = g @ dense if grad_x is None else grad_x.addmm_(g, dense)
+                grad_x = grad_x.addmm_(g_xa, a_stack).view(ctx.x_shape).to(ctx.x_dtype)
+            grad_a = (g_xa.t() @ x2).split(ctx.ranks, dim=0)
+            for i, (g, part) in enumerate(zip(gs, xa.split(ctx.ranks, dim=1))):
+                grad_b = (g.t() @ part).mul_(ctx.specs[i][1])
+                param_grads += [None, None, grad_a[i].to(ctx.param_dtypes[i][0]), grad_b.to(ctx.param_dtypes[i][1])]
+        return (grad_x, None, None, *param_grads)
+
+
+class _SiblingGroup:
+    """Projections of one block that read the same input. The first one called computes all of them and
+    holds the others' outputs until they are called with that same input tensor."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.source = None
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def take(self, layer, x: torch.Tensor):
+        if self.source is x and id(layer) in self.pending:
+            out = self.pending.pop(id(layer))
+            if not self.pending:
+                self.source = None
+            return out
+        return None
+
+    def run(self, layer, x: torch.Tensor):
+        """All members' outputs for `x` when every member can take the grouped path now, else None."""
+        parts = [_runnable(m, allow_dropout=False) for m in self.members]
+        if any(p is None for p in parts):
+            return None
+        specs, tensors = [], []
+        for member, (adapter, weight, bias, quant_state) in zip(self.members, parts):
+            specs.append((quant_state, float(member.scaling[adapter])))
+            tensors += [weight, bias, member.lora_A[adapter].weight, member.lora_B[adapter].weight]
+        outs = _LoraLinearGroup.apply(x, _compute_dtype(x), tuple(specs), *tensors)
+        self.pending = {id(m): o for m, o in zip(self.members, outs) if m is not layer}
+        self.source = x
+        return outs[self.members.index(layer)]
+
+
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -114,20 +199,38 @@ def _base_parts(layer):
     return None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
-    active = self.active_adapters
+def _runnable(layer, allow_dropout: bool = True):
+    """(adapter, weight, bias, quant_state) when this call can take the fused path, else None."""
+    active = layer.active_adapters
     adapter = active[0] if len(active) == 1 else None
-    parts = None
-    if not (args or kwargs or self.disable_adapters or self.merged or adapter is None
-            or adapter not in self.lora_A or adapter in self.lora_variant or self.lora_B[adapter].bias is not None):
-        parts = _base_parts(self)
+    if (layer.disable_adapters or layer.merged or adapter is None or adapter not in layer.lora_A
+            or adapter in layer.lora_variant or layer.lora_B[adapter].bias is not None):
+        return None
+    if not allow_dropout and _dropout_p(layer, adapter) > 0:
+        return None
+    parts = _base_parts(layer)
+    return None if parts is None else (adapter, *parts)
+
+
+def _dropout_p(layer, adapter) -> float:
+    dropout = layer.lora_dropout[adapter]
+    return float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
+    group = getattr(self, "_studio_siblings", None)
+    if group is not None and not (args or kwargs):
+        out = group.take(self, x)
+        if out is None:
+            out = group.run(self, x)
+        if out is not None:
+            return out
+    parts = None if (args or kwargs) else _runnable(self)
     if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
-    weight, bias, quant_state = parts
-    dropout = self.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    adapter, weight, bias, quant_state = parts
     return _LoraLinear.apply(x, weight, bias, quant_state, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                             float(self.scaling[adapter]), float(p), _compute_dtype(x))
+                             float(self.scaling[adapter]), _dropout_p(self, adapter), _compute_dtype(x))
 
 
 def fuse_lora_layers(model) -> int:
@@ -140,9 +243,19 @@ def fuse_lora_layers(model) -> int:
     except ImportError:  # bitsandbytes is not installed: there are no 4-bit layers either
         pass
     count = 0
-    for module in model.modules():
-        if isinstance(module, classes) and not getattr(module, "fan_in_fan_out", False) \
-                and not getattr(module, "lora_variant", None) and _base_parts(module):
-            module.forward = types.MethodType(_fused_forward, module)
-            count += 1
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for name, module in children.items():
+            if isinstance(module, classes) and not getattr(module, "fan_in_fan_out", False) \
+                    and not getattr(module, "lora_variant", None) and _base_parts(module):
+                module.forward = types.MethodType(_fused_forward, module)
+                count += 1
+        for names in SIBLING_NAMES:
+            members = [children.get(n) for n in names]
+            if all(getattr(m, "forward", None) is not None and getattr(m.forward, "__func__", None) is _fused_forward
+                   for m in members) and len({m.in_features for m in members}) == 1 \
+                    and len({_base_parts(m)[2] is None for m in members}) == 1:
+                group = _SiblingGroup(members)
+                for m in members:
+                    m._studio_siblings = group
     return count
