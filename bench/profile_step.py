@@ -51,8 +51,9 @@ def main() -> int:
     averages = prof.key_averages()
     if args.host:
         print_host_side(averages)
-    events = [e for e in averages if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events)
+    # Self time: with --host the CPU operators carry their kernels' time too, which would count it twice.
+    events = [e for e in averages if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
     groups = {"matmul (gemm)": ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm"),
               "attention (flex)": ("flex", "triton_tem", "attention"),
               "triton fused (liger/inductor)": ("triton",), "elementwise/reduce": ("elementwise", "reduce",
@@ -63,18 +64,18 @@ def main() -> int:
         name = e.key.lower()
         for group, keys in groups.items():
             if any(k in name for k in keys):
-                split[group] += e.device_time_total
+                split[group] += e.self_device_time_total
                 break
         else:
-            split["other"] += e.device_time_total
+            split["other"] += e.self_device_time_total
     elapsed = (wall["end"] - wall["start"]) * 1e3
     print(f"3 steps: wall {elapsed:.1f} ms, GPU kernels {total / 1e3:.1f} ms "
           f"(GPU busy {100 * total / 1e3 / elapsed:.0f}% of wall; kernels may overlap)")
     for group, t in split.items():
         print(f"  {group:32} {100 * t / total:5.1f}%")
     print(f"{'kernel':90} {'ms':>9} {'%':>6} {'calls':>7}")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:30]:
-        print(f"{e.key[:90]:90} {e.device_time_total / 1e3:9.2f} {100 * e.device_time_total / total:6.1f} "
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
+        print(f"{e.key[:90]:90} {e.self_device_time_total / 1e3:9.2f} {100 * e.self_device_time_total / total:6.1f} "
               f"{e.count:7d}")
     return 0
 

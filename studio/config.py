@@ -236,7 +236,10 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
         if isinstance(expected, str):
             if value is None:
                 return ""
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            if isinstance(value, bool):
+                # YAML reads a bare on/off/yes/no as true/false: `packing: off` means the choice "off".
+                return "on" if value else "off"
+            if not isinstance(value, (str, int, float)):
                 raise TypeError
             return str(value)
         if isinstance(expected, list):

@@ -72,3 +72,12 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(StudioError, match="top level"):
         read_yaml(path)
+
+
+def test_bare_on_off_in_yaml_mean_the_choices(tmp_path):
+    """YAML turns a bare `off` into false; in a preset (or a --set override) it means the choice "off"."""
+    from studio.presets import load_run_config
+    path = tmp_path / "p.yaml"
+    path.write_text("training:\n  packing: off\n  fused_kernels: on\n")
+    cfg = load_run_config(path, ["training.gradient_checkpointing=off"])
+    assert (cfg.training.packing, cfg.training.fused_kernels, cfg.training.gradient_checkpointing) == ("off", "on", "off")

@@ -213,3 +213,16 @@ def test_a_resume_refused_while_busy_changes_nothing(tiny_model):
     finally:
         manager.stop()
         assert manager.wait(120)
+
+
+def test_speed_plan_fused_lora_and_data_workers():
+    """Fused LoRA on for the LoRA family unless fused_kernels is off; batches built in workers only on GPUs."""
+    from studio.training.speed import plan_speed
+    lora = tiny_config("unused")
+    assert plan_speed(lora, "cpu", "llama").fused_lora is True
+    assert plan_speed(lora, "cpu", "llama").data_workers == 0
+    assert plan_speed(lora, "cuda", "llama").data_workers >= 1
+    assert "fused LoRA" in plan_speed(lora, "cpu", "llama").summary()
+    assert plan_speed(tiny_config("unused", training={"fused_kernels": "off"}), "cpu", "llama").fused_lora is False
+    assert plan_speed(tiny_config("unused", method={"method": "dora"}), "cpu", "llama").fused_lora is False
+    assert plan_speed(tiny_config("unused", method={"method": "full"}), "cpu", "llama").fused_lora is False
