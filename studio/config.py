@@ -131,8 +131,8 @@ class TrainingConfig:
         "auto", "Attention kernel. 'auto': flex attention for packed rows on a GPU (keeps conversations apart "
         "cheaply), PyTorch's SDPA otherwise.", choices=("auto", "sdpa", "flex_attention", "eager"))
     fused_kernels: str = setting(
-        "auto", "Fused kernels: the studio's LoRA projections (the add-on folded into the base matmul, on any "
-        "device) and Liger's RMSNorm/RoPE/SwiGLU kernels (NVIDIA GPUs, when liger-kernel is installed). 'off' "
+        "auto", "Fused kernels: the studio's LoRA projections (the add-on folded into the base matmul; 'auto' "
+        "uses them on GPUs) and Liger's RMSNorm/RoPE/SwiGLU kernels (NVIDIA GPUs, when liger-kernel is installed). 'off' "
         "runs the plain PEFT and transformers code, e.g. to rule these out when something looks wrong.",
         choices=("auto", "on", "off"))
     seed: int = setting(42, "Random seed: the same seed, data and settings give the same run.", minimum=0,

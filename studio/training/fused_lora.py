@@ -10,6 +10,10 @@ last matmul (``addmm_`` accumulates into the base result), so what remains per p
 The computation and the saved tensors are the same as PEFT's (the layer input and the rank-sized
 ``x @ A^T``); the adapters, their checkpoints and merging are untouched, only ``forward`` is routed here.
 
+Projections that read the same input (q/k/v, gate/up) and have no dropout go one step further and run as
+one node: one stacked matmul for their A matrices, and an input gradient that the matmuls accumulate
+themselves instead of autograd adding up three full-size gradients.
+
 Anything this path does not cover (DoRA and the other variants, merged or disabled adapters, several
 active adapters, per-request adapter names, LoRA bias, 8-bit bases) falls back to PEFT's own forward.
 """

@@ -4,8 +4,8 @@
   compute goes to padding. On the CPU rows are short and the dense masks cost more than padding.
 - Attention: packed rows need a kernel that keeps documents apart without a dense mask. flash-attn
   has no wheel for most users, so PyTorch's own flex attention (block-sparse document masks) is used.
-- Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, any
-  device), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only).
+- Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, on
+  GPUs), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only).
   The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
 - Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
   process the GPU sat idle while each batch was built (~14 ms a step on the 1B benchmark shape).
@@ -72,10 +72,12 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", parameters: in
         reasons.append("attention: flex (keeps packed documents apart without a dense mask)")
     else:
         attention = "sdpa"
-    if t.fused_kernels == "auto":
-        liger = device == "cuda" and liger_available() and model_type in LIGER_MODEL_TYPES
-    else:
-        liger = t.fused_kernels == "on"
+    # Liger's kernels are Triton (NVIDIA GPUs) and cover certain architectures: 'on' cannot force them
+    # where they cannot run, it says why instead of failing the run.
+    liger = t.fused_kernels != "off" and device == "cuda" and liger_available() and model_type in LIGER_MODEL_TYPES
+    if t.fused_kernels == "on" and not liger:
+        reasons.append("Liger kernels: not used (they need an NVIDIA GPU, pip install liger-kernel, and a "
+                       f"supported architecture: {', '.join(LIGER_MODEL_TYPES)})")
     if t.gradient_checkpointing != "auto":
         checkpointing = t.gradient_checkpointing == "on"
     elif device != "cuda":
@@ -88,7 +90,10 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", parameters: in
         checkpointing = _needs_checkpointing(cfg, parameters, hidden_size, num_layers, free_gib)
         reasons.append("checkpointing: on, the estimate does not fit in free GPU memory without it"
                        if checkpointing else "checkpointing: off, it fits without")
-    fused_lora = t.fused_kernels != "off" and method in ("lora", "rslora", "qlora")
+    # Fused LoRA removes GPU memory passes; on the CPU it measured no faster (bench/cpu.py: 3.6-3.9 s a step
+    # either way), so 'auto' keeps PEFT's own forward there.
+    fused_lora = method in ("lora", "rslora", "qlora") and (
+        t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
     workers = 2 if device == "cuda" and os.name == "posix" else 0  # workers fork; elsewhere they would re-import
     return SpeedPlan(packing, attention, liger, checkpointing, fused_lora=fused_lora, data_workers=workers,
                      reasons=reasons)
