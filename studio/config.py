@@ -188,9 +188,11 @@ def _check_fields(obj: Any) -> None:
         value = getattr(obj, f.name)
         where = f"{section}.{f.name}" if section else f.name
         expected = _default_of(f)
+        meta = f.metadata
+        if isinstance(value, bool) and {"on", "off"} <= set(meta.get("choices") or ()):
+            value = "on" if value else "off"  # YAML reads a bare on/off as true/false: `packing: off` means "off"
         value = _coerce(value, expected, where)
         setattr(obj, f.name, value)
-        meta = f.metadata
         if meta.get("choices") and value not in meta["choices"]:
             raise StudioError(f"{where} = {value!r} is not one of: {', '.join(map(str, meta['choices']))}.")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -236,10 +238,7 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
         if isinstance(expected, str):
             if value is None:
                 return ""
-            if isinstance(value, bool):
-                # YAML reads a bare on/off/yes/no as true/false: `packing: off` means the choice "off".
-                return "on" if value else "off"
-            if not isinstance(value, (str, int, float)):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
         if isinstance(expected, list):

@@ -81,3 +81,6 @@ def test_bare_on_off_in_yaml_mean_the_choices(tmp_path):
     path.write_text("training:\n  packing: off\n  fused_kernels: on\n")
     cfg = load_run_config(path, ["training.gradient_checkpointing=off"])
     assert (cfg.training.packing, cfg.training.fused_kernels, cfg.training.gradient_checkpointing) == ("off", "on", "off")
+    path.write_text("training:\n  scheduler: off\n")  # a field without on/off choices still refuses a boolean
+    with pytest.raises(StudioError, match="training.scheduler = False is not valid: expected a text"):
+        load_run_config(path)

@@ -57,6 +57,7 @@ def test_fused_lora_input_gradient_and_eval_mode():
     fuse_lora_layers(fused)
     layer_ref = reference.base_model.model.model.layers[0].self_attn.q_proj
     layer_fused = fused.base_model.model.model.layers[0].self_attn.q_proj
+    assert not hasattr(layer_fused, "_studio_siblings")  # one dropout mask per projection: no shared node
     x = torch.randn(2, 5, 32, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     for model in (reference, fused):

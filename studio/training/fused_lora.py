@@ -154,11 +154,11 @@ class _SiblingGroup:
     def __init__(self, members: list):
         self.members = members
         self.source = None
-        self.pending: dict[int, torch.Tensor] = {}
+        self.pending: dict = {}  # member module -> its output for `source`
 
     def take(self, layer, x: torch.Tensor):
-        if self.source is x and id(layer) in self.pending:
-            out = self.pending.pop(id(layer))
+        if self.source is x and layer in self.pending:
+            out = self.pending.pop(layer)
             if not self.pending:
                 self.source = None
             return out
@@ -174,7 +174,7 @@ class _SiblingGroup:
             specs.append((quant_state, float(member.scaling[adapter])))
             tensors += [weight, bias, member.lora_A[adapter].weight, member.lora_B[adapter].weight]
         outs = _LoraLinearGroup.apply(x, _compute_dtype(x), tuple(specs), *tensors)
-        self.pending = {id(m): o for m, o in zip(self.members, outs) if m is not layer}
+        self.pending = {m: o for m, o in zip(self.members, outs) if m is not layer}
         self.source = x
         return outs[self.members.index(layer)]
 
@@ -246,20 +246,26 @@ def fuse_lora_layers(model) -> int:
         classes += (LoraLinear4bit,)
     except ImportError:  # bitsandbytes is not installed: there are no 4-bit layers either
         pass
-    count = 0
+    fused = set()
     for parent in model.modules():
         children = dict(parent.named_children())
-        for name, module in children.items():
+        for module in children.values():
             if isinstance(module, classes) and not getattr(module, "fan_in_fan_out", False) \
                     and not getattr(module, "lora_variant", None) and _base_parts(module):
                 module.forward = types.MethodType(_fused_forward, module)
-                count += 1
+                fused.add(module)
         for names in SIBLING_NAMES:
             members = [children.get(n) for n in names]
-            if all(getattr(m, "forward", None) is not None and getattr(m.forward, "__func__", None) is _fused_forward
-                   for m in members) and len({m.in_features for m in members}) == 1 \
+            # Decided here, not per call: with dropout (PEFT draws one mask per projection) the group could
+            # never run, and each call would check every sibling before falling back.
+            if all(m in fused and not _has_dropout(m) for m in members) \
+                    and len({m.in_features for m in members}) == 1 \
                     and len({_base_parts(m)[2] is None for m in members}) == 1:
                 group = _SiblingGroup(members)
                 for m in members:
                     m._studio_siblings = group
-    return count
+    return len(fused)
+
+
+def _has_dropout(layer) -> bool:
+    return any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in layer.lora_dropout.values())

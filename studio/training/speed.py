@@ -33,7 +33,7 @@ class SpeedPlan:
     attention: str
     liger: bool
     gradient_checkpointing: bool
-    fused_lora: bool = True
+    fused_lora: bool = False
     data_workers: int = 0
     reasons: list[str] = field(default_factory=list)
 
