@@ -51,11 +51,19 @@ SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                max_position_embeddings=131072, head_dim=128),
+    # The 8B's structure (32 layers, 7 projections each, GQA) at widths where the GPU's work is negligible:
+    # its steps take as long as the host needs to issue them. For measuring host overhead, not MFU.
+    "8b-thin": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=32, num_attention_heads=4,
+                    num_key_value_heads=1, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                    max_position_embeddings=131072, head_dim=64),
 }
 STOCK_BATCH = {"1b": 16, "8b": 8}
 # Studio micro-batches: packed rows of 4096 tokens (the QLoRA goal is stated for 4k-token micro-batches).
 STUDIO_ROWS = {("1b", "studio"): 8, ("8b", "studio"): 2, ("1b", "studio-qlora"): 2, ("8b", "studio-qlora"): 1,
-               ("1b", "studio-full"): 2}
+               ("1b", "studio-full"): 2, ("8b-thin", "studio"): 2, ("8b-thin", "studio-qlora"): 1}
+# The QLoRA goal is stated for a 12 GiB budget: the run is told so (training.memory_limit_gib, which the
+# studio plans checkpointing for and enforces), as a user of a 12 GB card would have it.
+MEMORY_LIMIT_GIB = {"studio-qlora": 12.0}
 PACK_LENGTH = 4096
 
 
@@ -200,7 +208,7 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     from studio.methods import quantization_for
     from studio.rendering import EncodedSet
     from studio.runs import new_run
-    from studio.training.trainer import Prepared, apply_method, build_trainer, plan_for
+    from studio.training.trainer import Prepared, apply_method, build_trainer, limit_memory, plan_for
     method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
     os.environ.setdefault("STUDIO_HOME", "/tmp/studio-bench/home")
     quantization = quantization_for(method)
@@ -211,10 +219,17 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
                                 "target_modules": PROJECTIONS},
                      "training": {"batch_size": STUDIO_ROWS[(shape, arm)], "learning_rate": 1e-4 if method != "full"
                                   else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
-                                  "logging_steps": 100000, "precision": "bf16"}})
+                                  "logging_steps": 100000, "precision": "bf16",
+                                  "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0)}})
     speed = plan_for(cfg, str(location), "cuda")
-    if os.environ.get("BENCH_NO_FUSED_LORA"):  # A/B runs: PEFT's own LoRA forward, everything else the same
+    limit_memory(cfg, "cuda")
+    # A/B switches, everything else the same: PEFT's own LoRA forward; no Liger kernels; checkpointing forced.
+    if os.environ.get("BENCH_NO_FUSED_LORA"):
         speed.fused_lora = False
+    if os.environ.get("BENCH_NO_LIGER"):
+        speed.liger = False
+    if os.environ.get("BENCH_CHECKPOINT") in ("all", "none"):
+        speed.gradient_checkpointing, speed.uncheckpointed_layers = os.environ["BENCH_CHECKPOINT"] == "all", 0
     if quantization:
         from studio import models
         model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization=quantization,
@@ -229,8 +244,12 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     trainer = build_trainer(prep, new_run(cfg), [timer.callback, *extra_callbacks])
     check = loss_check(trainer, model, docs[:8])
     trainer.train()
+    switches = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                         if k in ("BENCH_NO_FUSED_LORA", "BENCH_NO_LIGER", "BENCH_CHECKPOINT"))
+    limit = f", limit {cfg.training.memory_limit_gib:g} GiB" if cfg.training.memory_limit_gib else ""
     return {**timer.result, "method": method, "loss_check": check,
-            "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows"}
+            "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows{limit}"
+                        + (f" [A/B: {switches}]" if switches else "")}
 
 
 def loss_check(trainer, model, docs) -> dict:
@@ -321,6 +340,7 @@ def main() -> int:
     p.add_argument("--child", nargs=2, metavar=("SHAPE", "ARM"))
     p.add_argument("--cpu", action="store_true", help="CPU mode on the bundled model")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="", help="appended to the result files' names (A/B runs)")
     args = p.parse_args()
     if args.cpu:
         from bench.cpu import main as cpu_main
@@ -351,7 +371,7 @@ def main() -> int:
                 print(done.stderr[-1500:], file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M") + (f"-{args.tag}" if args.tag else "")
     meta = {"device": device, "matmul_peak_tflops": peak / 1e12, "versions": versions(), "seconds": args.seconds}
     (out / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = f"{device}; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s; {meta['versions']}\n\n{table(rows)}\n"

@@ -151,8 +151,12 @@ class TrainingConfig:
         True, "If memory runs out, retry automatically with half the batch size and twice the gradient "
         "accumulation (same effective batch), continuing from the last checkpoint.")
     gradient_checkpointing: str = setting(
-        "auto", "Recompute activations to save memory at ~30-50% more compute. 'auto': only when the memory "
-        "estimate says the run would not fit without it.", choices=("auto", "on", "off"))
+        "auto", "Recompute activations to save memory at ~30-50% more compute. 'auto': only for as many layers as "
+        "the memory estimate says the run needs to fit, none when it fits without.", choices=("auto", "on", "off"))
+    memory_limit_gib: float = setting(
+        0.0, "Most GPU memory this run may use, in GiB; 0 means whatever the GPU has free. Set it to leave room "
+        "for other programs on the same GPU: the studio checkpoints more layers to stay under it, and the run "
+        "cannot take more.", minimum=0.0, maximum=4096.0)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Faults a run must survive: out of memory, a full disk, a killed process, bad models."""
 
 import errno
+import gc
 import json
 import os
 import signal
@@ -37,6 +38,19 @@ def test_out_of_memory_retries_with_a_smaller_micro_batch(tiny_model, inject):
     cfg = run.config()
     assert (cfg.training.batch_size, cfg.training.grad_accum) == (4, 2)
     assert [r["step"] for r in run.metrics() if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert gc.get_freeze_count() == 0  # nothing of the finished run is kept from the collector
+
+
+def test_setup_objects_are_frozen_while_training_and_released_when_it_fails(tiny_model, inject):
+    """FreezeSetupObjects keeps the collector off the model during training; a failed run must not leave
+    the model frozen (it would never be collected, and the next run's memory would be short)."""
+    frozen_during = []
+    inject("on_step_end", lambda args, state, control, **kwargs: frozen_during.append(gc.get_freeze_count()))
+    inject("on_step_end", oom_at(2, only_batch=8))
+    run = new_run(tiny_config(tiny_model, training={"max_steps": 4, "oom_retry": False}))
+    status = train_run(run)
+    assert status["state"] == "failed" and frozen_during and frozen_during[0] > 1000
+    assert gc.get_freeze_count() == 0
 
 
 def test_out_of_memory_without_retry_fails_with_a_hint_and_keeps_checkpoints(tiny_model, inject):

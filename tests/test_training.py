@@ -173,15 +173,82 @@ def test_packed_rows_train_and_the_plan_is_recorded(tiny_model):
     assert run.metrics()[0]["epoch"] > 2 * 8 / 95  # one step covers over twice the rows it would unpacked
 
 
+LLAMA_8B = dict(hidden=4096, layers=32, intermediate=14336, attention_width=4096, kv_width=1024, vocab=128256)
+
+
 def test_speed_plan_defaults_per_device(tiny_model):
+    from studio.training.memory import ModelShape
     from studio.training.speed import plan_speed
-    cfg = tiny_config(tiny_model)
+    cfg = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2})
     cpu = plan_speed(cfg, "cpu", "llama")
     assert (cpu.packing, cpu.attention, cpu.liger, cpu.gradient_checkpointing) == (False, "sdpa", False, False)
-    gpu = plan_speed(cfg, "cuda", "llama", parameters=8_000_000_000, hidden_size=4096, num_layers=32, free_gib=79)
+    shape = ModelShape(**LLAMA_8B)
+    gpu = plan_speed(cfg, "cuda", "llama", shape, free_gib=79)
     assert gpu.packing and gpu.attention == "flex_attention" and not gpu.gradient_checkpointing
-    tight = plan_speed(cfg, "cuda", "llama", parameters=8_000_000_000, hidden_size=4096, num_layers=32, free_gib=16)
-    assert tight.gradient_checkpointing
+    tight = plan_speed(cfg, "cuda", "llama", shape, free_gib=17)
+    assert tight.gradient_checkpointing and tight.uncheckpointed_layers == 0  # 16-bit weights alone fill most of it
+    assert "may not fit" in " ".join(tight.reasons)
+
+
+def test_checkpointing_only_the_layers_memory_needs():
+    """QLoRA of an 8B shape under a 12 GiB limit: some layers checkpointed, not all, and the estimate fits;
+    more memory means fewer checkpointed layers, down to none."""
+    from studio.training.memory import ModelShape
+    from studio.training.speed import plan_speed
+    shape = ModelShape(**LLAMA_8B)
+    qlora = tiny_config("unused", method={"method": "qlora", "rank": 16}, data={"max_length": 4096},
+                        training={"batch_size": 1, "memory_limit_gib": 12})
+    plan = plan_speed(qlora, "cuda", "llama", shape, free_gib=79)
+    assert 0 < plan.uncheckpointed_layers < shape.layers and plan.gradient_checkpointing
+    assert plan.memory_budget_gib == 12 and plan.memory_estimate_gib <= 12
+    assert f"checkpointing {shape.layers - plan.uncheckpointed_layers} of 32 layers" in plan.summary()
+    roomier = plan_speed(tiny_config("unused", method={"method": "qlora", "rank": 16}, data={"max_length": 4096},
+                                     training={"batch_size": 1, "memory_limit_gib": 16}), "cuda", "llama", shape, 79)
+    assert roomier.uncheckpointed_layers > plan.uncheckpointed_layers
+    unlimited = plan_speed(tiny_config("unused", method={"method": "qlora", "rank": 16}, data={"max_length": 4096},
+                                       training={"batch_size": 1}), "cuda", "llama", shape, free_gib=79)
+    assert not unlimited.gradient_checkpointing
+    forced = plan_speed(tiny_config("unused", training={"gradient_checkpointing": "on"}), "cuda", "llama", shape, 79)
+    assert forced.gradient_checkpointing and forced.uncheckpointed_layers == 0
+
+
+def test_memory_estimate_matches_the_h100_measurements():
+    """The estimate against peaks measured by bench/bench.py on the H100 (bench/NOTES.md), LoRA rank 16."""
+    from studio.training.memory import ModelShape, peak_gib
+    eight = ModelShape(**LLAMA_8B)
+    one = ModelShape(hidden=2048, layers=16, intermediate=8192, attention_width=2048, kv_width=512, vocab=128256,
+                     tied_embeddings=True)
+    assert peak_gib(eight, "lora", 16, 2 * 4096, 0, liger=True) == pytest.approx(50.2, rel=0.05)
+    assert peak_gib(one, "lora", 16, 8 * 4096, 0, liger=True) == pytest.approx(40.4, rel=0.05)
+    all_checkpointed = peak_gib(eight, "qlora", 16, 4096, 32, liger=True)
+    assert 7.8 <= all_checkpointed <= 7.8 * 1.2  # on the safe side, not far off
+
+
+def test_layers_checkpointed_as_planned(tiny_model):
+    """enable_checkpointing: the first layers checkpoint, the last `uncheckpointed` do not, and training
+    through the mix gives the same gradients as without checkpointing."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from studio.training.trainer import enable_checkpointing
+
+    def grads(uncheckpointed):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        model.train()
+        if uncheckpointed is not None:
+            assert enable_checkpointing(model, uncheckpointed) == len(layers_of(model)) - uncheckpointed
+            assert [m.gradient_checkpointing for m in layers_of(model)] == \
+                [True] * (len(layers_of(model)) - uncheckpointed) + [False] * uncheckpointed
+        ids = torch.randint(0, model.config.vocab_size, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def layers_of(model):
+        return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    reference = grads(None)
+    for got in (grads(1), grads(0)):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(reference, got))
 
 
 def test_lora_inputs_stay_16_bit_only_when_training_under_autocast(tiny_model):

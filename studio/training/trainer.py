@@ -61,6 +61,7 @@ def prepare(cfg: RunConfig, run: Run | None = None) -> Prepared:
     if run is not None:
         run.write_json("data.json", _data_summary(splits, train, evaluation))
     speed = plan_for(cfg, location, device)
+    limit_memory(cfg, device)
     model = models.load_model(location, dtype=dtype, device=device, quantization=quantization,
                               attention=speed.attention)
     model = apply_method(model, cfg, quantization, speed, dtype)
@@ -75,13 +76,23 @@ def plan_for(cfg: RunConfig, location: str, device: str) -> SpeedPlan:
     """The speed plan from the model's config alone (no weights read) and the GPU's free memory."""
     import torch
     from transformers import AutoConfig
+
+    from studio.training.memory import ModelShape
     config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, layers = getattr(text, "hidden_size", 0) or 0, getattr(text, "num_hidden_layers", 0) or 0
-    inter, vocab = getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden, getattr(text, "vocab_size", 0) or 0
-    parameters = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden  # close enough to plan
     free = torch.cuda.mem_get_info()[0] / 2**30 if device == "cuda" else None
-    return plan_speed(cfg, device, getattr(text, "model_type", ""), parameters, hidden, layers, free)
+    return plan_speed(cfg, device, getattr(text, "model_type", ""), ModelShape.from_config(text), free)
+
+
+def limit_memory(cfg: RunConfig, device: str) -> None:
+    """Make training.memory_limit_gib binding: past it the allocator reports out of memory (and the
+    out-of-memory retry takes over) instead of the run spreading into memory others need."""
+    import torch
+    if device != "cuda":
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    limit = cfg.training.memory_limit_gib
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total) if limit else 1.0)
 
 
 def _data_summary(splits: Splits, train: EncodedSet, evaluation: EncodedSet) -> dict:
@@ -105,9 +116,8 @@ def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPl
         # float32 (4 GB more on an 8B model with a 128k vocabulary, for no accuracy we could measure).
         for param in model.parameters():
             param.requires_grad_(False)
-        model.enable_input_require_grads()
-        if speed.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if speed.gradient_checkpointing:
+        enable_checkpointing(model, speed.uncheckpointed_layers)
     model = get_peft_model(model, peft_config)
     if dtype is not None and str(dtype) in ("torch.bfloat16", "torch.float16"):
         # PEFT keeps adapter weights in float32 (right for the optimizer) and casts every input activation
@@ -120,6 +130,27 @@ def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPl
         from studio.training.fused_lora import fuse_lora_layers
         fuse_lora_layers(model)
     return model
+
+
+def enable_checkpointing(model, uncheckpointed_layers: int = 0) -> int:
+    """Checkpoint the model's decoder layers except the last `uncheckpointed_layers`; returns how many are
+    checkpointed. The last ones keep their activations because the backward reaches them first: their
+    memory is freed before any checkpointed layer is recomputed. Non-reentrant checkpointing needs no
+    gradient on the embeddings' output, so transformers' hook that forces one (a full input-gradient
+    pass through the first layer) is taken off again."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = min(max(0, uncheckpointed_layers), len(layers))
+    for layer in layers[len(layers) - keep:] if keep else []:
+        layer.gradient_checkpointing = False
+    return len(layers) - keep
 
 
 def steps_plan(cfg: RunConfig, n_rows: int) -> tuple[int, int, int]:
@@ -146,8 +177,9 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, lr_scheduler_type=t.scheduler,
         logging_steps=t.logging_steps, eval_strategy="steps" if has_eval else "no", eval_steps=eval_every,
         save_strategy="steps", save_steps=save_every, save_total_limit=2, seed=t.seed, data_seed=t.seed,
-        bf16=bf16, fp16=fp16, gradient_checkpointing=prep.speed.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, use_liger_kernel=prep.speed.liger,
+        # Checkpointing is already set up layer by layer (apply_method); the Trainer's switch would turn it
+        # on for every layer.
+        bf16=bf16, fp16=fp16, gradient_checkpointing=False, use_liger_kernel=prep.speed.liger,
         max_length=cfg.data.max_length, packing=prep.speed.packing, packing_strategy="bfd",
         # Flex attention is compiled for fixed shapes: pad each packed batch to one length (bins are nearly
         # full, so little is wasted) instead of recompiling for every new total length.
@@ -162,8 +194,9 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
     eval_ds = datasets.Dataset.from_list(prep.eval.rows) if has_eval else None
     from transformers.trainer_callback import PrinterCallback
     datasets.disable_progress_bars()
+    from studio.training.callbacks import FreezeSetupObjects
     trainer = SFTTrainer(model=prep.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=prep.tokenizer, callbacks=callbacks)
+                         processing_class=prep.tokenizer, callbacks=[*callbacks, FreezeSetupObjects()])
     trainer.remove_callback(PrinterCallback)  # progress goes to metrics.jsonl; the CLI and UI show it
     return trainer
 
@@ -264,6 +297,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 def release_memory() -> None:
     import torch
+    gc.unfreeze()  # a run that failed mid-training left its objects frozen (FreezeSetupObjects)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -57,6 +57,7 @@ def build(studio) -> SimpleNamespace:
         with gr.Row():
             form.field("training", "precision", label="Precision")
             form.field("training", "gradient_checkpointing", label="Gradient checkpointing")
+            form.field("training", "memory_limit_gib", label="GPU memory limit (GiB)")
             form.field("training", "eval_steps", label="Evaluate every")
             form.field("training", "save_steps", label="Checkpoint every")
             form.field("training", "logging_steps", label="Log every")
@@ -231,9 +232,23 @@ def _progress_html(status: dict, metrics: list[dict]) -> str:
     how = (f"<div class='studio-plan'>Training with {'packed' if plan.get('packing') else 'padded'} rows, "
            f"{html.escape(str(plan.get('attention')))} attention"
            f"{', fused kernels' if plan.get('liger') else ''}"
-           f"{', gradient checkpointing' if plan.get('gradient_checkpointing') else ''}.</div>") if plan else ""
+           f"{_checkpointing_text(plan)}{_memory_text(plan)}.</div>") if plan else ""
     return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"
             f"<div>Step {step} of {total} ({pct:.0f}%){eta}{speed}</div>{how}</div>")
+
+
+def _checkpointing_text(plan: dict) -> str:
+    if not plan.get("gradient_checkpointing"):
+        return ""
+    layers, kept = plan.get("layers") or 0, plan.get("uncheckpointed_layers") or 0
+    if layers and kept:
+        return f", gradient checkpointing on {layers - kept} of {layers} layers (the rest fit without)"
+    return ", gradient checkpointing"
+
+
+def _memory_text(plan: dict) -> str:
+    estimate, budget = plan.get("memory_estimate_gib"), plan.get("memory_budget_gib")
+    return f"; about {estimate:.1f} GiB of the {budget:.1f} GiB it may use" if estimate and budget else ""
 
 
 def _duration(seconds: float) -> str:

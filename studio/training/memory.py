@@ -1,0 +1,110 @@
+"""How much GPU memory a run needs, and how many layers must be checkpointed for it to fit.
+
+Gradient checkpointing is decided per decoder layer, not for the whole model: a layer that is
+checkpointed keeps only its input and runs its forward a second time in the backward (about a third
+more work for that layer); a layer that is not keeps every activation its backward needs. The plan
+checkpoints the fewest layers that bring the estimate under the memory the run may use, so a card with
+room to spare trains at full speed and a small one still fits.
+
+The estimate counts, in bytes:
+- base weights: 2 per parameter in 16-bit; 4-bit NF4 ~0.5 plus the block scales (the fused LoRA path
+  keeps them unpacked: 4 bytes per 64 weights); 8-bit ~1.1. Embeddings and LM head stay 16-bit.
+- what training adds per trainable parameter: the fp32 weight, gradient and two Adam moments (16) for
+  LoRA adapters; for full fine-tuning the 16-bit gradient and fp32 moments (12 on top of the weight).
+- activations of a Llama-style layer without checkpointing, per token, in 16-bit: the inputs the
+  projections keep (norm outputs for q/k/v and gate/up, the attention output for o, the SwiGLU product
+  for down), both norm inputs, attention's q/k/v/out, and SwiGLU's gate and up outputs:
+  2 x (4 hidden + 2 attention width + 2 kv width + 3 intermediate). Without Liger's kernels the norms
+  and SwiGLU keep fp32 and extra copies: x1.3.
+- a checkpointed layer keeps its 16-bit input; the layer being recomputed holds its full set meanwhile.
+- the LM head and loss run in chunks (TRL): the last hidden states plus ~0.5 GiB of chunk buffers.
+Checked against the H100 benchmark (bench/NOTES.md): 8B LoRA 2x4096 tokens estimated 50.3 GiB, measured
+50.2; 1B LoRA 8x4096 40.3 vs 40.4; 8B QLoRA 1x4096 with 28 of 32 layers checkpointed 9.9 vs 9.4 (on the
+safe side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+CHUNK_BUFFERS = 0.5 * GIB
+# Of the memory the run may use, what the estimate may fill: the allocator's fragmentation and the
+# kernels' workspaces take the rest.
+FILL = 0.92
+
+
+@dataclass
+class ModelShape:
+    """The sizes of a decoder-only model that memory depends on, read from its config."""
+    hidden: int
+    layers: int
+    intermediate: int
+    attention_width: int  # heads x head_dim
+    kv_width: int  # key/value heads x head_dim
+    vocab: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, text_config) -> "ModelShape":
+        hidden = getattr(text_config, "hidden_size", 0) or 0
+        heads = getattr(text_config, "num_attention_heads", 0) or 1
+        head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        return cls(hidden=hidden, layers=getattr(text_config, "num_hidden_layers", 0) or 0,
+                   intermediate=getattr(text_config, "intermediate_size", None) or 4 * hidden,
+                   attention_width=heads * head_dim, kv_width=kv_heads * head_dim,
+                   vocab=getattr(text_config, "vocab_size", 0) or 0,
+                   tied_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
+
+    @property
+    def layer_parameters(self) -> int:
+        h = self.hidden
+        return self.layers * (2 * h * self.attention_width + 2 * h * self.kv_width + 3 * h * self.intermediate)
+
+    @property
+    def embedding_parameters(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    def lora_parameters(self, rank: int) -> int:
+        h, a, kv, i = self.hidden, self.attention_width, self.kv_width, self.intermediate
+        per_layer = rank * ((h + a) + 2 * (h + kv) + (a + h) + 2 * (h + i) + (i + h))
+        return self.layers * per_layer
+
+
+def layer_activation_bytes(shape: ModelShape, liger: bool) -> float:
+    """Bytes per token one decoder layer keeps for its backward when it is not checkpointed."""
+    per_token = 2 * (4 * shape.hidden + 2 * shape.attention_width + 2 * shape.kv_width + 3 * shape.intermediate)
+    return per_token * (1.0 if liger else 1.3)
+
+
+def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int) -> float:
+    """Everything except the activations: weights, trainable state, the last hidden states."""
+    per_weight = {"qlora": 0.5 + 4 / 64, "lora8bit": 1.1, "full": 2 + 12}.get(method, 2)
+    embeddings = shape.embedding_parameters * (14 if method == "full" else 2)
+    trainable = 16 * shape.lora_parameters(rank) if method not in ("full", "prompt_tuning", "prefix_tuning") else 0
+    return shape.layer_parameters * per_weight + embeddings + trainable + tokens * 8 * shape.hidden
+
+
+def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointed: int, liger: bool) -> float:
+    """Estimated peak with `checkpointed` of the layers checkpointed (the first ones; see trainer.py).
+
+    Two moments compete: the end of the forward (every layer's saved tensors, the LM head's chunk buffers)
+    and the recomputation of a checkpointed layer in the backward (by then the layers that were not
+    checkpointed and the chunk buffers are freed, one layer's full set is back)."""
+    full_layer = tokens * layer_activation_bytes(shape, liger)
+    inputs = checkpointed * tokens * 2 * shape.hidden
+    end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS
+    recompute = full_layer if checkpointed else 0.0
+    return (fixed_bytes(shape, method, rank, tokens) + inputs + max(end_of_forward, recompute)) / GIB
+
+
+def layers_to_checkpoint(shape: ModelShape, method: str, rank: int, tokens: int, budget_gib: float,
+                         liger: bool) -> int:
+    """The fewest layers to checkpoint so the estimate fits in FILL x budget; all of them when even that
+    does not fit (the run then relies on the out-of-memory retry with smaller batches)."""
+    target = FILL * budget_gib
+    for checkpointed in range(shape.layers + 1):
+        if peak_gib(shape, method, rank, tokens, checkpointed, liger) <= target:
+            return checkpointed
+    return shape.layers
