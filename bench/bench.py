@@ -230,6 +230,8 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
         speed.liger = False
     if os.environ.get("BENCH_CHECKPOINT") in ("all", "none"):
         speed.gradient_checkpointing, speed.uncheckpointed_layers = os.environ["BENCH_CHECKPOINT"] == "all", 0
+    if os.environ.get("BENCH_UNCHECKPOINTED"):  # how many of the last layers skip checkpointing
+        speed.gradient_checkpointing, speed.uncheckpointed_layers = True, int(os.environ["BENCH_UNCHECKPOINTED"])
     if quantization:
         from studio import models
         model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization=quantization,
@@ -245,7 +247,8 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     check = loss_check(trainer, model, docs[:8])
     trainer.train()
     switches = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                         if k in ("BENCH_NO_FUSED_LORA", "BENCH_NO_LIGER", "BENCH_CHECKPOINT"))
+                         if k in ("BENCH_NO_FUSED_LORA", "BENCH_NO_LIGER", "BENCH_CHECKPOINT", "BENCH_UNCHECKPOINTED",
+                                  "PYTORCH_CUDA_ALLOC_CONF"))
     limit = f", limit {cfg.training.memory_limit_gib:g} GiB" if cfg.training.memory_limit_gib else ""
     return {**timer.result, "method": method, "loss_check": check,
             "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows{limit}"
@@ -300,7 +303,11 @@ def child(shape: str, arm: str, seconds: float) -> dict:
     tokens, secs = result["tokens"], result["seconds"]
     total = flops(shape, result["method"], tokens, sum_sq_per_token)
     return {**result, "shape": shape, "arm": arm, "tokens_per_s": tokens / secs, "mfu": total / secs / PEAK_DATASHEET,
-            "achieved_tflops": total / secs / 1e12, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "achieved_tflops": total / secs / 1e12, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            # The allocator's side: what it held from the driver, and how often it had to give cached blocks
+            # back and retry (each time a device-wide synchronisation) because a limit was reached.
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0)}
 
 
 # ------------------------------------------------------------------------------------------------ main
