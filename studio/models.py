@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.config import BUNDLED_MODEL, ModelConfig
+from studio.training.memory import ModelShape
 from studio.errors import StudioError
 from studio.paths import model_cache_dir
 
@@ -221,8 +222,7 @@ class ModelInfo:
     has_chat_template: bool
     device: str
     layer_names: list[str]
-    hidden_size: int | None = None
-    num_layers: int | None = None
+    shape: ModelShape | None = None  # the sizes memory estimates need
 
     def as_rows(self) -> list[tuple[str, str]]:
         return [("Model", self.name), ("Architecture", self.architecture),
@@ -260,8 +260,7 @@ def inspect_model(cfg: ModelConfig) -> ModelInfo:
         name=name, architecture=(config.architectures or [type(model).__name__])[0], parameters=params,
         context_length=getattr(text_config, "max_position_embeddings", None),
         has_chat_template=has_chat_template(location), device=pick_device(),
-        layer_names=linear_layer_names(model), hidden_size=getattr(text_config, "hidden_size", None),
-        num_layers=getattr(text_config, "num_hidden_layers", None))
+        layer_names=linear_layer_names(model), shape=ModelShape.from_config(text_config))
     return info
 
 
@@ -271,20 +270,3 @@ def has_chat_template(location: str) -> bool:
         return True
     config = folder / "tokenizer_config.json"
     return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
-
-
-def memory_estimate_gib(parameters: int, method: str, device: str, batch_tokens: int = 4096,
-                        hidden_size: int = 2048, num_layers: int = 16) -> float:
-    """Rough peak memory for training, in GiB: weights + trainable state + activations.
-
-    Weights: 2 bytes per parameter in bf16 (4 on CPU, float32), ~0.55 in NF4, ~1.1 in int8.
-    Full fine-tuning adds fp32 gradients and two Adam moments (+12 bytes/param). LoRA's own state is
-    ~1% of the base. Activations: ~34 bytes per token per hidden unit per layer in 16-bit without
-    checkpointing (a standard transformer estimate), halved for our short rows' mix.
-    """
-    wbytes = 4 if device == "cpu" else 2
-    per_param = {"qlora": 0.55, "lora8bit": 1.1, "full": wbytes + 12}.get(method, wbytes)
-    weights = parameters * per_param
-    adapters = parameters * 0.01 * 16 if method not in ("full", "prompt_tuning", "prefix_tuning") else 0
-    activations = 17 * batch_tokens * hidden_size * num_layers * (wbytes / 2)
-    return (weights + adapters + activations) / 2**30

@@ -24,6 +24,7 @@ from studio.presets import model_presets
 from studio.rendering import IGNORE, encode, token_preview
 from studio.runs import list_runs, open_run
 from studio.training.manager import RunManager
+from studio.training.memory import peak_gib
 
 PREVIEW_PAGE = 10
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -102,12 +103,16 @@ class Studio:
             with self._lock:
                 self._infos[name_or_path] = info
         estimates = []
+        # The planner's own estimate (studio/training/memory.py) at the default settings: 8 rows of ~256
+        # tokens, rank 16, no checkpointing; float32 on the CPU.
+        value_bytes = 4 if info.device == "cpu" else 2
         for method, label in (("lora", "LoRA / DoRA / rsLoRA"), ("qlora", "QLoRA (4-bit)"), ("lora8bit", "8-bit LoRA"),
                               ("full", "Full fine-tuning"), ("prompt_tuning", "Prompt / prefix tuning")):
-            gib = models.memory_estimate_gib(info.parameters, method, info.device, batch_tokens=8 * 256,
-                                             hidden_size=info.hidden_size or 1024, num_layers=info.num_layers or 16)
+            gib = peak_gib(info.shape, method, 16, 8 * 256, 0, liger=False, value_bytes=value_bytes) \
+                if info.shape and info.shape.layers and info.shape.hidden else None
             possible = "needs an NVIDIA GPU" if method in ("qlora", "lora8bit") and info.device != "cuda" else ""
-            estimates.append({"method": label, "estimated GiB": round(gib, 2), "note": possible})
+            estimates.append({"method": label, "estimated GiB": None if gib is None else round(gib, 2),
+                              "note": possible or ("" if gib is not None else "the model's sizes are unknown")})
         return {"info": info.as_rows(), "layer_names": info.layer_names, "memory": estimates,
                 "device": info.device, "name": name_or_path}
 

@@ -171,3 +171,23 @@ def test_share_visitors_cannot_stop_each_other_or_read_uploads(launched, tmp_pat
         bob.predict(api_name="/stop_training")
     assert "Stopping" in alice.predict(api_name="/stop_training")
     wait_for(lambda: alice.predict("alices", api_name="/run_status")["status"]["state"] == "completed", timeout=300)
+
+
+def test_progress_says_how_the_run_trains_and_what_memory_it_may_use():
+    """The Train tab's progress line shows the plan as recorded in the run's status: checkpointing of only
+    some layers, and the memory estimate against the budget (a 12 GiB limit here)."""
+    from studio.training.memory import ModelShape
+    from studio.training.speed import plan_speed
+    from studio.ui.train_tab import _progress_html
+    from tests.conftest import tiny_config
+    shape = ModelShape(hidden=4096, layers=32, intermediate=14336, attention_width=4096, kv_width=1024, vocab=128256)
+    cfg = tiny_config("unused", method={"method": "qlora", "rank": 16}, data={"max_length": 4096},
+                      training={"batch_size": 1, "memory_limit_gib": 12})
+    plan = plan_speed(cfg, "cuda", "llama", shape, free_gib=79)
+    status = {"state": "running", "step": 2, "total_steps": 10, "speed": plan.as_dict()}
+    text = _progress_html(status, [{"step": 2, "loss": 1.0, "elapsed_s": 4.0, "tokens_per_s": 8000.0}])
+    checkpointed = 32 - plan.uncheckpointed_layers
+    assert f"gradient checkpointing on {checkpointed} of 32 layers" in text and "8,000 tokens/s" in text
+    assert f"about {plan.memory_estimate_gib:.1f} GiB of the 12.0 GiB it may use" in text
+    everything = _progress_html({**status, "speed": {**plan.as_dict(), "gradient_checkpointing": False}}, [])
+    assert "checkpointing" not in everything

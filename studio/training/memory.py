@@ -7,10 +7,10 @@ checkpoints the fewest layers that bring the estimate under the memory the run m
 room to spare trains at full speed and a small one still fits.
 
 The estimate counts, in bytes:
-- base weights: 2 per parameter in 16-bit; 4-bit NF4 ~0.5 plus the block scales (the fused LoRA path
+- base weights: 2 per parameter in 16-bit (4 in float32, as on the CPU; every 16-bit figure below doubles); 4-bit NF4 ~0.5 plus the block scales (the fused LoRA path
   keeps them unpacked: 4 bytes per 64 weights); 8-bit ~1.1. Embeddings and LM head stay 16-bit.
 - what training adds per trainable parameter: the fp32 weight, gradient and two Adam moments (16) for
-  LoRA adapters; for full fine-tuning the 16-bit gradient and fp32 moments (12 on top of the weight).
+  LoRA adapters; for full fine-tuning the gradient and two fp32 moments (2 + 8 on top of a 16-bit weight).
 - activations of a Llama-style layer without checkpointing, per token, in 16-bit: the inputs the
   projections keep (norm outputs for q/k/v and gate/up, the attention output for o, the SwiGLU product
   for down), both norm inputs, attention's q/k/v/out, and SwiGLU's gate and up outputs:
@@ -75,31 +75,32 @@ class ModelShape:
         return self.layers * per_layer
 
 
-def layer_activation_bytes(shape: ModelShape, liger: bool) -> float:
+def layer_activation_bytes(shape: ModelShape, liger: bool, value_bytes: int = 2) -> float:
     """Bytes per token one decoder layer keeps for its backward when it is not checkpointed."""
-    per_token = 2 * (4 * shape.hidden + 2 * shape.attention_width + 2 * shape.kv_width + 3 * shape.intermediate)
-    return per_token * (1.0 if liger else 1.3)
+    values = 4 * shape.hidden + 2 * shape.attention_width + 2 * shape.kv_width + 3 * shape.intermediate
+    return value_bytes * values * (1.0 if liger else 1.3)
 
 
-def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int) -> float:
+def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_bytes: int = 2) -> float:
     """Everything except the activations: weights, trainable state, the last hidden states."""
-    per_weight = {"qlora": 0.5 + 4 / 64, "lora8bit": 1.1, "full": 2 + 12}.get(method, 2)
-    embeddings = shape.embedding_parameters * (14 if method == "full" else 2)
+    per_weight = {"qlora": 0.5 + 4 / 64, "lora8bit": 1.1, "full": 2 * value_bytes + 8}.get(method, value_bytes)
+    embeddings = shape.embedding_parameters * (per_weight if method == "full" else value_bytes)
     trainable = 16 * shape.lora_parameters(rank) if method not in ("full", "prompt_tuning", "prefix_tuning") else 0
-    return shape.layer_parameters * per_weight + embeddings + trainable + tokens * 8 * shape.hidden
+    return shape.layer_parameters * per_weight + embeddings + trainable + tokens * 4 * value_bytes * shape.hidden
 
 
-def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointed: int, liger: bool) -> float:
+def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointed: int, liger: bool,
+             value_bytes: int = 2) -> float:
     """Estimated peak with `checkpointed` of the layers checkpointed (the first ones; see trainer.py).
 
     Two moments compete: the end of the forward (every layer's saved tensors, the LM head's chunk buffers)
     and the recomputation of a checkpointed layer in the backward (by then the layers that were not
     checkpointed and the chunk buffers are freed, one layer's full set is back)."""
-    full_layer = tokens * layer_activation_bytes(shape, liger)
-    inputs = checkpointed * tokens * 2 * shape.hidden
+    full_layer = tokens * layer_activation_bytes(shape, liger, value_bytes)
+    inputs = checkpointed * tokens * value_bytes * shape.hidden
     end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS
     recompute = full_layer if checkpointed else 0.0
-    return (fixed_bytes(shape, method, rank, tokens) + inputs + max(end_of_forward, recompute)) / GIB
+    return (fixed_bytes(shape, method, rank, tokens, value_bytes) + inputs + max(end_of_forward, recompute)) / GIB
 
 
 def layers_to_checkpoint(shape: ModelShape, method: str, rank: int, tokens: int, budget_gib: float,
