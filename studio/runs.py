@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,9 +41,15 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
+# Status is read, changed and written back by the training thread (progress) and by request threads (stop):
+# one at a time, or a state set by one is overwritten by the other's stale copy.
+_STATUS_LOCK = threading.RLock()
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename: a reader (or a crash) never sees half a status file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Write-then-rename: a reader (or a crash) never sees half a status file. The temporary name is per
+    # thread: two threads sharing one would rename each other's file away.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -82,12 +89,15 @@ class Run:
         except (FileNotFoundError, json.JSONDecodeError):
             return {"state": "queued", "message": ""}
 
-    def set_status(self, state: str, message: str = "", **extra) -> dict:
-        assert state in STATES, state
-        status = self.status()
-        status.update(extra)
-        status.update({"state": state, "message": message, "updated": time.time(), "pid": os.getpid()})
-        _write_atomic(self.path / "status.json", json.dumps(status, indent=1))
+    def set_status(self, state: str | None, message: str = "", **extra) -> dict:
+        """Change the run's status; state None keeps the current one (progress updates)."""
+        assert state is None or state in STATES, state
+        with _STATUS_LOCK:
+            status = self.status()
+            status.update(extra)
+            status.update({"state": state or status.get("state", "running"), "message": message,
+                           "updated": time.time(), "pid": os.getpid()})
+            _write_atomic(self.path / "status.json", json.dumps(status, indent=1))
         return status
 
     # --- metrics ---

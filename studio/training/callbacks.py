@@ -47,10 +47,10 @@ class RunLogger(TrainerCallback):
             return  # the end-of-training summary; the run's status says the same
         self.run.append_metrics(record)
         if "loss" in record:
-            self.run.set_status(self.run.status().get("state", "running"),
-                                f"Training: step {state.global_step} of {state.max_steps}, loss {format_loss(record['loss'])}.",
-                                step=state.global_step, total_steps=state.max_steps,
-                                elapsed_s=record["elapsed_s"])
+            # None keeps the state: a "stopping" set meanwhile by the Stop button stays.
+            self.run.set_status(None, f"Training: step {state.global_step} of {state.max_steps}, "
+                                f"loss {format_loss(record['loss'])}.", step=state.global_step,
+                                total_steps=state.max_steps, elapsed_s=record["elapsed_s"])
 
 
 def _num(value):
