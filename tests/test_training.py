@@ -212,6 +212,22 @@ def test_checkpointing_only_the_layers_memory_needs():
     assert forced.gradient_checkpointing and forced.uncheckpointed_layers == 0
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpointing_plan_reaches_the_model_for_every_method(tiny_model, method):
+    """The plan's checkpointing is applied by the studio for full fine-tuning as for LoRA (the Trainer's own
+    switch stays off, so nothing else would turn it on)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from studio.training.speed import plan_speed
+    from studio.training.trainer import apply_method
+    cfg = tiny_config(tiny_model, method={"method": method}, training={"gradient_checkpointing": "on"})
+    plan = plan_speed(cfg, "cpu", "llama")
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model), cfg, None, plan, torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and all(m.gradient_checkpointing for m in layers)
+
+
 def test_memory_estimate_matches_the_h100_measurements():
     """The estimate against peaks measured by bench/bench.py on the H100 (bench/NOTES.md), LoRA rank 16."""
     from studio.training.memory import ModelShape, peak_gib

@@ -7,8 +7,9 @@ checkpoints the fewest layers that bring the estimate under the memory the run m
 room to spare trains at full speed and a small one still fits.
 
 The estimate counts, in bytes:
-- base weights: 2 per parameter in 16-bit (4 in float32, as on the CPU; every 16-bit figure below doubles); 4-bit NF4 ~0.5 plus the block scales (the fused LoRA path
-  keeps them unpacked: 4 bytes per 64 weights); 8-bit ~1.1. Embeddings and LM head stay 16-bit.
+- base weights: 2 per parameter in 16-bit (4 in float32, as on the CPU, where every 16-bit figure below
+  doubles); 4-bit NF4 ~0.5 plus the block scales (the fused LoRA path keeps them unpacked: 4 bytes per
+  64 weights); 8-bit ~1.1. Embeddings and LM head stay 16-bit.
 - what training adds per trainable parameter: the fp32 weight, gradient and two Adam moments (16) for
   LoRA adapters; for full fine-tuning the gradient and two fp32 moments (2 + 8 on top of a 16-bit weight).
 - activations of a Llama-style layer without checkpointing, per token, in 16-bit: the inputs the

@@ -65,7 +65,6 @@ class SpeedPlan:
         return "gradient checkpointing"
 
 
-
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 

@@ -108,6 +108,8 @@ def _data_summary(splits: Splits, train: EncodedSet, evaluation: EncodedSet) -> 
 
 def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPlan, dtype=None):
     from peft import get_peft_model
+    if speed.gradient_checkpointing:  # every method, full fine-tuning included (the Trainer's switch is off)
+        enable_checkpointing(model, speed.uncheckpointed_layers)
     peft_config = peft_config_for(cfg.method, models.linear_layer_names(model))
     if peft_config is None:
         return model  # full fine-tuning trains the model itself
@@ -116,8 +118,6 @@ def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPl
         # float32 (4 GB more on an 8B model with a 128k vocabulary, for no accuracy we could measure).
         for param in model.parameters():
             param.requires_grad_(False)
-    if speed.gradient_checkpointing:
-        enable_checkpointing(model, speed.uncheckpointed_layers)
     model = get_peft_model(model, peft_config)
     if dtype is not None and str(dtype) in ("torch.bfloat16", "torch.float16"):
         # PEFT keeps adapter weights in float32 (right for the optimizer) and casts every input activation
