@@ -53,6 +53,18 @@ def test_setup_objects_are_frozen_while_training_and_released_when_it_fails(tiny
     assert gc.get_freeze_count() == 0
 
 
+def test_a_runs_memory_limit_is_lifted_when_it_ends(monkeypatch):
+    """training.memory_limit_gib caps one run; the process (and the chat model loaded after the run) gets the
+    whole GPU back. No GPU here: the CUDA calls are recorded instead."""
+    from studio.training import trainer as trainer_module
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, *a: fractions.append(fraction))
+    trainer_module.release_memory()
+    assert fractions == [1.0]
+
+
 def test_out_of_memory_without_retry_fails_with_a_hint_and_keeps_checkpoints(tiny_model, inject):
     manager = RunManager()
     run = manager.start(tiny_config(tiny_model, training={"max_steps": 6, "save_steps": 2, "oom_retry": False}))

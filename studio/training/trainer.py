@@ -23,6 +23,7 @@ from studio.errors import StudioError
 from studio.methods import peft_config_for, quantization_for
 from studio.rendering import EncodedSet, encode_all
 from studio.runs import Run, checkpoint_step
+from studio.training.memory import ModelShape
 from studio.training.speed import SpeedPlan, plan_speed
 
 OOM_HINT = ("Out of memory. Lower training.batch_size (and raise training.grad_accum to keep the same "
@@ -76,8 +77,6 @@ def plan_for(cfg: RunConfig, location: str, device: str) -> SpeedPlan:
     """The speed plan from the model's config alone (no weights read) and the GPU's free memory."""
     import torch
     from transformers import AutoConfig
-
-    from studio.training.memory import ModelShape
     config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     free = torch.cuda.mem_get_info()[0] / 2**30 if device == "cuda" else None
@@ -301,4 +300,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        # training.memory_limit_gib binds the run, not the process: the chat tab's model loads after it.
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
