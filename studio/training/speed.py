@@ -5,7 +5,8 @@
 - Attention: packed rows need a kernel that keeps documents apart without a dense mask. flash-attn
   has no wheel for most users, so PyTorch's own flex attention (block-sparse document masks) is used.
 - Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, on
-  GPUs), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only).
+  GPUs), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only);
+  without Liger, PyTorch's own fused RMSNorm (kernels.py).
   The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
 - Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
   process the GPU sat idle while each batch was built (~14 ms a step on the 1B benchmark shape).
@@ -27,6 +28,7 @@ from studio.config import RunConfig
 from studio.training.memory import ModelShape, layers_to_checkpoint, peak_gib
 
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
+FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # their norm is kernels.PLAIN_RMS_NORMS
 
 
 @dataclass
@@ -36,6 +38,7 @@ class SpeedPlan:
     liger: bool
     gradient_checkpointing: bool
     fused_lora: bool = False
+    fused_norm: bool = False  # PyTorch's fused RMSNorm (kernels.py), where Liger's is not used
     data_workers: int = 0
     # With checkpointing on: how many of the last decoder layers keep their activations anyway (0: none,
     # every layer is checkpointed). Set when memory allows some but not all layers to skip recomputation.
@@ -54,6 +57,8 @@ class SpeedPlan:
             parts.append("fused LoRA")
         if self.liger:
             parts.append("Liger kernels")
+        elif self.fused_norm:
+            parts.append("fused RMSNorm")
         parts.append(self.checkpointing_text())
         return ", ".join(parts)
 
@@ -97,9 +102,12 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
     # either way), so 'auto' keeps PEFT's own forward there.
     fused_lora = method in ("lora", "rslora", "qlora") and (
         t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
+    from studio.training.kernels import fused_rms_norm_available
+    fused_norm = (not liger and t.fused_kernels != "off" and device == "cuda" and fused_rms_norm_available()
+                  and model_type in FUSED_NORM_MODEL_TYPES)
     workers = 2 if device == "cuda" and os.name == "posix" else 0  # workers fork; elsewhere they would re-import
-    plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, data_workers=workers, reasons=reasons,
-                     layers=shape.layers if shape else 0)
+    plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_norm=fused_norm,
+                     data_workers=workers, reasons=reasons, layers=shape.layers if shape else 0)
     _plan_checkpointing(plan, cfg, device, shape, free_gib)
     return plan
 
