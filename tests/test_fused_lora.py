@@ -136,3 +136,87 @@ def test_sibling_output_is_only_reused_for_the_same_input():
         torch.testing.assert_close(attn.k_proj(x2), ref_attn.k_proj(x2))  # a different input is computed afresh
         torch.testing.assert_close(attn.v_proj(x2), ref_attn.v_proj(x2))
         torch.testing.assert_close(attn.q_proj(x2), ref_attn.q_proj(x2))
+
+
+def _qlora_pair():
+    """Two identical PEFT models over a tiny Llama whose projections are bitsandbytes 4-bit NF4 layers
+    (bitsandbytes quantises on the CPU too), with non-zero B so the LoRA term matters."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                        q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True).to("cpu")
+                        setattr(parent, name, q)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+        models.append(model)
+    return models
+
+
+def test_4bit_checkpointed_layers_reuse_the_recomputed_weight_and_match_peft():
+    """QLoRA under checkpointing: the weight dequantised in the recompute serves that layer's backward (two
+    dequantisations per projection and step, not three), and loss and gradients still match PEFT's."""
+    from studio.training import fused_lora
+    from studio.training.trainer import enable_checkpointing
+    reference, fused = _qlora_pair()
+    assert fused_lora.fuse_lora_layers(fused) == 2 * 7
+    for model in (reference, fused):
+        enable_checkpointing(model.base_model.model)
+    dequantised = []
+    original = fused_lora._dense_weight
+    fused_lora._dense_weight = lambda w, qs, dt: (dequantised.append(qs is not None) or original(w, qs, dt))
+    try:
+        ids = torch.randint(0, 97, (2, 11))
+        ref_loss, _, ref_grads = _loss_and_grads(reference, ids)
+        loss, _, grads = _loss_and_grads(fused, ids)
+    finally:
+        fused_lora._dense_weight = original
+    assert sum(dequantised) == 2 * 7 * 2  # forward and recompute; the backward reuses the recompute's
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kept_adapter_casts_follow_the_optimizer():
+    """The cast/scaled adapter weights are kept between forwards; an optimizer step (in-place update) must
+    be seen by the next forward, or training would silently use stale adapters."""
+    from studio.training.fused_lora import fuse_lora_layers
+    reference, fused = _peft_pair()
+    fuse_lora_layers(fused)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        fused(input_ids=ids)  # fills the caches
+        for model in (reference, fused):
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.add_(0.05)  # what an optimizer does: an in-place update
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        # The fused AdamW the Trainer picks updates parameters without moving their version counters.
+        for model in (reference, fused):
+            params = [p for n, p in model.named_parameters() if "lora_" in n]
+            for p in params:
+                p.grad = torch.full_like(p, 0.5)
+            torch.optim.AdamW(params, lr=0.1, fused=True).step()
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        for model in (reference, fused):  # a whole new tensor behind the parameter (a loaded checkpoint)
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.data = param.data.clone().mul_(1.5)
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

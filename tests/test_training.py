@@ -360,3 +360,18 @@ def test_status_written_from_two_threads_at_once_is_never_lost_or_broken(tmp_pat
         t.join()
     assert errors == []
     assert run.status()["state"] == "stopping" and run.status()["step"] == 399
+
+
+def test_expandable_segments_on_for_gpu_runs_unless_the_user_chose(monkeypatch):
+    """The planner fills most of the memory a run may use, so GPU runs turn on the allocator's expandable
+    segments; a PYTORCH_CUDA_ALLOC_CONF naming them is the user's choice and stays. No GPU here: the
+    allocator call is recorded instead."""
+    from studio.training import trainer as trainer_module
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    trainer_module.use_expandable_segments()
+    assert calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    trainer_module.use_expandable_segments()
+    assert calls == ["expandable_segments:True"]

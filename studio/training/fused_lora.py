@@ -14,6 +14,11 @@ Projections that read the same input (q/k/v, gate/up) and have no dropout go one
 one node: one stacked matmul for their A matrices, and an input gradient that the matmuls accumulate
 themselves instead of autograd adding up three full-size gradients.
 
+Two things are computed once and kept, because QLoRA is bound by the host (every small op costs the
+Python and launch overhead of a full one): the adapter weights cast to the compute dtype with the scale
+folded in (until the optimizer changes them), and, while a checkpointed layer is recomputed in the
+backward, the dequantised base weight (the backward then uses it instead of dequantising again).
+
 Anything this path does not cover (DoRA and the other variants, merged or disabled adapters, several
 active adapters, per-request adapter names, LoRA bias, 8-bit bases) falls back to PEFT's own forward.
 """
@@ -24,6 +29,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def _dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -53,22 +59,88 @@ def _block_scales(quant_state) -> torch.Tensor:
     return cached
 
 
+class _OptimizerSteps:
+    """Counts optimizer steps, of every optimizer in the process. The fused AdamW that the Trainer picks
+    updates parameters without moving their version counters, so the kept casts below are keyed on this."""
+    count = 0
+
+    @classmethod
+    def hook(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(_OptimizerSteps.hook)
+
+
+def _weight_key(param: torch.Tensor) -> tuple:
+    """What must be unchanged for a kept copy of `param` to be current: no optimizer step since (any
+    optimizer), no other in-place change (the version counter: a checkpoint loaded with copy_, a test's
+    add_), and the same storage (a replaced `.data`)."""
+    return _OptimizerSteps.count, param._version, param.data_ptr()
+
+
+def _adapter_weight(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """`param` x `scale` in `dtype`, made once per optimizer step instead of on every forward (fwd, the
+    recompute, every micro-batch of an accumulated step): two kernels and their host cost per projection."""
+    key = (_weight_key(param), dtype, scale)
+    cached = getattr(param, "_studio_cast", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            value = param.detach() * scale if scale != 1.0 else param.detach()
+            cached = (key, value.to(dtype))
+        param._studio_cast = cached
+    return cached[1]
+
+
+def _stacked_adapters(params: list, dtype: torch.dtype) -> torch.Tensor:
+    """The A matrices of sibling projections stacked into one, in `dtype`; kept like `_adapter_weight`."""
+    key = (tuple(_weight_key(p) for p in params), dtype)
+    cached = getattr(params[0], "_studio_stack", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.cat([p.detach() for p in params]).to(dtype))
+        params[0]._studio_stack = cached
+    return cached[1]
+
+
+def _recomputing() -> bool:
+    """True inside the backward pass, which is where checkpointing re-runs a layer's forward. The weight
+    dequantised there is kept for that layer's backward, which follows at once, instead of dequantising
+    the same weight again (one layer's 16-bit weights live meanwhile; memory.py counts them).
+
+    Non-reentrant checkpointing hands the backward what the recompute saved, in the places of what the
+    first forward saved: the packed weight's place then holds the dense one. The backward tells them
+    apart by shape (`_saved_weight`), and the checkpoint's check that both saved the same shapes is off
+    for these layers (trainer.enable_checkpointing)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _saved_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight for the backward from what was saved: packed 4-bit bytes, or the recompute's
+    already dequantised matrix."""
+    if quant_state is not None and tuple(weight.shape) == tuple(quant_state.shape):
+        return weight.to(dtype)
+    return _dense_weight(weight, quant_state, dtype)
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, quant_state, lora_a, lora_b, scaling: float, dropout_p: float, dtype):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features).to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # every operand is already in `dtype`
-            out = F.linear(x2, _dense_weight(weight, quant_state, dtype), None if bias is None else bias.to(dtype))
+            dense = _dense_weight(weight, quant_state, dtype)
+            out = F.linear(x2, dense, None if bias is None else bias.to(dtype))
             mask = None
             x_lora = x2
             if dropout_p > 0:
                 x_lora, mask = torch.ops.aten.native_dropout(x2, dropout_p, True)
-            a = lora_a.to(dtype)
-            b_scaled = (lora_b * scaling).to(dtype)  # (out x rank): far smaller than scaling the output
+            a = _adapter_weight(lora_a, dtype)
+            b_scaled = _adapter_weight(lora_b, dtype, scaling)  # (out x rank): far smaller than scaling the output
             xa = x_lora @ a.t()
             out.addmm_(xa, b_scaled.t())  # the LoRA term lands in the base result, no separate add
-        ctx.save_for_backward(x2, xa, mask, a, b_scaled, weight)
+        keep_dense = quant_state is not None and _recomputing()
+        ctx.save_for_backward(x2, xa, mask, a, b_scaled, dense if keep_dense else weight)
         ctx.quant_state, ctx.scaling, ctx.dropout_p, ctx.dtype = quant_state, scaling, dropout_p, dtype
         ctx.x_shape, ctx.x_dtype, ctx.param_dtypes = x.shape, x.dtype, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -83,7 +155,7 @@ class _LoraLinear(torch.autograd.Function):
         with torch.autocast(g.device.type, enabled=False):
             g_xa = g @ b_scaled  # (tokens x rank)
             if ctx.needs_input_grad[0]:
-                grad_x = g @ _dense_weight(weight, ctx.quant_state, dtype)
+                grad_x = g @ _saved_weight(weight, ctx.quant_state, dtype)
                 if mask is None:
                     grad_x.addmm_(g_xa, a)  # the LoRA path's input gradient, accumulated in the same matmul
                 else:
@@ -108,17 +180,20 @@ class _LoraLinearGroup(torch.autograd.Function):
         x2 = x.reshape(-1, in_features).to(dtype)
         members = [tensors[i:i + 4] for i in range(0, len(tensors), 4)]  # (weight, bias, lora_a, lora_b) each
         ranks = [m[2].shape[0] for m in members]
+        keep_dense = specs[0][0] is not None and _recomputing()  # siblings are all 4-bit or none (fuse_lora_layers)
         with torch.autocast(x.device.type, enabled=False):
-            a_stack = torch.cat([m[2] for m in members]).to(dtype)
+            a_stack = _stacked_adapters([m[2] for m in members], dtype)
             xa = x2 @ a_stack.t()  # (tokens x sum of ranks): the input is read once for every adapter
             xa_parts = xa.split(ranks, dim=1)
-            b_scaled = [(m[3] * scaling).to(dtype) for m, (_, scaling) in zip(members, specs)]
-            outs = []
+            b_scaled = [_adapter_weight(m[3], dtype, scaling) for m, (_, scaling) in zip(members, specs)]
+            outs, kept = [], []
             for (weight, bias, _, _), (quant_state, _), part, b in zip(members, specs, xa_parts, b_scaled):
-                out = F.linear(x2, _dense_weight(weight, quant_state, dtype), None if bias is None else bias.to(dtype))
+                dense = _dense_weight(weight, quant_state, dtype)
+                out = F.linear(x2, dense, None if bias is None else bias.to(dtype))
                 out.addmm_(part, b.t())
                 outs.append(out.view(*x.shape[:-1], out.shape[-1]))
-        ctx.save_for_backward(x2, xa, a_stack, *b_scaled, *[m[0] for m in members])
+                kept.append(dense if keep_dense else weight)
+        ctx.save_for_backward(x2, xa, a_stack, *b_scaled, *kept)
         ctx.specs, ctx.ranks, ctx.dtype, ctx.x_shape, ctx.x_dtype = specs, ranks, dtype, x.shape, x.dtype
         ctx.param_dtypes = [(m[2].dtype, m[3].dtype) for m in members]
         return tuple(outs)
@@ -137,7 +212,7 @@ class _LoraLinearGroup(torch.autograd.Function):
             g_xa = torch.cat([g @ b for g, b in zip(gs, b_scaled)], dim=1)  # (tokens x sum of ranks)
             if ctx.needs_input_grad[0]:
                 for g, weight, (quant_state, _) in zip(gs, weights, ctx.specs):
-                    dense = _dense_weight(weight, quant_state, dtype)
+                    dense = _saved_weight(weight, quant_state, dtype)
                     grad_x = g @ dense if grad_x is None else grad_x.addmm_(g, dense)
                 grad_x = grad_x.addmm_(g_xa, a_stack).view(ctx.x_shape).to(ctx.x_dtype)
             grad_a = (g_xa.t() @ x2).split(ctx.ranks, dim=0)

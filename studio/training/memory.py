@@ -17,7 +17,8 @@ The estimate counts, in bytes:
   for down), both norm inputs, attention's q/k/v/out, and SwiGLU's gate and up outputs:
   2 x (4 hidden + 2 attention width + 2 kv width + 3 intermediate). Without Liger's kernels the norms
   and SwiGLU keep fp32 and extra copies: x1.3.
-- a checkpointed layer keeps its 16-bit input; the layer being recomputed holds its full set meanwhile.
+- a checkpointed layer keeps its 16-bit input; the layer being recomputed holds its full set meanwhile,
+  and for QLoRA also its weights dequantised to 16-bit (fused_lora.py keeps them for that layer's backward).
 - the LM head and loss run in chunks (TRL): the last hidden states plus ~0.5 GiB of chunk buffers.
 Checked against the H100 benchmark (bench/NOTES.md): 8B LoRA 2x4096 tokens estimated 50.3 GiB, measured
 50.2; 1B LoRA 8x4096 40.3 vs 40.4; 8B QLoRA 1x4096 with 28 of 32 layers checkpointed 9.9 vs 9.4 (on the
@@ -30,12 +31,12 @@ from dataclasses import dataclass
 
 GIB = 2**30
 CHUNK_BUFFERS = 0.5 * GIB
-# Of the memory the run may use, what the estimate may fill; the rest is for the allocator, whose cached
-# blocks run ahead of what is allocated, and the kernels' workspaces. Measured on the H100 (bench/NOTES.md,
-# session 3), 8B QLoRA under a 12 GiB cap: 28 of 32 layers checkpointed (9.4 GiB allocated) ran at 8,190
-# tokens/s; 26 of 32 (10.4 GiB, planned with 0.92 here) at 6,996, likely the allocator giving memory back
-# and retrying at the cap. 0.85 plans the former.
-FILL = 0.85
+# Of the memory the run may use, what the estimate may fill; the rest is for the allocator's cached blocks
+# and the kernels' workspaces. With fixed-size cached blocks, 0.92 was slower than 0.85 near a 12 GiB cap
+# (session 3); with expandable segments (trainer.use_expandable_segments) it is not. H100, 8B QLoRA under
+# 12 GiB (bench/NOTES.md, session 4): 26 of 32 layers checkpointed, 10.5 GiB allocated, 10.7 reserved, no
+# allocator retries, 8,733 tokens/s; 28 of 32 at 8,240-8,709.
+FILL = 0.92
 
 
 @dataclass
@@ -100,7 +101,8 @@ def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointe
     full_layer = tokens * layer_activation_bytes(shape, liger, value_bytes)
     inputs = checkpointed * tokens * value_bytes * shape.hidden
     end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS
-    recompute = full_layer if checkpointed else 0.0
+    dequantised = shape.layer_parameters / max(1, shape.layers) * value_bytes if method == "qlora" else 0.0
+    recompute = full_layer + dequantised if checkpointed else 0.0
     return (fixed_bytes(shape, method, rank, tokens, value_bytes) + inputs + max(end_of_forward, recompute)) / GIB
 
 

@@ -89,9 +89,24 @@ def limit_memory(cfg: RunConfig, device: str) -> None:
     import torch
     if device != "cuda":
         return
+    use_expandable_segments()
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
     limit = cfg.training.memory_limit_gib
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total) if limit else 1.0)
+
+
+def use_expandable_segments() -> None:
+    """Let the CUDA allocator grow its blocks in place instead of caching fixed-size ones. The planner fills
+    most of the memory a run may use; with fixed blocks, the free memory ends up split among cached blocks of
+    the wrong sizes, and near the limit the allocator frees its whole cache and retries (a device-wide
+    synchronisation each time). A PYTORCH_CUDA_ALLOC_CONF that already says otherwise is left alone."""
+    import torch
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # torch before 2.9
+        setter = torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
 
 
 def _data_summary(splits: Splits, train: EncodedSet, evaluation: EncodedSet) -> dict:
@@ -109,6 +124,9 @@ def apply_method(model, cfg: RunConfig, quantization: str | None, speed: SpeedPl
     from peft import get_peft_model
     if speed.gradient_checkpointing:  # every method, full fine-tuning included (the Trainer's switch is off)
         enable_checkpointing(model, speed.uncheckpointed_layers)
+    if speed.fused_norm:
+        from studio.training.kernels import use_fused_rms_norm
+        use_fused_rms_norm(model)
     peft_config = peft_config_for(cfg.method, models.linear_layer_names(model))
     if peft_config is None:
         return model  # full fine-tuning trains the model itself
@@ -138,7 +156,9 @@ def enable_checkpointing(model, uncheckpointed_layers: int = 0) -> int:
     gradient on the embeddings' output, so transformers' hook that forces one (a full input-gradient
     pass through the first layer) is taken off again."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-    kwargs = {"use_reentrant": False}
+    # The check that the recompute saved tensors of the same shapes is off: fused 4-bit LoRA saves the packed
+    # weight in the forward and, on purpose, the dequantised one in the recompute (fused_lora._recomputing).
+    kwargs = {"use_reentrant": False, "determinism_check": "none"}
     if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
