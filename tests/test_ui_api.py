@@ -191,3 +191,6 @@ def test_progress_says_how_the_run_trains_and_what_memory_it_may_use():
     assert f"about {plan.memory_estimate_gib:.1f} GiB of the 12.0 GiB it may use" in text
     everything = _progress_html({**status, "speed": {**plan.as_dict(), "gradient_checkpointing": False}}, [])
     assert "checkpointing" not in everything
+    assert "fused kernels" in text  # the fused LoRA path (and Liger's or PyTorch's fused norm where used)
+    plain = {k: False for k in ("liger", "fused_lora", "fused_norm")}
+    assert "fused kernels" not in _progress_html({**status, "speed": {**plan.as_dict(), **plain}}, [])

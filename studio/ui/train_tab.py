@@ -231,7 +231,7 @@ def _progress_html(status: dict, metrics: list[dict]) -> str:
     plan = status.get("speed") or {}
     how = (f"<div class='studio-plan'>Training with {'packed' if plan.get('packing') else 'padded'} rows, "
            f"{html.escape(str(plan.get('attention')))} attention"
-           f"{', fused kernels' if plan.get('liger') else ''}"
+           f"{', fused kernels' if plan.get('liger') or plan.get('fused_lora') or plan.get('fused_norm') else ''}"
            f"{_checkpointing_text(plan)}{_memory_text(plan)}.</div>") if plan else ""
     return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"
             f"<div>Step {step} of {total} ({pct:.0f}%){eta}{speed}</div>{how}</div>")
