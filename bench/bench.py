@@ -172,7 +172,6 @@ class Timer:
 
 
 def common_args(**overrides):
-    from transformers import TrainingArguments
     args = dict(output_dir="/tmp/studio-bench/out", max_steps=100000, learning_rate=1e-4, bf16=True,
                 logging_steps=1000000, save_strategy="no", report_to="none", disable_tqdm=True,
                 include_num_input_tokens_seen="non_padding", dataloader_num_workers=2, seed=0)

@@ -7,23 +7,28 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-def _peft_pair(dropout: float = 0.0, **lora_kwargs):
-    """Two identical PEFT models on a tiny random Llama (B made non-zero so the LoRA term matters)."""
+def _twins(build_base, **lora_kwargs):
+    """Two identical PEFT models (r=4, alpha 8, every linear layer) over `build_base()`, called under the same
+    seed each time; B is made non-zero so the LoRA term matters."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", **lora_kwargs))
+        model = get_peft_model(build_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs))
         torch.manual_seed(1)
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.data.normal_(0, 0.1)
         models.append(model)
     return models
+
+
+def _peft_pair(dropout: float = 0.0, **lora_kwargs):
+    """Two identical PEFT models on a tiny random Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    return _twins(lambda: LlamaForCausalLM(config), lora_dropout=dropout, **lora_kwargs)
 
 
 def _loss_and_grads(model, ids, seed=2):
@@ -140,15 +145,13 @@ def test_sibling_output_is_only_reused_for_the_same_input():
 
 def _qlora_pair():
     """Two identical PEFT models over a tiny Llama whose projections are bitsandbytes 4-bit NF4 layers
-    (bitsandbytes quantises on the CPU too), with non-zero B so the LoRA term matters."""
+    (bitsandbytes quantises on the CPU too)."""
     bnb = pytest.importorskip("bitsandbytes")
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
+
+    def quantised_base():
         model = LlamaForCausalLM(config)
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
@@ -161,13 +164,8 @@ def _qlora_pair():
                         setattr(parent, name, q)
         for param in model.parameters():
             param.requires_grad_(False)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        torch.manual_seed(1)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.1)
-        models.append(model)
-    return models
+        return model
+    return _twins(quantised_base)
 
 
 def test_4bit_checkpointed_layers_reuse_the_recomputed_weight_and_match_peft():

@@ -79,28 +79,27 @@ def _weight_key(param: torch.Tensor) -> tuple:
     return _OptimizerSteps.count, param._version, param.data_ptr()
 
 
+def _kept(holder: torch.Tensor, name: str, key: tuple, make) -> torch.Tensor:
+    """`make()`, kept on `holder` under `name` for as long as `key` stays the same."""
+    cached = getattr(holder, name, None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make())
+        setattr(holder, name, cached)
+    return cached[1]
+
+
 def _adapter_weight(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """`param` x `scale` in `dtype`, made once per optimizer step instead of on every forward (fwd, the
     recompute, every micro-batch of an accumulated step): two kernels and their host cost per projection."""
-    key = (_weight_key(param), dtype, scale)
-    cached = getattr(param, "_studio_cast", None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            value = param.detach() * scale if scale != 1.0 else param.detach()
-            cached = (key, value.to(dtype))
-        param._studio_cast = cached
-    return cached[1]
+    return _kept(param, "_studio_cast", (_weight_key(param), dtype, scale),
+                 lambda: (param.detach() * scale if scale != 1.0 else param.detach()).to(dtype))
 
 
 def _stacked_adapters(params: list, dtype: torch.dtype) -> torch.Tensor:
     """The A matrices of sibling projections stacked into one, in `dtype`; kept like `_adapter_weight`."""
-    key = (tuple(_weight_key(p) for p in params), dtype)
-    cached = getattr(params[0], "_studio_stack", None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, torch.cat([p.detach() for p in params]).to(dtype))
-        params[0]._studio_stack = cached
-    return cached[1]
+    return _kept(params[0], "_studio_stack", (tuple(_weight_key(p) for p in params), dtype),
+                 lambda: torch.cat([p.detach() for p in params]).to(dtype))
 
 
 def _recomputing() -> bool:

@@ -1,13 +1,14 @@
 """PyTorch's own fused RMSNorm for the models whose norm is the plain Llama one.
 
 transformers computes RMSNorm as seven separate ops (cast to float32, square, mean, add, rsqrt, multiply,
-cast back, multiply by the weight), and its backward as more: two norms a layer make that hundreds of
-kernel launches a step, each with its host-side cost, plus float32 copies kept for the backward. PyTorch has one fused
-kernel for the forward and one for the backward (``aten::_fused_rms_norm``). It is called directly:
+cast back, multiply by the weight), and its backward as more: with two norms a layer, hundreds of kernel
+launches a step, each with its host-side cost, plus float32 copies kept for the backward. PyTorch has one
+fused kernel for the forward and one for the backward (``aten::_fused_rms_norm``). It is called directly:
 through ``F.rms_norm`` autocast would first cast a bf16 input to float32.
 
-Liger's RMSNorm is also one kernel, but every call goes through Python and Triton's launcher, which
-costs the host more (bench/NOTES.md, session 3): the studio uses this one where Liger is not used.
+Where Liger is installed its kernels are used instead: on the real 8B QLoRA benchmark they measured faster
+than this norm with transformers' SwiGLU and RoPE (bench/NOTES.md, session 4), though a thin model that
+measures host overhead alone had suggested the opposite (session 3).
 """
 
 from __future__ import annotations
