@@ -183,7 +183,9 @@ def steps_plan(cfg: RunConfig, n_rows: int) -> tuple[int, int, int]:
 
 def build_trainer(prep: Prepared, run: Run, callbacks: list):
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from studio.training.sft_trainer import StudioSFTTrainer
     cfg, t = prep.cfg, prep.cfg.training
     _, eval_every, save_every = steps_plan(cfg, len(prep.train.rows))
     has_eval = bool(prep.eval.rows)
@@ -205,7 +207,8 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
         pad_to_multiple_of=t.batch_size * cfg.data.max_length
         if prep.speed.packing and prep.speed.attention == "flex_attention" else None,
         report_to="none", disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=prep.speed.data_workers,
+        # StudioSFTTrainer counts the tokens seen on the host; the Trainer's own count waits on the GPU.
+        include_num_input_tokens_seen="no", dataloader_num_workers=prep.speed.data_workers,
         use_cpu=prep.device == "cpu",
         save_only_model=False, logging_first_step=True,
         logging_nan_inf_filter=False)  # the default filter hides NaN losses from the logs, and so from our guard
@@ -214,7 +217,7 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
     from transformers.trainer_callback import PrinterCallback
     datasets.disable_progress_bars()
     from studio.training.callbacks import FreezeSetupObjects
-    trainer = SFTTrainer(model=prep.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = StudioSFTTrainer(model=prep.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=prep.tokenizer, callbacks=[*callbacks, FreezeSetupObjects()])
     trainer.remove_callback(PrinterCallback)  # progress goes to metrics.jsonl; the CLI and UI show it
     return trainer

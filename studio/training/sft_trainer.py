@@ -1,0 +1,90 @@
+"""TRL's SFTTrainer without the waits on the GPU that its per-step bookkeeping costs.
+
+After every forward, SFTTrainer.compute_loss turns the token entropy and accuracy into Python floats (two
+`.item()` calls and a `num_valid > 0` test), and after every backward the Trainer counts the tokens seen with
+another `.item()`. Each of these makes the host wait until the GPU has finished everything issued so far, and
+then the GPU waits while the host issues the next work. Where the host is the bottleneck (QLoRA, small
+models) the GPU idles at every one of them.
+
+Here the two metrics stay on the GPU as running sums and become floats only on a step that logs, and the
+tokens are counted on the host, where the batch is put together (the collator runs in the data-loader
+workers). The loss is TRL's own: the same fused LM head, the same normalisation. Anything other than plain
+training with TRL's default loss (evaluation, a custom or label-smoothed loss, MoE auxiliary losses,
+sequence parallelism) goes through TRL's compute_loss unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+TOKEN_COUNT = "studio_real_tokens"  # the collator's count of real (non-padding) tokens in a batch
+
+
+class CountRealTokens:
+    """Wraps a collator: adds the number of real tokens of the batch as a plain int (no GPU involved).
+    Padding the collator adds (padded rows, a packed row padded to a fixed length) is not counted."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        batch[TOKEN_COUNT] = sum(len(example["input_ids"]) for example in examples)
+        return batch
+
+
+class StudioSFTTrainer(SFTTrainer):
+    """SFTTrainer whose training steps never wait on the GPU for metrics (see the module docstring).
+    Build it with `include_num_input_tokens_seen="no"`: it keeps `state.num_input_tokens_seen` itself."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = CountRealTokens(self.data_collator)
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        real_tokens = inputs.pop(TOKEN_COUNT, None)
+        training = self.model.training
+        if training and real_tokens is not None:
+            self.state.num_input_tokens_seen += real_tokens
+        if not (training and real_tokens is not None and not return_outputs and self._plain_loss()):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._total_train_tokens += real_tokens
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        valid = outputs.label_mask.sum()
+        count = valid if num_items_in_batch is None else num_items_in_batch
+        # TRL's normalisation: per-token log-probabilities are zero on ignored positions.
+        loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._add_metrics(valid, entropy=outputs.entropy.detach().sum(), mean_token_accuracy=outputs.is_top1.sum())
+        return loss
+
+    def _plain_loss(self) -> bool:
+        """True when TRL's compute_loss would take its plain path: fused LM head, negative log-likelihood."""
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        return (self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
+                and not self.aux_loss_enabled and not (parallel is not None and getattr(parallel, "sp_enabled", False)))
+
+    def _add_metrics(self, valid: torch.Tensor, **sums: torch.Tensor) -> None:
+        """Add this micro-batch's per-token means to running sums on the GPU; no host wait. A micro-batch
+        without trainable tokens counts as 0, as in TRL."""
+        for name, total in sums.items():
+            mean = torch.where(valid > 0, total / valid.clamp(min=1), 0.0).float()
+            kept = self._metric_sums.get(name)
+            self._metric_sums[name] = mean if kept is None else kept.add_(mean)
+        self._metric_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metric_count and self.model.training:
+            # One wait for all of them, on a logging step. TRL averages what its lists hold.
+            names = list(self._metric_sums)
+            values = torch.stack([self._metric_sums[n] for n in names]).tolist()
+            for name, value in zip(names, values):
+                self._metrics["train"][name].append(value / self._metric_count)
+            self._metric_sums, self._metric_count = {}, 0
+        super().log(logs, start_time)

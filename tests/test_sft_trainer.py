@@ -1,0 +1,83 @@
+"""StudioSFTTrainer: TRL's loss and metrics, without waiting on the GPU in a training step."""
+
+import sys
+
+import pytest
+import torch
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from studio.runs import new_run
+from studio.training.sft_trainer import TOKEN_COUNT, CountRealTokens
+from studio.training.trainer import build_trainer, prepare
+from tests.conftest import tiny_config
+
+WAITS = ("item", "tolist", "__bool__", "__int__", "__float__")  # on a GPU tensor, each waits for the GPU
+
+
+@pytest.fixture()
+def trainer_and_batch(tiny_model):
+    cfg = tiny_config(tiny_model, training={"batch_size": 4})
+    run = new_run(cfg)
+    trainer = build_trainer(prepare(cfg, run), run, [])
+    trainer.model.train()
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+def _count_waits(monkeypatch, calls: list) -> None:
+    """Record every tensor-to-Python conversion made directly by a compute_loss (TRL's or the studio's)."""
+    for name in WAITS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith("sft_trainer.py"):
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+
+def test_same_loss_and_metrics_as_trl_without_host_waits(trainer_and_batch, monkeypatch):
+    trainer, batch = trainer_and_batch
+    model = trainer.model
+    assert batch[TOKEN_COUNT] == int(batch["attention_mask"].sum())  # padded rows: the count skips the padding
+    calls = []
+    _count_waits(monkeypatch, calls)
+    for num_items in (None, torch.tensor(37)):
+        reference_batch = {k: v for k, v in batch.items() if k != TOKEN_COUNT}
+        with torch.no_grad():
+            reference = SFTTrainer.compute_loss(trainer, model, reference_batch, num_items_in_batch=num_items)
+        assert calls, "TRL's compute_loss converts its metrics to floats (what this trainer avoids)"
+        expected = {k: trainer._metrics["train"][k][-1] for k in ("entropy", "mean_token_accuracy")}
+        trainer._metrics["train"].clear()
+        calls.clear()
+        seen = trainer.state.num_input_tokens_seen
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+            loss_again = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+        assert calls == [], f"compute_loss waited on the device: {calls}"
+        assert torch.allclose(loss, reference) and torch.allclose(loss_again, reference)
+        assert trainer.state.num_input_tokens_seen == seen + 2 * batch[TOKEN_COUNT]
+        assert "entropy" not in trainer._metrics["train"]  # not before a logging step
+        trainer.log({"loss": float(loss)})
+        logged = trainer.state.log_history[-1]
+        for name, value in expected.items():  # the mean over the two micro-batches, as TRL logs it
+            assert logged[name] == pytest.approx(value, rel=1e-5)
+        assert trainer._metric_count == 0
+
+
+def test_token_count_of_packed_rows_leaves_out_the_padding():
+    collator = CountRealTokens(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True,
+                                                               return_position_ids=True, pad_to_multiple_of=64))
+    examples = [{"input_ids": list(range(1, 11))}, {"input_ids": list(range(1, 24))}]
+    batch = collator(examples)
+    assert batch[TOKEN_COUNT] == 33
+    assert batch["input_ids"].numel() == 64
+
+
+def test_outside_plain_training_trl_computes_it(trainer_and_batch):
+    trainer, batch = trainer_and_batch
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))  # the count is taken out, TRL's path runs
+    assert torch.isfinite(loss)
+    assert trainer.state.num_input_tokens_seen == 0  # evaluation tokens are not training tokens
