@@ -168,13 +168,15 @@ def _qlora_pair():
     return _twins(quantised_base)
 
 
-def test_4bit_checkpointed_layers_reuse_the_recomputed_weight_and_match_peft():
+@pytest.mark.parametrize("pack", [True, False])
+def test_4bit_checkpointed_layers_reuse_the_recomputed_weight_and_match_peft(pack):
     """QLoRA under checkpointing: the weight dequantised in the recompute serves that layer's backward (two
-    dequantisations per projection and step, not three), and loss and gradients still match PEFT's."""
+    dequantisations per weight and step, not three), and loss and gradients still match PEFT's. Packed, the
+    q/k/v and gate/up siblings are one dequantisation each: 4 weights a layer instead of 7."""
     from studio.training import fused_lora
     from studio.training.trainer import enable_checkpointing
     reference, fused = _qlora_pair()
-    assert fused_lora.fuse_lora_layers(fused) == 2 * 7
+    assert fused_lora.fuse_lora_layers(fused, pack_4bit=pack) == 2 * 7
     for model in (reference, fused):
         enable_checkpointing(model.base_model.model)
     dequantised = []
@@ -186,10 +188,35 @@ def test_4bit_checkpointed_layers_reuse_the_recomputed_weight_and_match_peft():
         loss, _, grads = _loss_and_grads(fused, ids)
     finally:
         fused_lora._dense_weight = original
-    assert sum(dequantised) == 2 * 7 * 2  # forward and recompute; the backward reuses the recompute's
+    assert sum(dequantised) == 2 * (4 if pack else 7) * 2  # forward and recompute; the backward reuses the latter
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_4bit_siblings_share_storage_and_the_base_layers_still_work():
+    """Packing moves the siblings' 4-bit bytes into one buffer without a second copy; bitsandbytes' own
+    layers (adapters off) compute what they did before, and a member whose weight is replaced afterwards
+    makes its group fall back to one dequantisation per member, still matching PEFT."""
+    from studio.training import fused_lora
+    reference, fused = _qlora_pair()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad(), fused.disable_adapter():
+        base_before = fused(input_ids=ids).logits
+    fused_lora.fuse_lora_layers(fused)
+    attention = fused.base_model.model.model.layers[0].self_attn
+    group = attention.q_proj._studio_siblings
+    assert group.packed is not None
+    weights = [getattr(attention, n).get_base_layer().weight for n in ("q_proj", "k_proj", "v_proj")]
+    assert all(w.data.untyped_storage().data_ptr() == group.packed.weight.untyped_storage().data_ptr()
+               for w in weights)
+    assert sum(w.data.numel() for w in weights) == group.packed.weight.numel()
+    with torch.no_grad(), fused.disable_adapter():
+        torch.testing.assert_close(fused(input_ids=ids).logits, base_before, rtol=0, atol=0)
+    weights[1].data = weights[1].data.clone()  # e.g. moved or reloaded: no longer in the shared buffer
+    assert not group.packed.current([w.data for w in weights])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_kept_adapter_casts_follow_the_optimizer():
@@ -218,3 +245,32 @@ def test_kept_adapter_casts_follow_the_optimizer():
                 if "lora_A" in name:
                     param.data = param.data.clone().mul_(1.5)
         torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_casts_are_refreshed_together_after_an_optimizer_step(monkeypatch):
+    """After an optimizer step every kept cast is recomputed at once (foreach kernels), not one by one at its
+    first use; the numbers stay PEFT's, and a model that is let go leaves nothing behind."""
+    import gc
+
+    from studio.training import fused_lora
+    reference, fused = _peft_pair()
+    fused_lora.fuse_lora_layers(fused)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        fused(input_ids=ids)  # fills the caches
+    ours = [k for k, e in fused_lora._KeptCasts.entries.items()
+            if any(e[0]() is p for n, p in fused.named_parameters() if "lora_" in n)]
+    assert len(ours) == 2 * (2 + 2 + 7)  # per layer: the q/k/v and gate/up A stacks, the o and down A, 7 B
+    made_alone = []
+    monkeypatch.setattr(fused_lora._KeptCasts, "remember", lambda *a: made_alone.append(a))
+    for model in (reference, fused):
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+        torch.optim.AdamW(params, lr=0.1, fused=True).step()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert made_alone == []
+    del fused, model, params, p
+    gc.collect()
+    assert not set(ours) & set(fused_lora._KeptCasts.entries)
