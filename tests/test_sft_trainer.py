@@ -81,3 +81,55 @@ def test_outside_plain_training_trl_computes_it(trainer_and_batch):
         loss = trainer.compute_loss(trainer.model, dict(batch))  # the count is taken out, TRL's path runs
     assert torch.isfinite(loss)
     assert trainer.state.num_input_tokens_seen == 0  # evaluation tokens are not training tokens
+
+
+def test_training_mode_is_walked_only_after_evaluation(trainer_and_batch, monkeypatch):
+    """`model.train()` walks thousands of modules; it runs on the first step and after an evaluation (which
+    puts the model in eval mode), and is skipped while every module is still in training mode."""
+    trainer, batch = trainer_and_batch
+    model = trainer.model
+    trainer.current_gradient_accumulation_steps = 1
+    walks = []
+    original = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walks.append(mode) or original(self, mode))
+
+    def step_walked() -> bool:
+        walks.clear()
+        trainer.training_step(model, dict(batch))
+        return bool(walks)
+
+    model.eval()
+    assert step_walked() and all(m.training for m in model.modules())
+    assert not step_walked()
+    assert "train" not in vars(model)  # the skip is undone after the step
+    model.eval()  # what the Trainer's evaluation does
+    assert step_walked() and all(m.training for m in model.modules())
+
+
+def test_flop_estimate_and_clipping_match_the_trainer(trainer_and_batch, monkeypatch):
+    from transformers import Trainer
+    trainer, batch = trainer_and_batch
+    counted = []
+    base_class = type(trainer.model.get_base_model())  # PEFT forwards the call to the base model
+    original = base_class.num_parameters
+    monkeypatch.setattr(base_class, "num_parameters",
+                        lambda self, *a, **k: counted.append(1) or original(self, *a, **k))
+    expected = Trainer.floating_point_ops(trainer, batch)
+    counted.clear()
+    assert expected > 0
+    assert trainer.floating_point_ops(batch) == expected == trainer.floating_point_ops(batch)
+    assert len(counted) == 1  # counted once, not on every micro-batch
+
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) * 10 for p in trainable]
+    results = []
+    for clip in (Trainer._clip_grad_norm, type(trainer)._clip_grad_norm):
+        for p, g in zip(trainable, grads):
+            p.grad = g.clone()
+        results.append((clip(trainer, trainer.model), [p.grad.clone() for p in trainable]))
+    (norm, clipped), (studio_norm, studio_clipped) = results
+    assert norm > trainer.args.max_grad_norm  # clipping did something
+    torch.testing.assert_close(studio_norm, norm)
+    for a, b in zip(studio_clipped, clipped):
+        torch.testing.assert_close(a, b)

@@ -11,9 +11,17 @@ tokens are counted on the host, where the batch is put together (the collator ru
 workers). The loss is TRL's own: the same fused LM head, the same normalisation. Anything other than plain
 training with TRL's default loss (evaluation, a custom or label-smoothed loss, MoE auxiliary losses,
 sequence parallelism) goes through TRL's compute_loss unchanged.
+
+The Trainer also walks every module or parameter of the model three times a step: `model.train()`, the
+parameter count for its FLOP estimate, and `model.parameters()` for gradient clipping. A LoRA model of 32
+layers has thousands of modules; on the H100 8B QLoRA benchmark those walks were about 4% of the host's time
+(py-spy, bench/NOTES.md, session 5). Here the count and the trainable parameters are found once, and
+`model.train()` walks the model only when it is not already in training mode.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from trl import SFTTrainer
@@ -43,6 +51,38 @@ class StudioSFTTrainer(SFTTrainer):
         self.data_collator = CountRealTokens(self.data_collator)
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
+        self._parameter_count: int | None = None
+        self._trainable: list | None = None
+        self._walked_into_training = None  # the model whose every module the last full train() reached
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if model.training and self._walked_into_training is model:
+            # Every module is in training mode since the last full walk; evaluation puts the top module in
+            # eval mode (model.training is then False), so the step after it walks again.
+            with _train_call_skipped(model):
+                return super().training_step(model, inputs, num_items_in_batch)
+        self._walked_into_training = model
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's estimate (6 x tokens x parameters without embeddings), with the parameters counted once
+        instead of on every micro-batch."""
+        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        if ids is None or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * ids.numel() * self._parameter_count
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping over the trainable parameters, listed once (the model's set does not change
+        during training). Anything but one plain process keeps the Trainer's own path."""
+        from accelerate.utils import DistributedType
+        if self.accelerator.distributed_type != DistributedType.NO or self.args.max_grad_norm is None:
+            return super()._clip_grad_norm(model)
+        if self._trainable is None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real_tokens = inputs.pop(TOKEN_COUNT, None)
@@ -88,3 +128,13 @@ class StudioSFTTrainer(SFTTrainer):
                 self._metrics["train"][name].append(value / self._metric_count)
             self._metric_sums, self._metric_count = {}, 0
         super().log(logs, start_time)
+
+
+@contextmanager
+def _train_call_skipped(model):
+    """`model.train()` returns at once inside this block (an instance attribute hides the method)."""
+    model.train = lambda mode=True: model
+    try:
+        yield
+    finally:
+        del model.train

@@ -210,6 +210,9 @@ def build_trainer(prep: Prepared, run: Run, callbacks: list):
         # StudioSFTTrainer counts the tokens seen on the host; the Trainer's own count waits on the GPU.
         include_num_input_tokens_seen="no", dataloader_num_workers=prep.speed.data_workers,
         use_cpu=prep.device == "cpu",
+        # Batches come from pinned memory and are copied to the GPU without waiting: a plain copy makes the host
+        # wait for the GPU to finish the previous step first (bench/syncs.py: 6 waits a step before this).
+        dataloader_pin_memory=prep.device == "cuda", accelerator_config={"non_blocking": prep.device == "cuda"},
         save_only_model=False, logging_first_step=True,
         logging_nan_inf_filter=False)  # the default filter hides NaN losses from the logs, and so from our guard
     train_ds = datasets.Dataset.from_list(prep.train.rows)
