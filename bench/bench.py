@@ -154,6 +154,7 @@ class Timer:
                     timer.start, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
                     timer.torch.cuda.reset_peak_memory_stats()
                     timer.last = timer.start
+                    print(f"TIMING from step {state.global_step}", flush=True)  # a profiler can attach now
                 elif timer.start is not None:
                     timer.steps += 1
                     now = time.perf_counter()
@@ -242,6 +243,10 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
         speed.gradient_checkpointing, speed.uncheckpointed_layers = os.environ["BENCH_CHECKPOINT"] == "all", 0
     if os.environ.get("BENCH_UNCHECKPOINTED"):  # how many of the last layers skip checkpointing
         speed.gradient_checkpointing, speed.uncheckpointed_layers = True, int(os.environ["BENCH_UNCHECKPOINTED"])
+    if os.environ.get("BENCH_NO_PACK"):  # 4-bit siblings dequantised one by one, as before packing
+        from studio.training import fused_lora
+        unpacked = fused_lora.fuse_lora_layers
+        fused_lora.fuse_lora_layers = lambda model: unpacked(model, pack_4bit=False)
     if quantization:
         from studio import models
         model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization=quantization,
@@ -257,8 +262,8 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     check = loss_check(trainer, model, docs[:8])
     trainer.train()
     switches = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                         if k in ("BENCH_NO_FUSED_LORA", "BENCH_NO_LIGER", "BENCH_CHECKPOINT", "BENCH_UNCHECKPOINTED",
-                                  "BENCH_KERNELS", "PYTORCH_CUDA_ALLOC_CONF"))
+                         if k in ("BENCH_NO_FUSED_LORA", "BENCH_NO_PACK", "BENCH_NO_LIGER", "BENCH_CHECKPOINT",
+                                  "BENCH_UNCHECKPOINTED", "BENCH_KERNELS", "PYTORCH_CUDA_ALLOC_CONF"))
     limit = f", limit {cfg.training.memory_limit_gib:g} GiB" if cfg.training.memory_limit_gib else ""
     return {**timer.result, "method": method, "loss_check": check,
             "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows{limit}"
