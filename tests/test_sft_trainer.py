@@ -133,3 +133,15 @@ def test_flop_estimate_and_clipping_match_the_trainer(trainer_and_batch, monkeyp
     torch.testing.assert_close(studio_norm, norm)
     for a, b in zip(studio_clipped, clipped):
         torch.testing.assert_close(a, b)
+
+
+def test_a_trl_without_the_fused_head_fields_gets_trls_own_loss(trainer_and_batch, monkeypatch):
+    """Written against TRL 1.16's fused LM head: if a TRL lacks its fields, TRL computes the loss (and its
+    metrics, waits included) rather than this trainer failing."""
+    from studio.training import sft_trainer
+    trainer, batch = trainer_and_batch
+    monkeypatch.setattr(sft_trainer, "_FUSED_HEAD_FIELDS", False)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert torch.isfinite(loss)
+    assert trainer._metric_count == 0 and trainer._metrics["train"]["entropy"]  # TRL's own bookkeeping ran

@@ -29,6 +29,21 @@ from trl import SFTTrainer
 TOKEN_COUNT = "studio_real_tokens"  # the collator's count of real (non-padding) tokens in a batch
 
 
+def _fused_head_has_fields() -> bool:
+    """Whether this TRL's fused LM head returns what the loss and metrics below read (written against TRL 1.16).
+    If a later TRL changes it, every step takes TRL's own compute_loss instead: slower, never wrong."""
+    import dataclasses
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput
+        names = {f.name for f in dataclasses.fields(FusedCausalLMOutput)}
+    except (ImportError, TypeError):
+        return False
+    return {"log_probs", "entropy", "is_top1", "label_mask"} <= names
+
+
+_FUSED_HEAD_FIELDS = _fused_head_has_fields()
+
+
 class CountRealTokens:
     """Wraps a collator: adds the number of real tokens of the batch as a plain int (no GPU involved).
     Padding the collator adds (padded rows, a packed row padded to a fixed length) is not counted."""
@@ -107,8 +122,9 @@ class StudioSFTTrainer(SFTTrainer):
     def _plain_loss(self) -> bool:
         """True when TRL's compute_loss would take its plain path: fused LM head, negative log-likelihood."""
         parallel = getattr(self.accelerator, "parallelism_config", None)
-        return (self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
-                and not self.aux_loss_enabled and not (parallel is not None and getattr(parallel, "sp_enabled", False)))
+        return (_FUSED_HEAD_FIELDS and self.compute_loss_func is None and self.label_smoother is None
+                and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                and not (parallel is not None and getattr(parallel, "sp_enabled", False)))
 
     def _add_metrics(self, valid: torch.Tensor, **sums: torch.Tensor) -> None:
         """Add this micro-batch's per-token means to running sums on the GPU; no host wait. A micro-batch
