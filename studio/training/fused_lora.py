@@ -307,13 +307,13 @@ class _LoraLinearGroup(torch.autograd.Function):
 
 class _PackedState:
     """What `_dense_weight` needs to dequantise a packed group: the members' layout, one block of rows each.
-    Its block scales are the members' unpacked scales, one after the other (`_studio_scales`)."""
-    nested = False
+    Its block scales are the members' unpacked scales, one after the other, already in the place
+    `_block_scales` keeps them (`_studio_scales`)."""
 
     def __init__(self, first, rows: list[int], scales: torch.Tensor):
         self.blocksize, self.quant_type, self.dtype = first.blocksize, first.quant_type, first.dtype
         self.shape = torch.Size((sum(rows), first.shape[1]))
-        self.absmax = self._studio_scales = scales
+        self._studio_scales = scales
 
 
 class _PackedSiblings:
@@ -329,14 +329,14 @@ class _PackedSiblings:
     def __init__(self, weights: list, states: list):
         self.rows = [int(state.shape[0]) for state in states]
         self.weight = torch.cat([w.data.reshape(-1) for w in weights])
-        scales = torch.cat([_block_scales(state) for state in states])
+        member_scales = [_block_scales(state) for state in states]
+        scales = torch.cat(member_scales)
         self.state = _PackedState(states[0], self.rows, scales)
-        start = scale_start = 0
-        for weight, state in zip(weights, states):
-            size, blocks = weight.data.numel(), _block_scales(state).numel()
-            weight.data = self.weight[start:start + size].view(weight.data.shape)
-            state._studio_scales = scales[scale_start:scale_start + blocks]
-            start, scale_start = start + size, scale_start + blocks
+        weight_parts = self.weight.split_with_sizes([w.data.numel() for w in weights])
+        scale_parts = scales.split_with_sizes([m.numel() for m in member_scales])
+        for weight, state, weight_part, scale_part in zip(weights, states, weight_parts, scale_parts):
+            weight.data = weight_part.view(weight.data.shape)
+            state._studio_scales = scale_part
         self.pointers = tuple(w.data_ptr() for w in weights)
 
     @classmethod
