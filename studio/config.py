@@ -128,8 +128,9 @@ class TrainingConfig:
         "padding (batch_size then counts packed rows). 'auto': on for NVIDIA GPUs, off on the CPU.",
         choices=("auto", "on", "off"))
     attention: str = setting(
-        "auto", "Attention kernel. 'auto': flex attention for packed rows on a GPU (keeps conversations apart "
-        "cheaply), PyTorch's SDPA otherwise.", choices=("auto", "sdpa", "flex_attention", "eager"))
+        "auto", "Attention kernel. 'auto': for packed rows on a GPU, FlashAttention-2's variable-length kernel "
+        "(Ampere or newer NVIDIA GPUs) or else flex attention, both keep conversations apart cheaply; PyTorch's "
+        "SDPA otherwise.", choices=("auto", "sdpa", "packed_varlen", "flex_attention", "eager"))
     fused_kernels: str = setting(
         "auto", "Fused kernels: the studio's LoRA projections (the add-on folded into the base matmul; 'auto' "
         "uses them on GPUs) and Liger's RMSNorm/RoPE/SwiGLU kernels (NVIDIA GPUs, when liger-kernel is installed). 'off' "

@@ -3,7 +3,9 @@
 - Packing (padding-free, best-fit): on a GPU, short conversations are packed into full rows so no
   compute goes to padding. On the CPU rows are short and the dense masks cost more than padding.
 - Attention: packed rows need a kernel that keeps documents apart without a dense mask. flash-attn
-  has no wheel for most users, so PyTorch's own flex attention (block-sparse document masks) is used.
+  has no wheel for most users, so PyTorch's own kernels are used: FlashAttention-2's variable-length
+  kernel on GPUs that run it (varlen_attention.py: one call each way, no mask), else flex attention
+  (block-sparse document masks).
 - Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, on
   GPUs), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only);
   without Liger, PyTorch's own fused RMSNorm (kernels.py).
@@ -29,6 +31,9 @@ from studio.training.memory import ModelShape, layers_to_checkpoint, peak_gib
 
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
 FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # their norm is kernels.PLAIN_RMS_NORMS
+# Their attention modules hand the packed-sequence boundaries to the attention function unchanged.
+VARLEN_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+VARLEN_ATTENTION = "packed_varlen"  # varlen_attention.NAME (not imported here: that module needs torch)
 
 
 @dataclass
@@ -75,7 +80,9 @@ def liger_available() -> bool:
 
 
 def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelShape | None = None,
-               free_gib: float | None = None) -> SpeedPlan:
+               free_gib: float | None = None, varlen_ok: bool = False) -> SpeedPlan:
+    """`varlen_ok`: the GPU, precision and model can run the variable-length flash kernel
+    (varlen_attention.supported)."""
     t, method = cfg.training, cfg.method.method
     reasons = []
     prompt_learning = method in ("prompt_tuning", "prefix_tuning")
@@ -87,9 +94,14 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
         packing = t.packing == "on"
     if t.attention != "auto":
         attention = t.attention
+    elif packing and device == "cuda" and varlen_ok and model_type in VARLEN_MODEL_TYPES:
+        attention = VARLEN_ATTENTION
+        reasons.append("attention: variable-length flash (keeps packed documents apart, one kernel call each way)")
     elif packing and device == "cuda":
         attention = "flex_attention"
-        reasons.append("attention: flex (keeps packed documents apart without a dense mask)")
+        reasons.append("attention: flex (keeps packed documents apart without a dense mask; the variable-length "
+                       "flash kernel needs an Ampere or newer GPU, bf16 or fp16, and a model without sliding "
+                       "windows)")
     else:
         attention = "sdpa"
     # Liger's kernels are Triton (NVIDIA GPUs) and cover certain architectures: 'on' cannot force them

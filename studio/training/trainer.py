@@ -77,10 +77,14 @@ def plan_for(cfg: RunConfig, location: str, device: str) -> SpeedPlan:
     """The speed plan from the model's config alone (no weights read) and the GPU's free memory."""
     import torch
     from transformers import AutoConfig
+
+    from studio.training import varlen_attention  # importing it registers its attention with transformers
     config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     free = torch.cuda.mem_get_info()[0] / 2**30 if device == "cuda" else None
-    return plan_speed(cfg, device, getattr(text, "model_type", ""), ModelShape.from_config(text), free)
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    varlen_ok = varlen_attention.supported(text, capability, models.pick_dtype(cfg.training.precision, device))
+    return plan_speed(cfg, device, getattr(text, "model_type", ""), ModelShape.from_config(text), free, varlen_ok)
 
 
 def limit_memory(cfg: RunConfig, device: str) -> None:

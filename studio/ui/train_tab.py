@@ -195,6 +195,8 @@ def targets_from(pick: str, chosen: list[str]) -> list[str]:
     return ["all-linear"]
 
 
+# How the progress line names each attention kernel (the plan stores transformers' implementation names).
+ATTENTION_NAMES = {"packed_varlen": "variable-length flash", "flex_attention": "flex", "sdpa": "SDPA", "eager": "eager"}
 SERIES = (("loss", "training loss"), ("eval_loss", "held-out loss"))
 SERIES_COLOURS = {"training loss": "#4f46e5", "held-out loss": "#f59e0b"}
 
@@ -230,7 +232,7 @@ def _progress_html(status: dict, metrics: list[dict]) -> str:
     pct = 100 * step / total
     plan = status.get("speed") or {}
     how = (f"<div class='studio-plan'>Training with {'packed' if plan.get('packing') else 'padded'} rows, "
-           f"{html.escape(str(plan.get('attention')))} attention"
+           f"{html.escape(ATTENTION_NAMES.get(plan.get('attention'), str(plan.get('attention'))))} attention"
            f"{', fused kernels' if plan.get('liger') or plan.get('fused_lora') or plan.get('fused_norm') else ''}"
            f"{_checkpointing_text(plan)}{_memory_text(plan)}.</div>") if plan else ""
     return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"

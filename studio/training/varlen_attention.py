@@ -1,0 +1,85 @@
+"""Attention over packed rows as one variable-length FlashAttention call each way.
+
+A packed row holds several conversations, and attention must not reach from one into another. Flex attention
+keeps them apart with a block mask that transformers rebuilds every step (a compiled call, plus a wait on the
+GPU to find where the packed conversations start), and every one of its calls goes through dynamo's guards and
+AOT autograd's Python wrappers: about 7% of the host's time in a step of 8B QLoRA, which is bound by the host
+(py-spy, bench/NOTES.md, session 5).
+
+PyTorch ships FlashAttention-2's variable-length kernel (`aten::_flash_attention_forward` with cumulative
+sequence lengths). Its forward and its backward are one dispatcher call each, with autograd in C++, and it
+needs no mask at all: TRL's padding-free collator already works out where each conversation starts, on the
+CPU (`cu_seq_lens_q`, `max_length_q`), and the model hands those to every attention call. No mask function is
+registered for this attention, so transformers builds none.
+
+The kernel runs on NVIDIA GPUs of compute capability 8.0 (Ampere) and newer, in bf16 or fp16, for head sizes
+up to 256; `supported` says whether a model and GPU qualify, and the planner uses flex attention elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "packed_varlen"  # no "flash" in it: transformers takes such names for the flash-attn package
+
+
+def supported(config, capability: tuple[int, int] | None, dtype: torch.dtype | None) -> bool:
+    """Whether this attention computes exactly what `config`'s model computes, on a GPU of `capability`.
+    Models with sliding windows, soft-capped logits or attention sinks keep an attention that knows them."""
+    if capability is None or tuple(capability) < (8, 0) or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return False
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
+    if not head_dim or head_dim > 256 or head_dim % 8:
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return False
+    if not layer_types and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return not any(getattr(config, name, None) for name in (
+        "attn_logit_softcapping", "final_logit_softcapping", "attention_chunk_size"))
+
+
+def flash_varlen(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, dropout: float, scale):
+    """Causal attention within each packed sequence: (tokens x heads x head_dim) in, the same out.
+    Grouped-query attention needs no copies: the kernel reads each key/value head for its group of queries."""
+    return torch.ops.aten._flash_attention_forward(query, key, value, cu_seq_lens, cu_seq_lens, max_length,
+                                                   max_length, dropout, True, False, scale=scale)[0]
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers' attention signature: query (batch x heads x tokens x head_dim), key and value the same
+    with their own head count; returns (batch x tokens x heads x head_dim) and no attention weights."""
+    if cu_seq_lens_q is None:
+        return _unpacked(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if query.shape[0] != 1:  # the padding-free collator puts a whole batch in one row; the boundaries index that row
+        raise ValueError(f"packed sequence boundaries need a batch flattened into one row, got {query.shape[0]} rows")
+    # (1 x heads x tokens x d) -> (tokens x heads x d): a view (last dimension contiguous), no copy.
+    out = flash_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
+                       cu_seq_lens_q, int(max_length_q), dropout, scaling)
+    return out.unsqueeze(0), None
+
+
+def _unpacked(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """A batch without packing information (a plain forward on the model): each row is one causal sequence.
+    No mask reaches this attention (none is registered for it), so a row with padding cannot be told apart."""
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("packed_varlen attention trains on packed rows; it does not run with a key/value cache. "
+                         "Load the model with attn_implementation='sdpa' to generate.")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True,
+                                  **kwargs)
+
+
+def register() -> None:
+    """Make NAME a valid `attn_implementation` for every model (idempotent)."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(NAME, varlen_attention_forward)
+
+
+register()

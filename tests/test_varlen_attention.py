@@ -1,0 +1,176 @@
+"""Variable-length flash attention for packed rows: the packed documents stay apart, the plan picks it only
+where the kernel runs, and a full run trains and saves through it.
+
+The kernel itself is CUDA only. On the CPU it is replaced by a reference (per-document causal SDPA) that takes
+the same (tokens x heads x head_dim) layout and sequence boundaries, so what is tested here is everything
+around it: the boundaries from the collator reaching every layer, the layouts in and out, the fallbacks.
+The test marked `cuda` checks the real kernel against the same reference; it runs on the GPU machine
+(bench/NOTES.md says when it last ran)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from studio.training import varlen_attention  # noqa: E402  (registers the attention with transformers)
+from tests.conftest import tiny_config  # noqa: E402
+
+
+def per_document_attention(query, key, value, cu_seq_lens, max_length, dropout, scale):
+    """What the kernel must compute, one document at a time (grouped-query heads repeated)."""
+    out = torch.empty_like(query)
+    groups = query.shape[1] // key.shape[1]
+    bounds = cu_seq_lens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q = query[start:end].transpose(0, 1)
+        k = key[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        v = value[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.fixture()
+def reference_kernel(monkeypatch):
+    calls = []
+
+    def kernel(query, key, value, cu_seq_lens, max_length, dropout, scale):
+        calls.append((tuple(query.shape), cu_seq_lens.tolist(), max_length))
+        return per_document_attention(query, key, value, cu_seq_lens, max_length, dropout, scale)
+    monkeypatch.setattr(varlen_attention, "flash_varlen", kernel)
+    return calls
+
+
+def _tiny_llama(attention: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation(attention)
+    return model
+
+
+def _documents_loss(model, docs):
+    """Each document on its own through SDPA: what a packed row must reproduce."""
+    model.set_attn_implementation("sdpa")
+    losses = [model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1) for d in docs]
+    model.set_attn_implementation(varlen_attention.NAME)
+    return sum(losses) / sum(len(d) - 1 for d in docs)
+
+
+def test_packed_documents_stay_apart_in_every_layer(reference_kernel):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    model = _tiny_llama(varlen_attention.NAME)
+    docs = [list(range(3, 14)), list(range(20, 27)), list(range(40, 58))]
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, return_position_ids=True)
+    batch = collator([{"input_ids": d} for d in docs])
+    assert batch["input_ids"].shape == (1, 36)
+    # The first token of each document has no label in a packed row, so compare with labels masked alike.
+    packed_loss = model(**batch).loss
+    reference = _documents_loss(model, docs)
+    torch.testing.assert_close(packed_loss, reference, rtol=1e-5, atol=1e-6)
+    # Each layer's attention got the collator's boundaries and the whole row as one sequence of tokens.
+    assert reference_kernel == [((36, 4, 8), [0, 11, 18, 36], 18)] * 2
+
+
+def test_packed_gradients_match_per_document_training(reference_kernel):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    docs = [list(range(5, 30)), list(range(31, 40))]
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, return_position_ids=True)
+    packed, separate = _tiny_llama(varlen_attention.NAME), _tiny_llama("sdpa")
+    packed(**collator([{"input_ids": d} for d in docs])).loss.backward()
+    total = sum(len(d) - 1 for d in docs)
+    for d in docs:
+        (separate(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1) / total).backward()
+    for (name, p), q in zip(packed.named_parameters(), separate.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_plain_forward_without_boundaries_is_one_causal_sequence_per_row(reference_kernel):
+    model = _tiny_llama(varlen_attention.NAME)
+    ids = torch.randint(3, 97, (2, 9))
+    out = model(input_ids=ids).logits
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(out, model(input_ids=ids).logits)
+    assert reference_kernel == []  # no boundaries given: the kernel is not involved
+
+
+def test_generation_with_a_cache_says_what_to_do(reference_kernel):
+    model = _tiny_llama(varlen_attention.NAME)
+    with pytest.raises(ValueError, match="sdpa"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+
+
+def test_supported_only_where_the_kernel_computes_the_same_attention():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    llama = LlamaConfig(hidden_size=4096, num_attention_heads=32)
+    assert varlen_attention.supported(llama, (9, 0), torch.bfloat16)
+    assert varlen_attention.supported(llama, (8, 0), torch.float16)
+    assert not varlen_attention.supported(llama, (7, 5), torch.float16)  # Turing (T4): no flash kernel
+    assert not varlen_attention.supported(llama, None, torch.bfloat16)  # CPU
+    assert not varlen_attention.supported(llama, (9, 0), torch.float32)
+    assert not varlen_attention.supported(LlamaConfig(hidden_size=4096, num_attention_heads=8), (9, 0),
+                                          torch.bfloat16)  # head size 512
+    assert not varlen_attention.supported(MistralConfig(sliding_window=4096), (9, 0), torch.bfloat16)
+    assert varlen_attention.supported(MistralConfig(sliding_window=None), (9, 0), torch.bfloat16)
+    assert varlen_attention.supported(Qwen2Config(use_sliding_window=False), (9, 0), torch.bfloat16)
+    assert not varlen_attention.supported(Qwen2Config(use_sliding_window=True, sliding_window=1024,
+                                                      max_window_layers=0), (9, 0), torch.bfloat16)
+
+
+def test_plan_picks_varlen_only_where_it_runs(tiny_model):
+    from studio.training.speed import plan_speed
+    cfg = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2})
+    assert plan_speed(cfg, "cuda", "llama", varlen_ok=True).attention == varlen_attention.NAME
+    assert plan_speed(cfg, "cuda", "llama", varlen_ok=False).attention == "flex_attention"
+    assert plan_speed(cfg, "cuda", "gemma2", varlen_ok=True).attention == "flex_attention"
+    assert plan_speed(cfg, "cpu", "llama", varlen_ok=True).attention == "sdpa"
+    unpacked = tiny_config(tiny_model, training={"packing": "off"})
+    assert plan_speed(unpacked, "cuda", "llama", varlen_ok=True).attention == "sdpa"
+
+
+def test_a_run_trains_and_saves_through_varlen_attention(tiny_model, reference_kernel):
+    from studio.runs import new_run
+    from studio.training.trainer import train_run
+    run = new_run(tiny_config(tiny_model, training={"packing": "on", "attention": varlen_attention.NAME,
+                                                    "max_steps": 3}))
+    status = train_run(run)
+    assert status["state"] == "completed", status
+    assert status["speed"]["attention"] == varlen_attention.NAME
+    assert reference_kernel and all(len(bounds) > 2 for _, bounds, _ in reference_kernel)  # packed rows
+    metrics = [m for m in run.metrics() if "loss" in m]
+    assert metrics and all(m["loss"] == m["loss"] for m in metrics)  # finite, not NaN
+    from studio.inference import load_chat_model, reply
+    chat = load_chat_model("adapter", run.id)  # the chat loads its own model; this attention stays in training
+    assert isinstance(reply(chat, "Hello", max_new_tokens=4), str)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel runs on NVIDIA GPUs only")
+@pytest.mark.parametrize("layout", ["heads-major", "tokens-major"])
+def test_flash_kernel_matches_per_document_attention_on_the_gpu(layout):
+    torch.manual_seed(0)
+    bounds = torch.tensor([0, 700, 713, 2000, 2048], dtype=torch.int32, device="cuda")
+    shapes = {"q": (1, 8, 2048, 128), "kv": (1, 2, 2048, 128)}  # grouped-query: 4 query heads per key head
+
+    def make(shape):
+        if layout == "heads-major":  # as transformers' own RoPE leaves them
+            return torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        batch, heads, tokens, dim = shape  # as Liger's RoPE and the projections leave them
+        return torch.randn(batch, tokens, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2) \
+            .detach().requires_grad_(True)
+    q, k, v = make(shapes["q"]), make(shapes["kv"]), make(shapes["kv"])
+    out, _ = varlen_attention.varlen_attention_forward(None, q, k, v, None, scaling=128 ** -0.5,
+                                                       cu_seq_lens_q=bounds, max_length_q=1287)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference = per_document_attention(q.transpose(1, 2)[0].float(), k.transpose(1, 2)[0].float(),
+                                       v.transpose(1, 2)[0].float(), bounds, 1287, 0.0, 128 ** -0.5).unsqueeze(0)
+    reference.backward(grad.float())
+    expected = [reference.detach()] + [t.grad for t in (q, k, v)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
