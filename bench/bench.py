@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -147,6 +148,9 @@ class Timer:
         self.steps = 0
         self.step_s, self.last = [], None
         self.result = {}
+        # Python's garbage collector, in the timed window: a full collection walks every object of the process
+        # (transformers, torch, the datasets) and holds the host meanwhile.
+        self.gc_runs, self.gc_s, self._gc_started = [0, 0, 0], 0.0, None
         timer = self
 
         class Callback(TrainerCallback):
@@ -158,6 +162,7 @@ class Timer:
                     timer.start, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
                     timer.torch.cuda.reset_peak_memory_stats()
                     timer.last = timer.start
+                    gc.callbacks.append(timer.on_gc)
                     print(f"TIMING from step {state.global_step}", flush=True)  # a profiler can attach now
                 elif timer.start is not None:
                     timer.steps += 1
@@ -165,15 +170,24 @@ class Timer:
                     timer.step_s.append(now - timer.last)  # host-side: where the host is the bottleneck, its spread
                     timer.last = now
                     if now - timer.start >= timer.seconds:
+                        gc.callbacks.remove(timer.on_gc)
                         timer.torch.cuda.synchronize()
                         steps = sorted(timer.step_s)
                         timer.result = {"seconds": time.perf_counter() - timer.start, "steps": timer.steps,
                                         "tokens": state.num_input_tokens_seen - timer.tokens0,
                                         "step_s_median": steps[len(steps) // 2], "step_s_max": steps[-1],
-                                        "step_s_min": steps[0]}
+                                        "step_s_min": steps[0], "gc_runs": timer.gc_runs,
+                                        "gc_s": round(timer.gc_s, 4)}
                         control.should_training_stop = True
                 return control
         self.callback = Callback()
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_runs[info["generation"]] += 1
+            self.gc_s += time.perf_counter() - self._gc_started
 
 
 def common_args(**overrides):
@@ -247,6 +261,8 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
         speed.gradient_checkpointing, speed.uncheckpointed_layers = os.environ["BENCH_CHECKPOINT"] == "all", 0
     if os.environ.get("BENCH_UNCHECKPOINTED"):  # how many of the last layers skip checkpointing
         speed.gradient_checkpointing, speed.uncheckpointed_layers = True, int(os.environ["BENCH_UNCHECKPOINTED"])
+    if os.environ.get("BENCH_ATTENTION"):  # e.g. flex_attention, the kernel planned before packed_varlen
+        speed.attention = os.environ["BENCH_ATTENTION"]
     if os.environ.get("BENCH_NO_PACK"):  # 4-bit siblings dequantised one by one, as before packing
         from studio.training import fused_lora
         unpacked = fused_lora.fuse_lora_layers
@@ -266,8 +282,9 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     check = loss_check(trainer, model, docs[:8])
     trainer.train()
     switches = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                         if k in ("BENCH_NO_FUSED_LORA", "BENCH_NO_PACK", "BENCH_NO_LIGER", "BENCH_CHECKPOINT",
-                                  "BENCH_UNCHECKPOINTED", "BENCH_KERNELS", "PYTORCH_CUDA_ALLOC_CONF"))
+                         if k in ("BENCH_ATTENTION", "BENCH_NO_FUSED_LORA", "BENCH_NO_PACK", "BENCH_NO_LIGER",
+                                  "BENCH_CHECKPOINT", "BENCH_UNCHECKPOINTED", "BENCH_KERNELS",
+                                  "PYTORCH_CUDA_ALLOC_CONF"))
     limit = f", limit {cfg.training.memory_limit_gib:g} GiB" if cfg.training.memory_limit_gib else ""
     return {**timer.result, "method": method, "loss_check": check,
             "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows{limit}"
