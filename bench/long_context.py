@@ -3,7 +3,7 @@
     python bench/long_context.py [--lengths 16384,32768,65536] [--shape 8b]
 
 For each length: one document of that many tokens, batch 1, two optimizer steps through the studio's
-trainer (the speed plan it picks: flex attention, gradient checkpointing for QLoRA, chunked LM head);
+trainer (the speed plan it picks: its attention kernel, gradient checkpointing for QLoRA, chunked LM head);
 prints peak GPU memory and seconds per step, or the out-of-memory error.
 """
 
