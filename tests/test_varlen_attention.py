@@ -129,11 +129,18 @@ def test_plan_picks_varlen_only_where_it_runs(tiny_model):
     assert plan_speed(cfg, "cpu", "llama", varlen_ok=True).attention == "sdpa"
     unpacked = tiny_config(tiny_model, training={"packing": "off"})
     assert plan_speed(unpacked, "cuda", "llama", varlen_ok=True).attention == "sdpa"
+    # Asked for by name where it cannot run: the plan says why and uses what can.
+    asked = tiny_config(tiny_model, training={"attention": varlen_attention.NAME, "packing": "on"})
+    assert plan_speed(asked, "cuda", "llama", varlen_ok=True).attention == varlen_attention.NAME
+    older_gpu = plan_speed(asked, "cuda", "llama", varlen_ok=False)
+    assert older_gpu.attention == "flex_attention" and "Ampere" in " ".join(older_gpu.reasons)
+    assert plan_speed(asked, "cpu", "llama", varlen_ok=False).attention == "sdpa"
 
 
-def test_a_run_trains_and_saves_through_varlen_attention(tiny_model, reference_kernel):
+def test_a_run_trains_and_saves_through_varlen_attention(tiny_model, reference_kernel, monkeypatch):
     from studio.runs import new_run
     from studio.training.trainer import train_run
+    monkeypatch.setattr(varlen_attention, "supported", lambda *args: True)  # the reference kernel runs on the CPU
     run = new_run(tiny_config(tiny_model, training={"packing": "on", "attention": varlen_attention.NAME,
                                                     "max_steps": 3}))
     status = train_run(run)

@@ -92,7 +92,12 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
                        "packing: off (CPU rows are short, or prompt/prefix tuning)")
     else:
         packing = t.packing == "on"
-    if t.attention != "auto":
+    if t.attention == VARLEN_ATTENTION and not (packing and varlen_ok):  # varlen_ok is False off NVIDIA GPUs
+        # Asked for where it cannot run (a CPU, an older GPU, unpacked rows): say so and use what can.
+        attention = "flex_attention" if packing and device == "cuda" else "sdpa"
+        reasons.append(f"attention: {attention}, not {VARLEN_ATTENTION} (that kernel needs packed rows on an Ampere "
+                       "or newer NVIDIA GPU in bf16 or fp16, and a model without sliding windows)")
+    elif t.attention != "auto":
         attention = t.attention
     elif packing and device == "cuda" and varlen_ok and model_type in VARLEN_MODEL_TYPES:
         attention = VARLEN_ATTENTION
