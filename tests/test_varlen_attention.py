@@ -140,7 +140,9 @@ def test_plan_picks_varlen_only_where_it_runs(tiny_model):
 def test_a_run_trains_and_saves_through_varlen_attention(tiny_model, reference_kernel, monkeypatch):
     from studio.runs import new_run
     from studio.training.trainer import train_run
-    monkeypatch.setattr(varlen_attention, "supported", lambda *args: True)  # the reference kernel runs on the CPU
+    # The reference kernel stands in for the GPU's, so the plan may pick it here.
+    monkeypatch.setattr(varlen_attention, "supported", lambda *args: True)
+    monkeypatch.setattr(varlen_attention, "kernel_runs", lambda *args: True)
     run = new_run(tiny_config(tiny_model, training={"packing": "on", "attention": varlen_attention.NAME,
                                                     "max_steps": 3}))
     status = train_run(run)
@@ -152,6 +154,17 @@ def test_a_run_trains_and_saves_through_varlen_attention(tiny_model, reference_k
     from studio.inference import load_chat_model, reply
     chat = load_chat_model("adapter", run.id)  # the chat loads its own model; this attention stays in training
     assert isinstance(reply(chat, "Hello", max_new_tokens=4), str)
+
+
+def test_without_a_gpu_the_kernel_probe_says_no():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert varlen_attention.kernel_runs(64, torch.bfloat16) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel runs on NVIDIA GPUs only")
+def test_kernel_probe_on_the_gpu():
+    assert varlen_attention.kernel_runs(128, torch.bfloat16) and varlen_attention.kernel_runs(64, torch.float16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel runs on NVIDIA GPUs only")

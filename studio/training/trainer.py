@@ -83,7 +83,9 @@ def plan_for(cfg: RunConfig, location: str, device: str) -> SpeedPlan:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     free = torch.cuda.mem_get_info()[0] / 2**30 if device == "cuda" else None
     capability = torch.cuda.get_device_capability() if device == "cuda" else None
-    varlen_ok = varlen_attention.supported(text, capability, models.pick_dtype(cfg.training.precision, device))
+    dtype = models.pick_dtype(cfg.training.precision, device)
+    varlen_ok = varlen_attention.supported(text, capability, dtype) \
+        and varlen_attention.kernel_runs(varlen_attention.head_size(text), dtype)
     return plan_speed(cfg, device, getattr(text, "model_type", ""), ModelShape.from_config(text), free, varlen_ok)
 
 

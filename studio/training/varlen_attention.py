@@ -13,26 +13,34 @@ CPU (`cu_seq_lens_q`, `max_length_q`), and the model hands those to every attent
 registered for this attention, so transformers builds none.
 
 The kernel runs on NVIDIA GPUs of compute capability 8.0 (Ampere) and newer, in bf16 or fp16, for head sizes
-up to 256; `supported` says whether a model and GPU qualify, and the planner uses flex attention elsewhere.
+up to 256; `supported` says whether a model and GPU qualify, `kernel_runs` tries the kernel once on the GPU,
+and the planner uses flex attention wherever either says no.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 NAME = "packed_varlen"  # no "flash" in it: transformers takes such names for the flash-attn package
 
 
+def head_size(config) -> int:
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
+
+
 def supported(config, capability: tuple[int, int] | None, dtype: torch.dtype | None) -> bool:
     """Whether this attention computes exactly what `config`'s model computes, on a GPU of `capability`.
-    Models with sliding windows, soft-capped logits or attention sinks keep an attention that knows them."""
+    Models with sliding windows or soft-capped logits keep an attention that knows them. (The planner also
+    runs the kernel once, `kernel_runs`, before relying on it.)"""
     if capability is None or tuple(capability) < (8, 0) or dtype not in (torch.bfloat16, torch.float16):
         return False
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return False
-    heads = getattr(config, "num_attention_heads", 0) or 0
-    hidden = getattr(config, "hidden_size", 0) or 0
-    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
+    head_dim = head_size(config)
     if not head_dim or head_dim > 256 or head_dim % 8:
         return False
     layer_types = getattr(config, "layer_types", None) or []
@@ -42,6 +50,24 @@ def supported(config, capability: tuple[int, int] | None, dtype: torch.dtype | N
         return False
     return not any(getattr(config, name, None) for name in (
         "attn_logit_softcapping", "final_logit_softcapping", "attention_chunk_size"))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_runs(head_dim: int, dtype: torch.dtype) -> bool:
+    """Run the kernel once, forward and backward, on a few tokens of this head size and precision on the
+    current GPU. Which head sizes FlashAttention-2 trains with differs between GPU generations, and a PyTorch
+    build may leave the kernel out: where it does not run, the plan takes flex attention rather than the run
+    failing at its first step."""
+    try:
+        shape = (16, 2, head_dim)
+        query = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        key = torch.randn((16, 1, head_dim), device="cuda", dtype=dtype, requires_grad=True)
+        bounds = torch.tensor([0, 9, 16], device="cuda", dtype=torch.int32)
+        out = flash_varlen(query, key, key, bounds, 9, 0.0, None)
+        out.float().sum().backward()
+        return bool(torch.isfinite(out).all()) and query.grad is not None
+    except Exception:  # noqa: BLE001 - any failure of the kernel here means: do not plan on it
+        return False
 
 
 def flash_varlen(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, dropout: float, scale):
