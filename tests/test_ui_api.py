@@ -194,3 +194,6 @@ def test_progress_says_how_the_run_trains_and_what_memory_it_may_use():
     assert "fused kernels" in text  # the fused LoRA path (and Liger's or PyTorch's fused norm where used)
     plain = {k: False for k in ("liger", "fused_lora", "fused_norm")}
     assert "fused kernels" not in _progress_html({**status, "speed": {**plan.as_dict(), **plain}}, [])
+    assert "packed rows, flex attention" in text  # the plan's attention in words, not transformers' name
+    varlen = plan_speed(cfg, "cuda", "llama", shape, free_gib=79, varlen_ok=True).as_dict()
+    assert "packed rows, variable-length flash attention" in _progress_html({**status, "speed": varlen}, [])

@@ -104,9 +104,10 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
         reasons.append("attention: variable-length flash (keeps packed documents apart, one kernel call each way)")
     elif packing and device == "cuda":
         attention = "flex_attention"
-        reasons.append("attention: flex (keeps packed documents apart without a dense mask; the variable-length "
-                       "flash kernel needs an Ampere or newer GPU, bf16 or fp16, and a model without sliding "
-                       "windows)")
+        why_not = ("this model's attention is not one it covers" if varlen_ok else
+                   "that needs an Ampere or newer GPU, bf16 or fp16, and a model without sliding windows")
+        reasons.append("attention: flex (keeps packed documents apart without a dense mask; not the variable-length "
+                       f"flash kernel: {why_not})")
     else:
         attention = "sdpa"
     # Liger's kernels are Triton (NVIDIA GPUs) and cover certain architectures: 'on' cannot force them

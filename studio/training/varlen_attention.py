@@ -59,8 +59,7 @@ def kernel_runs(head_dim: int, dtype: torch.dtype) -> bool:
     build may leave the kernel out: where it does not run, the plan takes flex attention rather than the run
     failing at its first step."""
     try:
-        shape = (16, 2, head_dim)
-        query = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        query = torch.randn((16, 2, head_dim), device="cuda", dtype=dtype, requires_grad=True)
         key = torch.randn((16, 1, head_dim), device="cuda", dtype=dtype, requires_grad=True)
         bounds = torch.tensor([0, 9, 16], device="cuda", dtype=torch.int32)
         out = flash_varlen(query, key, key, bounds, 9, 0.0, None)
