@@ -39,6 +39,12 @@ CHUNK_BUFFERS = 0.5 * GIB
 FILL = 0.92
 
 
+def head_dim_of(text_config) -> int:
+    """The width of one attention head: the config's head_dim, else the hidden size over the head count."""
+    heads = getattr(text_config, "num_attention_heads", 0) or 1
+    return getattr(text_config, "head_dim", None) or (getattr(text_config, "hidden_size", 0) or 0) // heads
+
+
 @dataclass
 class ModelShape:
     """The sizes of a decoder-only model that memory depends on, read from its config."""
@@ -54,7 +60,7 @@ class ModelShape:
     def from_config(cls, text_config) -> "ModelShape":
         hidden = getattr(text_config, "hidden_size", 0) or 0
         heads = getattr(text_config, "num_attention_heads", 0) or 1
-        head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+        head_dim = head_dim_of(text_config)
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
         return cls(hidden=hidden, layers=getattr(text_config, "num_hidden_layers", 0) or 0,
                    intermediate=getattr(text_config, "intermediate_size", None) or 4 * hidden,

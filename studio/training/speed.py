@@ -34,6 +34,7 @@ FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # th
 # Their attention modules hand the packed-sequence boundaries to the attention function unchanged.
 VARLEN_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 VARLEN_ATTENTION = "packed_varlen"  # varlen_attention.NAME (not imported here: that module needs torch)
+VARLEN_NEEDS = "an Ampere or newer NVIDIA GPU, bf16 or fp16, and a model without sliding windows"
 
 
 @dataclass
@@ -95,8 +96,8 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
     if t.attention == VARLEN_ATTENTION and not (packing and varlen_ok):  # varlen_ok is False off NVIDIA GPUs
         # Asked for where it cannot run (a CPU, an older GPU, unpacked rows): say so and use what can.
         attention = "flex_attention" if packing and device == "cuda" else "sdpa"
-        reasons.append(f"attention: {attention}, not {VARLEN_ATTENTION} (that kernel needs packed rows on an Ampere "
-                       "or newer NVIDIA GPU in bf16 or fp16, and a model without sliding windows)")
+        reasons.append(f"attention: {attention}, not {VARLEN_ATTENTION} "
+                       f"(that kernel needs packed rows, {VARLEN_NEEDS})")
     elif t.attention != "auto":
         attention = t.attention
     elif packing and device == "cuda" and varlen_ok and model_type in VARLEN_MODEL_TYPES:
@@ -104,8 +105,7 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
         reasons.append("attention: variable-length flash (keeps packed documents apart, one kernel call each way)")
     elif packing and device == "cuda":
         attention = "flex_attention"
-        why_not = ("this model's attention is not one it covers" if varlen_ok else
-                   "that needs an Ampere or newer GPU, bf16 or fp16, and a model without sliding windows")
+        why_not = "it does not cover this model's attention" if varlen_ok else f"it needs {VARLEN_NEEDS}"
         reasons.append("attention: flex (keeps packed documents apart without a dense mask; not the variable-length "
                        f"flash kernel: {why_not})")
     else:

@@ -23,7 +23,7 @@ from studio.errors import StudioError
 from studio.methods import peft_config_for, quantization_for
 from studio.rendering import EncodedSet, encode_all
 from studio.runs import Run, checkpoint_step
-from studio.training.memory import ModelShape
+from studio.training.memory import ModelShape, head_dim_of
 from studio.training.speed import SpeedPlan, plan_speed
 
 OOM_HINT = ("Out of memory. Lower training.batch_size (and raise training.grad_accum to keep the same "
@@ -85,7 +85,7 @@ def plan_for(cfg: RunConfig, location: str, device: str) -> SpeedPlan:
     capability = torch.cuda.get_device_capability() if device == "cuda" else None
     dtype = models.pick_dtype(cfg.training.precision, device)
     varlen_ok = varlen_attention.supported(text, capability, dtype) \
-        and varlen_attention.kernel_runs(varlen_attention.head_size(text), dtype)
+        and varlen_attention.kernel_runs(head_dim_of(text), dtype)
     return plan_speed(cfg, device, getattr(text, "model_type", ""), ModelShape.from_config(text), free, varlen_ok)
 
 

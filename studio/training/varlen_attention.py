@@ -23,13 +23,9 @@ import functools
 
 import torch
 
+from studio.training.memory import head_dim_of
+
 NAME = "packed_varlen"  # no "flash" in it: transformers takes such names for the flash-attn package
-
-
-def head_size(config) -> int:
-    heads = getattr(config, "num_attention_heads", 0) or 0
-    hidden = getattr(config, "hidden_size", 0) or 0
-    return getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
 
 
 def supported(config, capability: tuple[int, int] | None, dtype: torch.dtype | None) -> bool:
@@ -40,7 +36,7 @@ def supported(config, capability: tuple[int, int] | None, dtype: torch.dtype | N
         return False
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return False
-    head_dim = head_size(config)
+    head_dim = head_dim_of(config)
     if not head_dim or head_dim > 256 or head_dim % 8:
         return False
     layer_types = getattr(config, "layer_types", None) or []
