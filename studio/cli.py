@@ -1,6 +1,6 @@
 """The ``studio`` command: the web UI by default, and the same engine headless.
 
-  studio [--host H] [--port P] [--share] [--auth user:pass]    open the web UI
+  studio [--host H] [--port P] [--share] [--auth user:pass] [--keep-training]    open the web UI
   studio train CONFIG.yaml [--set section.field=value ...]      train; the last line is the run folder
   studio resume RUN                                             continue an interrupted run
   studio chat RUN [--prompt TEXT] [--source adapter|merged|base]
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-import threading
 import time
 
 from studio.errors import StudioError
@@ -29,9 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address for the web UI (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(os.environ.get("STUDIO_PORT", 7860)), help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="make a public Gradio link (always behind a login)")
-    p.add_argument("--auth", default=None, help="login for the UI as user:password (share mode makes one if omitted)")
+    p.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
+                   help="a login for the UI; repeat for several accounts (share mode makes one if omitted)")
     p.add_argument("--share-local", action="store_true",
                    help="share mode (login, limits) without the public link, e.g. on a trusted network")
+    p.add_argument("--keep-training", action="store_true",
+                   help="when the web UI is closed with Ctrl-C, leave its runs training (default: stop them after "
+                        "their current step, saving the adapter)")
     sub = p.add_subparsers(dest="command")
 
     t = sub.add_parser("train", help="train from a YAML preset")
@@ -92,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command is None:
         from studio.ui.launch import launch
-        return launch(host=args.host, port=args.port, share=args.share, auth=args.auth, share_local=args.share_local)
+        return launch(host=args.host, port=args.port, share=args.share, auth=args.auth, share_local=args.share_local,
+                      keep_training=args.keep_training)
     if args.command == "train":
+        from studio import launcher
         from studio.presets import load_run_config
-        from studio.runs import new_run
-        return _train(new_run(load_run_config(args.config, args.overrides)), resume=False, quiet=args.quiet)
+        return _follow(launcher.start(load_run_config(args.config, args.overrides)), quiet=args.quiet)
     if args.command == "resume":
-        from studio.runs import open_run
-        return _train(open_run(args.run), resume=True, quiet=False)
+        from studio import launcher
+        return _follow(launcher.resume(args.run), quiet=False)
     if args.command == "chat":
         return _chat(args)
     if args.command == "merge":
@@ -114,41 +119,55 @@ def _dispatch(args) -> int:
     raise AssertionError(args.command)
 
 
-def _train(run, resume: bool, quiet: bool) -> int:
-    """Train in a worker thread so Ctrl-C can ask for a clean stop (the adapter is still saved)."""
-    from studio.training.trainer import train_run
-    stop = threading.Event()
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(train_run(run, stop, resume)), daemon=True)
-    worker.start()
-    printed = 0
+def _follow(launched, quiet: bool) -> int:
+    """Show a worker's run in the terminal until it ends; Ctrl-C asks it to stop and save (twice: at once)."""
+    from studio import launcher
+    run = launched.run
+    shown = _Shown()
     try:
-        while worker.is_alive():
-            worker.join(1.0)
-            printed = _print_progress(run, printed, quiet)
+        while launched.alive():
+            time.sleep(1.0)
+            _print_progress(run, shown, quiet)
     except KeyboardInterrupt:
-        print("Stopping after the current step (Ctrl-C again to abort)...", file=sys.stderr)
-        stop.set()
-        worker.join()
-    _print_progress(run, printed, quiet)
+        print(launcher.stop(run) + " (Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+        try:
+            while launched.alive():
+                time.sleep(0.5)
+                _print_progress(run, shown, quiet)
+        except KeyboardInterrupt:
+            launched.process.send_signal(signal.SIGKILL)
+    launcher.wait(launched)
+    _print_progress(run, shown, quiet)
     status = run.status()
-    print(f"{status['state']}: {status.get('message', '')}", file=sys.stderr)
+    print(f"{status.state.value}: {status.message}", file=sys.stderr)
     print(run.path)
-    return 0 if status["state"] == "completed" else 1
+    return 0 if status.state.value == "completed" else 1
 
 
-def _print_progress(run, printed: int, quiet: bool) -> int:
-    from studio.runs import format_loss as fmt
+class _Shown:
+    """What the terminal has shown of a run so far."""
+
+    def __init__(self):
+        self.records = 0
+        self.plan = False
+
+
+def _print_progress(run, shown: _Shown, quiet: bool) -> None:
+    from studio.records import format_loss as fmt
     records = run.metrics()
-    if not quiet:
-        for r in records[printed:]:
-            if "loss" in r:
-                total = run.status().get("total_steps") or "?"
-                print(f"step {r['step']}/{total}  loss {fmt(r['loss'])}  lr {r['learning_rate']:.2e}  "
-                      f"{r.get('tokens_per_s', 0):.0f} tok/s  {r['elapsed_s']:.0f}s", file=sys.stderr)
-            elif "eval_loss" in r:
-                print(f"step {r['step']}  eval loss {fmt(r['eval_loss'])}", file=sys.stderr)
-    return len(records)
+    if quiet:
+        return
+    status = run.stored_status()
+    if status.plan_summary and not shown.plan:
+        print(f"Training with {status.plan_summary}.", file=sys.stderr)
+        shown.plan = True
+    for r in records[shown.records:]:
+        if r.is_training:
+            print(f"step {r.step}/{status.total_steps or '?'}  loss {fmt(r.loss)}  lr {r.learning_rate or 0:.2e}  "
+                  f"{r.tokens_per_s or 0:.0f} tok/s  {r.elapsed_s:.0f}s", file=sys.stderr)
+        elif r.is_evaluation:
+            print(f"step {r.step}  eval loss {fmt(r.eval_loss)}", file=sys.stderr)
+    shown.records = len(records)
 
 
 def _chat(args) -> int:
@@ -181,8 +200,10 @@ def _chat(args) -> int:
 
 
 def _runs(as_json: bool) -> int:
+    from studio.launcher import reconcile_all
+    from studio.records import format_loss as fmt
     from studio.runs import list_runs
-    from studio.runs import format_loss as fmt
+    reconcile_all()
     rows = [r.summary() for r in list_runs()]
     if as_json:
         print(json.dumps(rows, indent=1))
@@ -193,6 +214,9 @@ def _runs(as_json: bool) -> int:
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"] or 0))
         loss = f"{fmt(r['first_loss'])} -> {fmt(r['last_loss'])}" if r["last_loss"] is not None else "-"
+        if r["state"] == "unreadable":
+            print(f"{r['id']:32} {r['message']}")
+            continue
         print(f"{r['id']:32} {r['state']:12} {when}  step {r['step']}/{r['total_steps'] or '?'}  loss {loss}")
     return 0
 

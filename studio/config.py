@@ -131,6 +131,11 @@ class TrainingConfig:
         "auto", "Attention kernel. 'auto': for packed rows on a GPU, FlashAttention-2's variable-length kernel "
         "(Ampere or newer NVIDIA GPUs) or else flex attention, both keep conversations apart cheaply; PyTorch's "
         "SDPA otherwise.", choices=("auto", "sdpa", "packed_varlen", "flex_attention", "eager"))
+    speed: str = setting(
+        "auto", "How the studio trains. 'auto': its speed plan for this machine (packing, attention kernel, fused "
+        "kernels, checkpointing only the layers memory needs). 'plain': stock TRL and PEFT with none of the "
+        "studio's speed changes (packing, checkpointing and precision as set here), e.g. to compare, or to rule "
+        "the speed plan out when something looks wrong.", choices=("auto", "plain"))
     fused_kernels: str = setting(
         "auto", "Fused kernels: the studio's LoRA projections (the add-on folded into the base matmul; 'auto' "
         "uses them on GPUs) and Liger's RMSNorm/RoPE/SwiGLU kernels (NVIDIA GPUs, when liger-kernel is installed). 'off' "
@@ -163,15 +168,35 @@ class TrainingConfig:
 @dataclass
 class RunConfig:
     name: str = setting("", "A name for the run (letters, digits, '.', '_', '-'). Empty: one is made from the time.")
+    stage: str = setting("sft", "What the run does: 'sft' (supervised fine-tuning on example conversations) or "
+                         "another stage (studio/stages/).")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    stage_settings: dict = field(default_factory=dict, metadata={
+        "help": "The settings of stages that have their own (studio/stages/), by stage name, e.g. "
+                "{dpo: {beta: 0.1}}; written in YAML as a section named after the stage."})
+
+    def settings_of(self, stage: str):
+        """The settings of `stage` (its dataclass; defaults when the config names none)."""
+        from studio import stages
+        if stage not in self.stage_settings:
+            cls = stages.get(stage).settings
+            self.stage_settings[stage] = cls() if cls else None
+        return self.stage_settings[stage]
 
     def validate(self) -> "RunConfig":
         """Check every field's type, range and choices, then the cross-field rules; raise StudioError."""
-        for section in (self, self.model, self.data, self.method, self.training):
+        from studio import stages
+        stages.get(self.stage if isinstance(self.stage, str) else repr(self.stage))
+        self.settings_of(self.stage)
+        for section in (self, self.model, self.data, self.method, self.training,
+                        *(s for s in self.stage_settings.values() if s is not None)):
             _check_fields(section)
+        if self.training.max_steps == 0:
+            raise StudioError("training.max_steps = 0 would train nothing: use -1 to train for training.epochs, "
+                              "or a number of steps from 1.")
         if self.name:
             from studio.paths import check_safe_name
             check_safe_name(self.name, "run name")
@@ -188,7 +213,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "t
 def _check_fields(obj: Any) -> None:
     section = _section_name(obj)
     for f in fields(obj):
-        if isinstance(obj, RunConfig) and f.name in SECTIONS:
+        if isinstance(obj, RunConfig) and (f.name in SECTIONS or f.name == "stage_settings"):
             continue
         value = getattr(obj, f.name)
         where = f"{section}.{f.name}" if section else f.name
@@ -212,6 +237,10 @@ def _section_name(obj: Any) -> str:
     for name, cls in SECTIONS.items():
         if type(obj) is cls:
             return name
+    from studio import stages
+    for stage in stages.registry().values():
+        if stage.settings is not None and type(obj) is stage.settings:
+            return stage.name
     return ""
 
 
@@ -264,9 +293,23 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
     return value
 
 
+def section_class(section: str) -> type:
+    """The dataclass of a section: model, data, method, training, or a stage's own settings."""
+    if section in SECTIONS:
+        return SECTIONS[section]
+    from studio import stages
+    stage = stages.registry().get(section)
+    if stage is None or stage.settings is None:
+        raise KeyError(section)
+    return stage.settings
+
+
 def field_info(section: str, name: str) -> dict:
     """Help text, default, choices and range of one field, for building forms."""
-    cls = SECTIONS[section]
+    if section == "":
+        cls = RunConfig
+    else:
+        cls = section_class(section)
     for f in fields(cls):
         if f.name == name:
             return {**f.metadata, "default": _default_of(f)}
@@ -274,10 +317,13 @@ def field_info(section: str, name: str) -> dict:
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    out: dict = {"name": cfg.name}
+    out: dict = {"name": cfg.name, "stage": cfg.stage}
     for section in SECTIONS:
         obj = getattr(cfg, section)
         out[section] = {f.name: _copy(getattr(obj, f.name)) for f in fields(obj)}
+    for stage, obj in cfg.stage_settings.items():
+        if obj is not None:
+            out[stage] = {f.name: _copy(getattr(obj, f.name)) for f in fields(obj)}
     return out
 
 
@@ -287,17 +333,26 @@ def _copy(value: Any) -> Any:
 
 def from_dict(data: dict | None, *, source: str = "config") -> RunConfig:
     """Build and validate a RunConfig; an unknown key is an error naming the key and the file."""
+    from studio import stages
+    if data is not None and not isinstance(data, dict):
+        raise StudioError(f"{source}: the settings must be 'key: value' pairs, not a {type(data).__name__}.")
     data = dict(data or {})
     cfg = RunConfig()
+    stage_sections = {name for name, stage in stages.registry().items() if stage.settings is not None}
     for key, value in data.items():
         if key == "name":
             cfg.name = "" if value is None else str(value)
-        elif key in SECTIONS:
+        elif key == "stage":
+            cfg.stage = "sft" if value is None else value
+        elif key in SECTIONS or key in stage_sections:
             if value is None:
                 continue
             if not isinstance(value, dict):
                 raise StudioError(f"{source}: '{key}' must be a section of settings, got {value!r}.")
-            section = getattr(cfg, key)
+            if key in SECTIONS:
+                section = getattr(cfg, key)
+            else:
+                section = cfg.stage_settings[key] = stages.get(key).settings()
             known = {f.name for f in fields(section)}
             for sub_key, sub_value in value.items():
                 if sub_key not in known:
@@ -307,8 +362,8 @@ def from_dict(data: dict | None, *, source: str = "config") -> RunConfig:
                 setattr(section, sub_key, sub_value)
         else:
             raise StudioError(
-                f"{source}: unknown key '{key}'. The top level holds 'name' and the sections "
-                f"{', '.join(SECTIONS)}.")
+                f"{source}: unknown key '{key}'. The top level holds 'name', 'stage' and the sections "
+                f"{', '.join([*SECTIONS, *sorted(stage_sections)])}.")
     return cfg.validate()
 
 
@@ -316,15 +371,19 @@ def set_value(data: dict, dotted: str, value: Any) -> None:
     """Apply ``section.field=value`` (or a bare ``field`` that exists in exactly one section) to a dict."""
     if "." in dotted:
         section, name = dotted.split(".", 1)
-    elif dotted == "name":
-        data["name"] = value
+    elif dotted in ("name", "stage"):
+        data[dotted] = value
         return
     else:
         owners = [s for s, cls in SECTIONS.items() if any(f.name == dotted for f in fields(cls))]
         if len(owners) != 1:
             raise StudioError(f"Unknown setting '{dotted}'. Use section.field, e.g. training.learning_rate=1e-4.")
         section, name = owners[0], dotted
-    if section not in SECTIONS or name not in {f.name for f in fields(SECTIONS[section])}:
+    try:
+        known = {f.name for f in fields(section_class(section))}
+    except KeyError:
+        known = set()
+    if name not in known:
         raise StudioError(f"Unknown setting '{dotted}'. Use section.field, e.g. training.learning_rate=1e-4.")
     data.setdefault(section, {})
     if not isinstance(data[section], dict):

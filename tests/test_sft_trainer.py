@@ -7,19 +7,15 @@ import torch
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from studio.runs import new_run
-from studio.training.sft_trainer import TOKEN_COUNT, CountRealTokens
-from studio.training.trainer import build_trainer, prepare
-from tests.conftest import tiny_config
+from studio.training.fast.sft_trainer import TOKEN_COUNT, CountRealTokens
+from tests.conftest import sft_trainer, tiny_config
 
 WAITS = ("item", "tolist", "__bool__", "__int__", "__float__")  # on a GPU tensor, each waits for the GPU
 
 
 @pytest.fixture()
 def trainer_and_batch(tiny_model):
-    cfg = tiny_config(tiny_model, training={"batch_size": 4})
-    run = new_run(cfg)
-    trainer = build_trainer(prepare(cfg, run), run, [])
+    trainer, _ = sft_trainer(tiny_config(tiny_model, training={"batch_size": 4}))
     trainer.model.train()
     return trainer, next(iter(trainer.get_train_dataloader()))
 
@@ -138,7 +134,7 @@ def test_flop_estimate_and_clipping_match_the_trainer(trainer_and_batch, monkeyp
 def test_a_trl_without_the_fused_head_fields_gets_trls_own_loss(trainer_and_batch, monkeypatch):
     """Written against TRL 1.16's fused LM head: if a TRL lacks its fields, TRL computes the loss (and its
     metrics, waits included) rather than this trainer failing."""
-    from studio.training import sft_trainer
+    from studio.training.fast import sft_trainer
     trainer, batch = trainer_and_batch
     monkeypatch.setattr(sft_trainer, "_FUSED_HEAD_FIELDS", False)
     with torch.no_grad():

@@ -8,6 +8,8 @@ import zipfile
 import pytest
 from gradio_client import Client, handle_file
 
+from tests.conftest import wait_until
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,14 +32,8 @@ def launched(studio_home):
         app.close()
 
 
-def wait_for(predicate, timeout=120, every=0.3):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
+def wait_for(predicate, timeout=300, every=0.3):
+    return wait_until(predicate, timeout, every)
 
 
 def test_whole_flow_upload_preview_train_stop_chat_export(launched, tiny_model, tmp_path):
@@ -50,7 +46,7 @@ def test_whole_flow_upload_preview_train_stop_chat_export(launched, tiny_model, 
     rows.append({"instruction": "broken row", "output": ""})
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     stored = client.predict(handle_file(str(data_file)), api_name="/upload_data")["data_path"]
-    assert "/uploads/" in stored
+    assert stored.startswith("qa-") and stored.endswith(".jsonl") and "/" not in stored  # a name, not a path
 
     report = client.predict({"path": stored, "max_length": 64}, str(tiny_model), 0, api_name="/inspect_data")
     assert report["format"] == "alpaca" and len(report["preview"]) == 10 and report["pages"] == 3
@@ -62,7 +58,7 @@ def test_whole_flow_upload_preview_train_stop_chat_export(launched, tiny_model, 
                                                  "learning_rate": 1e-3}}
     started = client.predict(config, api_name="/start_training")
     assert started["run_id"] == "ui-flow"
-    with pytest.raises(Exception, match="already training"):
+    with pytest.raises(Exception, match="busy: ui-flow is training"):
         client.predict(config, api_name="/start_training")
 
     def losses():
@@ -145,7 +141,7 @@ def test_two_sessions_pressing_start_at_once_get_one_run(launched, tiny_model):
         t.join(120)
     started = [o for o in outcomes if isinstance(o, dict)]
     refused = [o for o in outcomes if isinstance(o, Exception)]
-    assert len(started) == 1 and len(refused) == 1 and "already training" in str(refused[0])
+    assert len(started) == 1 and len(refused) == 1 and "is training" in str(refused[0])
     client = Client(url, verbose=False)
     assert [r["id"] for r in client.predict(api_name="/list_runs")] == [started[0]["run_id"]]
     client.predict(api_name="/stop_training")
@@ -153,11 +149,10 @@ def test_two_sessions_pressing_start_at_once_get_one_run(launched, tiny_model):
 
 
 @pytest.mark.slow
-def test_share_visitors_cannot_stop_each_other_or_read_uploads(launched, tmp_path, capsys):
-    url = launched(share_local=True)
-    password = capsys.readouterr().out.split("password: ")[1].split()[0]
-    alice = Client(url, auth=("studio", password), verbose=False)
-    bob = Client(url, auth=("studio", password), verbose=False)
+def test_share_visitors_cannot_stop_each_other_or_read_uploads(launched, tmp_path):
+    url = launched(share_local=True, auth=["alice:alices-password", "bob:bobs-password"])
+    alice = Client(url, auth=("alice", "alices-password"), verbose=False)
+    bob = Client(url, auth=("bob", "bobs-password"), verbose=False)
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"instruction": "secret question", "output": "secret answer"}) + "\n")
     stored = alice.predict(handle_file(str(data)), api_name="/upload_data")["data_path"]
@@ -165,7 +160,7 @@ def test_share_visitors_cannot_stop_each_other_or_read_uploads(launched, tmp_pat
         bob.predict({"path": stored}, "bundled", 0, api_name="/inspect_data")
     import httpx
     with httpx.Client(base_url=url) as raw:
-        assert raw.get(f"gradio_api/file={stored}").status_code in (401, 403)
+        assert raw.get(f"gradio_api/file={stored}").status_code in (401, 403, 404)
     alice.predict({"name": "alices", "training": {"max_steps": 100000}}, api_name="/start_training")
     with pytest.raises(Exception, match="started by someone else"):
         bob.predict(api_name="/stop_training")
@@ -174,26 +169,32 @@ def test_share_visitors_cannot_stop_each_other_or_read_uploads(launched, tmp_pat
 
 
 def test_progress_says_how_the_run_trains_and_what_memory_it_may_use():
-    """The Train tab's progress line shows the plan as recorded in the run's status: checkpointing of only
-    some layers, and the memory estimate against the budget (a 12 GiB limit here)."""
-    from studio.training.memory import ModelShape
-    from studio.training.speed import plan_speed
-    from studio.ui.train_tab import _progress_html
-    from tests.conftest import tiny_config
+    """The Train tab's progress line shows the plan's own summary as the run's status records it: checkpointing
+    of only some layers, and the memory estimate against the budget (a 12 GiB limit here)."""
+    from studio.records import Progress, RunStatus, State
+    from studio.shapes import ModelShape
+    from studio.training.fast.plan import plan_speed
+    from studio.ui.train_tab import progress_html
+    from tests.conftest import machine, tiny_config
     shape = ModelShape(hidden=4096, layers=32, intermediate=14336, attention_width=4096, kv_width=1024, vocab=128256)
     cfg = tiny_config("unused", method={"method": "qlora", "rank": 16}, data={"max_length": 4096},
                       training={"batch_size": 1, "memory_limit_gib": 12})
-    plan = plan_speed(cfg, "cuda", "llama", shape, free_gib=79)
-    status = {"state": "running", "step": 2, "total_steps": 10, "speed": plan.as_dict()}
-    text = _progress_html(status, [{"step": 2, "loss": 1.0, "elapsed_s": 4.0, "tokens_per_s": 8000.0}])
+
+    def shown(plan) -> str:
+        status = RunStatus(state=State.RUNNING, step=2, total_steps=10, plan_summary=plan.summary())
+        from studio.records import MetricRecord
+        progress = Progress.of("r", status, [MetricRecord(step=2, loss=1.0, elapsed_s=4.0, tokens_per_s=8000.0)])
+        return progress_html({**progress.__dict__, "state": progress.state.value})
+    plan = plan_speed(cfg, machine(shape=shape, free_gib=79))
+    text = shown(plan)
     checkpointed = 32 - plan.uncheckpointed_layers
     assert f"gradient checkpointing on {checkpointed} of 32 layers" in text and "8,000 tokens/s" in text
     assert f"about {plan.memory_estimate_gib:.1f} GiB of the 12.0 GiB it may use" in text
-    everything = _progress_html({**status, "speed": {**plan.as_dict(), "gradient_checkpointing": False}}, [])
-    assert "checkpointing" not in everything
-    assert "fused kernels" in text  # the fused LoRA path (and Liger's or PyTorch's fused norm where used)
-    plain = {k: False for k in ("liger", "fused_lora", "fused_norm")}
-    assert "fused kernels" not in _progress_html({**status, "speed": {**plan.as_dict(), **plain}}, [])
+    assert "about 16 s left" in text  # 4 s for 2 steps, 8 to go
+    assert "checkpointing" not in shown(plan.changed(gradient_checkpointing=False)).replace("no checkpointing", "")
+    assert "fused kernels (LoRA)" in text  # the fused LoRA path (and Liger's or PyTorch's fused norm where used)
+    plain = plan.changed(liger=False, fused_lora=False, fused_norm=False)
+    assert "fused kernels" not in shown(plain)
     assert "packed rows, flex attention" in text  # the plan's attention in words, not transformers' name
-    varlen = plan_speed(cfg, "cuda", "llama", shape, free_gib=79, varlen_ok=True).as_dict()
-    assert "packed rows, variable-length flash attention" in _progress_html({**status, "speed": varlen}, [])
+    varlen = plan_speed(cfg, machine(shape=shape, free_gib=79, varlen_ok=True))
+    assert "packed rows, variable-length flash attention" in shown(varlen)

@@ -13,7 +13,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from studio.training import varlen_attention  # noqa: E402  (registers the attention with transformers)
+from studio.training.fast import varlen_attention  # noqa: E402
+
+varlen_attention.register()
 from tests.conftest import tiny_config  # noqa: E402
 
 
@@ -121,36 +123,38 @@ def test_supported_only_where_the_kernel_computes_the_same_attention():
 
 
 def test_plan_picks_varlen_only_where_it_runs(tiny_model):
-    from studio.training.speed import plan_speed
+    from studio.training.fast.plan import plan_speed
+    from tests.conftest import machine
     cfg = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2})
-    assert plan_speed(cfg, "cuda", "llama", varlen_ok=True).attention == varlen_attention.NAME
-    assert plan_speed(cfg, "cuda", "llama", varlen_ok=False).attention == "flex_attention"
-    assert plan_speed(cfg, "cuda", "gemma2", varlen_ok=True).attention == "flex_attention"
-    assert plan_speed(cfg, "cpu", "llama", varlen_ok=True).attention == "sdpa"
+    assert plan_speed(cfg, machine("cuda", "llama", varlen_ok=True)).attention == varlen_attention.NAME
+    assert plan_speed(cfg, machine("cuda", "llama", varlen_ok=False)).attention == "flex_attention"
+    assert plan_speed(cfg, machine("cuda", "gemma2", varlen_ok=True)).attention == "flex_attention"
+    assert plan_speed(cfg, machine("cpu", "llama", varlen_ok=True)).attention == "sdpa"
     unpacked = tiny_config(tiny_model, training={"packing": "off"})
-    assert plan_speed(unpacked, "cuda", "llama", varlen_ok=True).attention == "sdpa"
+    assert plan_speed(unpacked, machine("cuda", "llama", varlen_ok=True)).attention == "sdpa"
     # Asked for by name where it cannot run: the plan says why and uses what can.
     asked = tiny_config(tiny_model, training={"attention": varlen_attention.NAME, "packing": "on"})
-    assert plan_speed(asked, "cuda", "llama", varlen_ok=True).attention == varlen_attention.NAME
-    older_gpu = plan_speed(asked, "cuda", "llama", varlen_ok=False)
+    assert plan_speed(asked, machine("cuda", "llama", varlen_ok=True)).attention == varlen_attention.NAME
+    older_gpu = plan_speed(asked, machine("cuda", "llama", varlen_ok=False))
     assert older_gpu.attention == "flex_attention" and "Ampere" in " ".join(older_gpu.reasons)
-    assert plan_speed(asked, "cpu", "llama", varlen_ok=False).attention == "sdpa"
+    assert plan_speed(asked, machine("cpu", "llama", varlen_ok=False)).attention == "sdpa"
 
 
 def test_a_run_trains_and_saves_through_varlen_attention(tiny_model, reference_kernel, monkeypatch):
+    from studio.records import State
     from studio.runs import new_run
-    from studio.training.trainer import train_run
+    from tests.conftest import train_here
     # The reference kernel stands in for the GPU's, so the plan may pick it here.
     monkeypatch.setattr(varlen_attention, "supported", lambda *args: True)
     monkeypatch.setattr(varlen_attention, "kernel_runs", lambda *args: True)
     run = new_run(tiny_config(tiny_model, training={"packing": "on", "attention": varlen_attention.NAME,
                                                     "max_steps": 4, "eval_steps": 2}))
-    status = train_run(run)
-    assert status["state"] == "completed", status
-    assert status["speed"]["attention"] == varlen_attention.NAME
+    status = train_here(run)
+    assert status.state is State.COMPLETED, status
+    assert status.plan["attention"] == varlen_attention.NAME
     assert reference_kernel and all(len(bounds) > 2 for _, bounds, _ in reference_kernel)  # packed rows
-    losses = [m["loss"] for m in run.metrics() if "loss" in m]
-    held_out = [m["eval_loss"] for m in run.metrics() if "eval_loss" in m]  # evaluation goes through it too
+    losses = [m.loss for m in run.metrics() if m.is_training]
+    held_out = [m.eval_loss for m in run.metrics() if m.is_evaluation]  # evaluation goes through it too
     assert losses and held_out and all(0 < x < 100 for x in losses + held_out)  # finite, not NaN
     from studio.inference import load_chat_model, reply
     chat = load_chat_model("adapter", run.id)  # the chat loads its own model; this attention stays in training

@@ -1,7 +1,7 @@
 """The app's programmatic API (gradio_client, curl): a few named endpoints with typed parameters over
 the same ``Studio`` methods the page uses. Everything else the page does is kept off the API.
 
-Each caller is identified by its Gradio session, so one client can start and stop its own run.
+Each caller is who the server says it is (its verified login; "local" without one), never a value it sends.
 """
 
 from __future__ import annotations
@@ -9,14 +9,10 @@ from __future__ import annotations
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.ui.common import friendly
+from studio.ui.common import friendly, visitor
 
 API_NAMES = ("describe_model", "upload_data", "inspect_data", "start_training", "stop_training", "resume_training",
              "run_status", "list_runs", "chat", "export_run")
-
-
-def _who(request: gr.Request | None) -> str:
-    return f"api-{request.session_hash}" if request is not None and request.session_hash else "api-anonymous"
 
 
 def register(studio) -> None:
@@ -29,27 +25,27 @@ def register(studio) -> None:
     def upload_data(file: FileData, request: gr.Request) -> dict:
         """Store a data file for this session; returns {"data_path": ...} to pass as data.path.
         (Not a bare "path" key: clients would take the dict for a file to download.)"""
-        return {"data_path": studio.store_upload(file["path"], _who(request), remove_source=True)}
+        return {"data_path": studio.store_upload(file["path"], visitor(request), remove_source=True)}
 
     @friendly
     def inspect_data(data: dict, model: str = "bundled", page: int = 0, request: gr.Request = None) -> dict:
         """Read and check data settings ({path, format, columns, max_length, ...}): format, preview, lengths."""
-        return studio.inspect_data(data, model, _who(request), page=page)
+        return studio.inspect_data(data, model, visitor(request), page=page)
 
     @friendly
     def start_training(config: dict, request: gr.Request) -> dict:
         """Start a run from a config dict ({name, model, data, method, training}); returns its run id."""
-        return studio.start(config, _who(request))
+        return studio.start(config, visitor(request))
 
     @friendly
     def stop_training(request: gr.Request) -> str:
         """Ask the training run to stop after its current step (the adapter is saved)."""
-        return studio.stop(_who(request))
+        return studio.stop(visitor(request))
 
     @friendly
     def resume_training(run_id: str, request: gr.Request) -> str:
         """Continue an interrupted (or stopped) run from its last complete checkpoint."""
-        return studio.resume(run_id, _who(request))
+        return studio.resume(run_id, visitor(request))
 
     @friendly
     def run_status(run_id: str = "") -> dict:

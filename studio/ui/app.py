@@ -1,5 +1,5 @@
-"""Assemble the tabs into one Gradio app and wire the events that cross tabs (Start reads the model,
-data and train tabs; the quick demo fills all of them)."""
+"""Assemble the tabs into one Gradio app and wire the events that cross tabs (Start reads the model, data and
+train tabs; picking a model preset fills the Train tab; the quick demo fills all of them)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,26 @@ import gradio as gr
 from studio.config import BUNDLED_MODEL, DEMO_DATA
 from studio.paths import ASSETS_DIR
 from studio.ui import api, chat_tab, data_tab, export_tab, model_tab, train_tab
-from studio.ui.common import friendly, new_owner
+from studio.ui.common import bind
 
 CSS_PATH = ASSETS_DIR / "studio.css"
 
 
+def form_config(studio, values: dict, model, data, train) -> dict:
+    """The one mapping from the whole page's form to a config dict (validated by the engine)."""
+    cfg = train.form.to_dict(values)
+    picker = values[model.picker] or BUNDLED_MODEL
+    cfg["model"] = {"name_or_path": picker,
+                    **{k: v for k, v in studio.model_preset_settings(picker).get("model", {}).items()
+                       if k == "chat_template"}}
+    cfg["data"] = data.current(values)
+    cfg["method"]["target_modules"] = train_tab.targets_from(values[train.target_pick], values[train.layers])
+    cfg["name"] = (values[train.name] or "").strip()
+    return cfg
+
+
 def build_app(studio) -> gr.Blocks:
     with gr.Blocks(title="Fine-tuning Studio") as app:
-        owner = gr.BrowserState("", storage_key="studio-owner")
         with gr.Row(elem_id="studio-header"):
             gr.Markdown("# Fine-tuning Studio\nTeach a language model new habits from your own examples: pick a "
                         "model, give it examples, train, then chat with the result.")
@@ -30,7 +42,7 @@ def build_app(studio) -> gr.Blocks:
             with gr.Tab("1 · Model", id="model", elem_id="tab-model"):
                 model = model_tab.build(studio)
             with gr.Tab("2 · Data", id="data", elem_id="tab-data"):
-                data = data_tab.build(studio, owner, model.picker)
+                data = data_tab.build(studio, model.picker)
             with gr.Tab("3 · Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(studio)
             with gr.Tab("4 · Chat", id="chat", elem_id="tab-chat") as chat_item:
@@ -38,53 +50,35 @@ def build_app(studio) -> gr.Blocks:
             with gr.Tab("5 · Export", id="export", elem_id="tab-export") as export_item:
                 export = export_tab.build(studio)
 
-        start_inputs = {model.picker, owner, train.name, train.target_pick, train.layers,
-                        *data.inputs, *train.form.fields.values()}
+        start_inputs = {model.picker, train.name, train.target_pick, train.layers, *data.inputs,
+                        *train.form.fields.values()}
         live = [*train.live_outputs, train.timer, train.watched]
-
-        def form_config(values: dict) -> dict:
-            """The one mapping from the whole form to a config dict (validated by the engine)."""
-            cfg = train.form.to_dict(values)
-            picker = values[model.picker] or BUNDLED_MODEL
-            preset = studio.preset_for(picker)
-            cfg["model"] = {"name_or_path": picker, **{k: v for k, v in preset.get("model", {}).items()
-                                                       if k == "chat_template"}}
-            cfg["data"] = data.current(values)
-            cfg["method"]["target_modules"] = train_tab.targets_from(values[train.target_pick], values[train.layers])
-            cfg["name"] = (values[train.name] or "").strip()
-            return cfg
-
-        @friendly
-        def start(values):
-            return train.start_run(form_config(values), values[owner])
-
-        @friendly
-        def save(values):
-            return train.save_settings(form_config(values), values[train.save_name])
-
-        train.start.click(start, start_inputs, live, concurrency_limit=None)
-        train.save_preset.click(save, {*start_inputs, train.save_name}, train.preset)
-        train.stop.click(train.stop_run, owner, None)
-        train.resume.click(train.resume_run, [train.run_pick, owner], live)
-        train.target_pick.change(train.on_target_pick, [train.target_pick, model.layer_names], train.layers)
-        model.layer_names.change(train.on_target_pick, [train.target_pick, model.layer_names], train.layers)
+        train_tab.wire_start(studio, train, start_inputs, lambda values: form_config(studio, values, model, data, train))
+        train.target_pick.change(train_tab.on_target_pick, [train.target_pick, model.layer_names], train.layers)
+        model.layer_names.change(train_tab.on_target_pick, [train.target_pick, model.layer_names], train.layers)
+        # A model preset's method and training settings go into the Train tab's form, where they can be seen
+        # and changed before Start.
+        form_targets = {*train.form.fields.values(), train.target_pick, train.layers, train.name}
+        model.picker.input(lambda name: train.fill_from({k: v for k, v in studio.model_preset_settings(name).items()
+                                                          if k in ("method", "training")}),
+                            model.picker, form_targets)
 
         def demo_fill():
-            updates = train.apply_preset("demo")
+            updates = train.fill_from(train_tab.preset_settings("demo"))
             updates.update({model.picker: BUNDLED_MODEL, data.data_path: DEMO_DATA,
-                            data.source: "Using: **demo set**", tabs: gr.Tabs(selected="train")})
+                            data.source: data_tab.DEMO_SOURCE, tabs: gr.Tabs(selected="train")})
             return updates
 
-        quick.click(demo_fill, None, {*train.form.fields.values(), train.target_pick, train.layers, train.name,
-                                      model.picker, data.data_path, data.source, tabs}).then(
-            start, start_inputs, live)
-        chat_item.select(lambda: gr.Dropdown(choices=studio.finished_runs()), None, chat.run_pick)
-        export_item.select(lambda: gr.Dropdown(choices=studio.finished_runs()), None, export.run_pick)
+        def demo_start(values: dict, request: gr.Request):
+            return train_tab.start_run(studio, form_config(studio, values, model, data, train), request)
+        quick.click(demo_fill, None, {*form_targets, model.picker, data.data_path, data.source, tabs}).then(
+            demo_start, start_inputs, live)
+        chat_item.select(bind(chat_tab.finished_runs, studio), None, chat.run_pick)
+        export_item.select(bind(chat_tab.finished_runs, studio), None, export.run_pick)
         api.register(studio)
-        app.load(new_owner, owner, owner).then(train.reattach, train.watched, live).then(
-            train.list_runs_table, None, [train.runs_table, train.run_pick]).then(
-            model.describe, model.picker, [model.info, model.memory, model.layer_names, model.status],
-            concurrency_id="heavy")
+        app.load(bind(train_tab.reattach, studio), train.watched, live).then(
+            bind(train_tab.runs_table, studio), None, [train.runs_table, train.run_pick]).then(
+            model.describe, model.picker, model.outputs, concurrency_id="heavy")
     api.hide_page_events(app)
     return app
 

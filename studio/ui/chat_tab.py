@@ -1,4 +1,7 @@
-"""Chat tab: the same prompt to the base model and the fine-tuned one, side by side, streamed."""
+"""Chat tab: the same prompt to the base model and the fine-tuned one, side by side, streamed.
+
+Run it alone with ``python -m studio.ui.chat_tab``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.ui.common import friendly
+from studio.ui.common import bind, friendly, run_alone
 
 
 def build(studio) -> SimpleNamespace:
@@ -35,32 +38,38 @@ def build(studio) -> SimpleNamespace:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         clear = gr.Button("Clear", scale=1)
 
-    @friendly
-    def respond(text, run_id, how, temp, p, limit, base_history, tuned_history):
-        text = (text or "").strip()
-        if not text:
-            raise gr.Error("Type a message first.")
-        if not run_id:
-            raise gr.Error("Pick a finished run first (train one on the Train tab).")
-        settings = {"temperature": temp, "top_p": p, "max_new_tokens": int(limit)}
-        base_history = [*(base_history or []), {"role": "user", "content": text}]
-        tuned_history = [*(tuned_history or []), {"role": "user", "content": text}]
-        for name, history in (("tuned", tuned_history), ("base", base_history)):
-            turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
-            history.append({"role": "assistant", "content": ""})
-            for partial in studio.chat(how if name == "tuned" else "base", run_id, turns, settings):
-                history[-1]["content"] = partial
-                yield "", base_history, tuned_history
-        yield "", base_history, tuned_history
-
     inputs = [prompt, run_pick, source, temperature, top_p, max_new, base_chat, tuned_chat]
     outputs = [prompt, base_chat, tuned_chat]
-    send.click(respond, inputs, outputs, concurrency_id="heavy")
-    prompt.submit(respond, inputs, outputs, concurrency_id="heavy")
+    send.click(bind(respond, studio), inputs, outputs, concurrency_id="heavy")
+    prompt.submit(bind(respond, studio), inputs, outputs, concurrency_id="heavy")
     clear.click(lambda: ([], []), None, [base_chat, tuned_chat])
-    refresh.click(lambda: gr.Dropdown(choices=studio.finished_runs()), None, run_pick)
-    return SimpleNamespace(run_pick=run_pick, refresh=refresh, respond=respond, prompt=prompt, send=send,
+    refresh.click(bind(finished_runs, studio), None, run_pick)
+    return SimpleNamespace(run_pick=run_pick, refresh=refresh, prompt=prompt, send=send,
                            base_chat=base_chat, tuned_chat=tuned_chat)
+
+
+@friendly
+def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_history):
+    """Stream the tuned and the base model's replies to `text` into the two chat panels."""
+    text = (text or "").strip()
+    if not text:
+        raise gr.Error("Type a message first.")
+    if not run_id:
+        raise gr.Error("Pick a finished run first (train one on the Train tab).")
+    settings = {"temperature": temp, "top_p": p, "max_new_tokens": int(limit)}
+    base_history = [*(base_history or []), {"role": "user", "content": text}]
+    tuned_history = [*(tuned_history or []), {"role": "user", "content": text}]
+    for name, history in (("tuned", tuned_history), ("base", base_history)):
+        turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
+        history.append({"role": "assistant", "content": ""})
+        for partial in studio.chat(how if name == "tuned" else "base", run_id, turns, settings):
+            history[-1]["content"] = partial
+            yield "", base_history, tuned_history
+    yield "", base_history, tuned_history
+
+
+def finished_runs(studio) -> gr.Dropdown:
+    return gr.Dropdown(choices=studio.finished_runs())
 
 
 def _text(content) -> str:
@@ -72,3 +81,7 @@ def _text(content) -> str:
     if isinstance(content, dict):
         return str(content.get("text", ""))
     return str(content)
+
+
+if __name__ == "__main__":
+    run_alone(build, "Chat")

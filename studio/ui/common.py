@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import uuid
 
 import gradio as gr
 
@@ -97,6 +96,35 @@ class Form:
         return out
 
 
-def new_owner(current: str | None) -> str:
-    """A random id kept in the browser, so a reload still owns the run it started."""
-    return current if current and current.isalnum() and len(current) == 32 else uuid.uuid4().hex
+def bind(handler, studio):
+    """`handler(studio, ...)` as an event function of the rest of its parameters. Gradio reads the bound
+    function's signature to pass inputs, and its annotations to pass the gr.Request (which a functools.partial
+    would hide from it)."""
+    signature = inspect.signature(handler)
+    params = list(signature.parameters.values())[1:]
+    if inspect.isgeneratorfunction(handler):
+        def bound(*args, **kwargs):
+            yield from handler(studio, *args, **kwargs)
+    else:
+        def bound(*args, **kwargs):
+            return handler(studio, *args, **kwargs)
+    bound.__name__ = bound.__qualname__ = handler.__name__
+    bound.__doc__ = handler.__doc__
+    bound.__signature__ = signature.replace(parameters=params)
+    bound.__annotations__ = {p.name: gr.Request for p in params if p.annotation in (gr.Request, "gr.Request")}
+    return bound
+
+
+def visitor(request: gr.Request | None) -> str:
+    """Who is asking, as the server knows it: the verified login's user name (everyone who shares one login is
+    one visitor), or "local" without a login. Never a value the client sends."""
+    return (getattr(request, "username", None) or "local") if request is not None else "local"
+
+
+def run_alone(build, title: str) -> None:
+    """Serve one tab by itself on http://127.0.0.1:7860 (``python -m studio.ui.<tab>``), for working on it."""
+    from studio.service import Studio
+    studio = Studio()
+    with gr.Blocks(title=title) as page:
+        build(studio)
+    page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", ssr_mode=False)

@@ -1,5 +1,8 @@
 """Data tab: upload or pick the demo set, see how it was read, preview it, and see one sample exactly as
-the model will (trained tokens highlighted), with a token-length histogram and the bad-row report."""
+the model will (trained tokens highlighted), with a token-length histogram and the bad-row report.
+
+Run it alone with ``python -m studio.ui.data_tab``.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +11,59 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from studio.config import DEMO_DATA
-from studio.ui.common import Form, friendly
+from studio.config import BUNDLED_MODEL, DEMO_DATA
+from studio.ui.common import Form, bind, friendly, run_alone, visitor
 
 NONE = "(none)"
+DEMO_SOURCE = "Using: **demo set**"
 
 
-def build(studio, owner, model_picker) -> SimpleNamespace:
+def data_settings(form_values: dict, path: str, prompt_col: str, reply_col: str, system_col: str) -> dict:
+    """The data section of a config from the tab's fields: its settings, the file, and the column mapping."""
+    mapping = {}
+    for col, target in ((prompt_col, "instruction"), (reply_col, "output"), (system_col, "system")):
+        if col and col != NONE and col != target:
+            mapping[col] = target
+    return {**form_values, "columns": mapping, "path": path}
+
+
+@friendly
+def check(studio, data: dict, model: str, page: int, request: gr.Request = None) -> dict:
+    """What the tab shows for the data settings: summary text, preview, sample, histogram, bad rows, columns."""
+    d = studio.inspect_data(data, model or BUNDLED_MODEL, visitor(request), page=int(page or 1) - 1)
+    over = d["over_max_length"]
+    policy = "cut to fit" if d["too_long"] == "truncate" else "dropped"
+    text = (f"**{d['summary']}**  \n{d['split']}.  \n{d['trained_tokens']:,} tokens to learn from. "
+            f"{over} rows are longer than max length {d['max_length']} and will be {policy}. "
+            f"Page {d['page'] + 1} of {d['pages']}.")
+    return {"summary": text, "preview": pd.DataFrame(d["preview"]), "sample": d["sample"],
+            "histogram": histogram(d["lengths"]), "columns": [NONE, *d["columns"]],
+            "bad": pd.DataFrame(d["bad_rows"] or [{"row": "-", "reason": "none"}])}
+
+
+@friendly
+def uploaded(studio, file: str | None, request: gr.Request = None) -> tuple[str, str]:
+    """(the stored upload's name to train on, the source line); the demo set when the upload is cleared."""
+    if file is None:
+        return DEMO_DATA, DEMO_SOURCE
+    stored = studio.store_upload(file, visitor(request), remove_source=True)
+    return stored, f"Using: **{stored}**"
+
+
+def build(studio, model_picker=None) -> SimpleNamespace:
     gr.Markdown("### 2. Give it examples\nUpload .jsonl, .json, .csv or .parquet in any common format (alpaca, "
                 "sharegpt, messages, prompt/completion, text), or use the demo set.")
     form = Form()
     data_path = gr.State(DEMO_DATA)
+    model_picker = model_picker if model_picker is not None else gr.State(BUNDLED_MODEL)
     with gr.Row():
         upload = gr.File(label=f"Upload data (up to {studio.policy.max_upload_mb} MB)", file_count="single",
                          file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="data-upload", scale=2)
         with gr.Column(scale=1):
             use_demo = gr.Button("Use the demo set (pirate talk)", elem_id="data-demo")
-            source = gr.Markdown("Using: **demo set**", elem_id="data-source")
+            source = gr.Markdown(DEMO_SOURCE, elem_id="data-source")
     with gr.Row():
-        fmt = form.field("data", "format", label="Format")
+        form.field("data", "format", label="Format")
         prompt_col = gr.Dropdown([NONE], value=NONE, label="Prompt column", allow_custom_value=False,
                                  info="Flat files: which column holds the question or instruction.")
         reply_col = gr.Dropdown([NONE], value=NONE, label="Reply column", info="Which column holds the answer to learn.")
@@ -49,55 +86,34 @@ def build(studio, owner, model_picker) -> SimpleNamespace:
                                               "(green: learned, grey: context only)",
                                         color_map={"trained": "green", "masked": "lightgray"}, combine_adjacent=True,
                                         show_legend=True, elem_id="data-sample")
-            histogram = gr.BarPlot(x="tokens", y="rows", label="Token lengths", elem_id="data-histogram",
-                                   x_title="tokens per conversation", y_title="rows", sort=None)
+            chart = gr.BarPlot(x="tokens", y="rows", label="Token lengths", elem_id="data-histogram",
+                               x_title="tokens per conversation", y_title="rows", sort=None)
     bad = gr.Dataframe(label="Rows that will not be trained, and why", interactive=False, elem_id="data-bad")
 
-    def current(values):
-        data = form.to_dict(values).get("data", {})
-        mapping = {}
-        for col, target in ((values[prompt_col], "instruction"), (values[reply_col], "output"),
-                            (values[system_col], "system")):
-            if col and col != NONE and col != target:
-                mapping[col] = target
-        data["columns"] = mapping
-        data["path"] = values[data_path]
-        return data
+    def current(values: dict) -> dict:
+        return data_settings(form.to_dict(values).get("data", {}), values[data_path], values[prompt_col],
+                             values[reply_col], values[system_col])
 
-    @friendly
-    def check(values):
-        d = studio.inspect_data(current(values), values[model_picker], values[owner], page=int(values[page] or 1) - 1)
-        over = d["over_max_length"]
-        policy = "cut to fit" if d["too_long"] == "truncate" else "dropped"
-        text = (f"**{d['summary']}**  \n{d['split']}.  \n{d['trained_tokens']:,} tokens to learn from. "
-                f"{over} rows are longer than max length {d['max_length']} and will be {policy}. "
-                f"Page {d['page'] + 1} of {d['pages']}.")
-        columns = [NONE, *d["columns"]]
-        return {summary: text, preview: pd.DataFrame(d["preview"]), sample: d["sample"],
-                histogram: _histogram(d["lengths"]), bad: pd.DataFrame(d["bad_rows"] or [{"row": "-", "reason": "none"}]),
-                prompt_col: gr.Dropdown(choices=columns), reply_col: gr.Dropdown(choices=columns),
-                system_col: gr.Dropdown(choices=columns)}
+    def on_check(values: dict, request: gr.Request):
+        d = check(studio, current(values), values[model_picker], values[page], request)
+        columns = gr.Dropdown(choices=d["columns"])
+        return {summary: d["summary"], preview: d["preview"], sample: d["sample"], chart: d["histogram"],
+                bad: d["bad"], prompt_col: columns, reply_col: columns, system_col: columns}
 
-    @friendly
-    def uploaded(file, who):
-        if file is None:
-            return DEMO_DATA, "Using: **demo set**"
-        stored = studio.store_upload(file, who, remove_source=True)
-        return stored, f"Using: **{stored.rsplit('/', 1)[-1]}**"
-
-    inputs = {data_path, model_picker, owner, page, prompt_col, reply_col, system_col, *form.fields.values()}
-    outputs = [summary, preview, sample, histogram, bad, prompt_col, reply_col, system_col]
-    upload.upload(uploaded, [upload, owner], [data_path, source]).then(check, inputs, outputs, concurrency_id="heavy")
-    use_demo.click(lambda: (DEMO_DATA, "Using: **demo set**"), None, [data_path, source]).then(
-        check, inputs, outputs, concurrency_id="heavy")
-    inspect_btn.click(check, inputs, outputs, concurrency_id="heavy")
-    page.submit(check, inputs, outputs, concurrency_id="heavy")
+    inputs = {data_path, model_picker, page, prompt_col, reply_col, system_col, *form.fields.values()}
+    outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col]
+    upload.upload(bind(uploaded, studio), upload, [data_path, source]).then(
+        on_check, inputs, outputs, concurrency_id="heavy")
+    use_demo.click(lambda: (DEMO_DATA, DEMO_SOURCE), None, [data_path, source]).then(
+        on_check, inputs, outputs, concurrency_id="heavy")
+    inspect_btn.click(on_check, inputs, outputs, concurrency_id="heavy")
+    page.submit(on_check, inputs, outputs, concurrency_id="heavy")
     return SimpleNamespace(form=form, data_path=data_path, prompt_col=prompt_col, reply_col=reply_col,
-                           system_col=system_col, current=current, check=check, inputs=inputs, outputs=outputs,
+                           system_col=system_col, current=current, inputs=inputs, outputs=outputs,
                            use_demo=use_demo, source=source)
 
 
-def _histogram(lengths: list[int]) -> pd.DataFrame:
+def histogram(lengths: list[int]) -> pd.DataFrame:
     if not lengths:
         return pd.DataFrame({"tokens": [], "rows": []})
     lo, hi = min(lengths), max(lengths)
@@ -107,3 +123,7 @@ def _histogram(lengths: list[int]) -> pd.DataFrame:
         start = lo + (n - lo) // width * width
         bins[start] = bins.get(start, 0) + 1
     return pd.DataFrame({"tokens": [f"{s}-{s + width - 1}" for s in sorted(bins)], "rows": [bins[s] for s in sorted(bins)]})
+
+
+if __name__ == "__main__":
+    run_alone(build, "Data")

@@ -1,4 +1,7 @@
-"""Export tab: download the adapter or the merged model as a zip, and the code that loads each."""
+"""Export tab: download the adapter or the merged model as a zip, and the code that loads each.
+
+Run it alone with ``python -m studio.ui.export_tab``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.ui.common import friendly
+from studio.ui.common import bind, friendly, run_alone
 
 
 def build(studio) -> SimpleNamespace:
@@ -23,23 +26,29 @@ def build(studio) -> SimpleNamespace:
         adapter_code = gr.Code(language="python", label="Load the adapter", interactive=False)
         merged_code = gr.Code(language="python", label="Load the merged model", interactive=False)
 
-    @friendly
-    def make(run_id, what, current):
-        if not run_id:
-            raise gr.Error("Pick a run first.")
-        path = studio.export(run_id, what)
-        kept = [f for f in (current or []) if not str(f).endswith(f"-{what}.zip")]
-        return [*kept, path]
-
-    @friendly
-    def snippets(run_id):
-        if not run_id:
-            return "", ""
-        s = studio.load_snippets(run_id)
-        return s["adapter"], s["merged"]
-
-    zip_adapter.click(lambda r, c: make(r, "adapter", c), [run_pick, files], files, concurrency_id="heavy")
-    zip_merged.click(lambda r, c: make(r, "merged", c), [run_pick, files], files, concurrency_id="heavy")
-    run_pick.change(snippets, run_pick, [adapter_code, merged_code])
+    zip_adapter.click(lambda r, c: make(studio, r, "adapter", c), [run_pick, files], files, concurrency_id="heavy")
+    zip_merged.click(lambda r, c: make(studio, r, "merged", c), [run_pick, files], files, concurrency_id="heavy")
+    run_pick.change(bind(snippets, studio), run_pick, [adapter_code, merged_code])
     refresh.click(lambda: gr.Dropdown(choices=studio.finished_runs()), None, run_pick)
-    return SimpleNamespace(run_pick=run_pick, refresh=refresh, make=make, files=files)
+    return SimpleNamespace(run_pick=run_pick, refresh=refresh, files=files)
+
+
+@friendly
+def make(studio, run_id, what, current):
+    """Zip `what` ('adapter' or 'merged') of a run; the downloads list with it (replacing an older one)."""
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    path = studio.export(run_id, what)
+    kept = [f for f in (current or []) if not str(f).endswith(f"-{what}.zip")]
+    return [*kept, path]
+
+@friendly
+def snippets(studio, run_id):
+    if not run_id:
+        return "", ""
+    s = studio.load_snippets(run_id)
+    return s["adapter"], s["merged"]
+
+
+if __name__ == "__main__":
+    run_alone(build, "Export")

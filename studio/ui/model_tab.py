@@ -1,4 +1,7 @@
-"""Model tab: pick the base model and see what it is, and what each method would need, before training."""
+"""Model tab: pick the base model and see what it is, and what each method would need, before training.
+
+Run it alone with ``python -m studio.ui.model_tab``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,23 @@ import gradio as gr
 import pandas as pd
 
 from studio.config import BUNDLED_MODEL
-from studio.ui.common import friendly
+from studio.ui.common import bind, friendly, run_alone
+
+
+@friendly
+def describe(studio, name: str):
+    """(info table, memory table, the model's layer names, status line) for a model."""
+    d = studio.describe_model(name)
+    return (pd.DataFrame(d["info"], columns=["", ""]), pd.DataFrame(d["memory"]), d["layer_names"],
+            f"Loaded **{d['name']}** on **{d['device']}**. Next: the Data tab.")
+
+
+def preset_note(studio, name: str) -> str:
+    """What picking `name` changes on the Train tab (a model preset's method and training settings)."""
+    settings = studio.model_preset_settings(name)
+    changed = [f"{key} {value}" for section in ("method", "training") for key, value in settings.get(section, {}).items()
+               if key != "target_modules"]
+    return f"The preset's settings are filled in on the Train tab: {', '.join(changed)}." if changed else ""
 
 
 def build(studio) -> SimpleNamespace:
@@ -26,14 +45,14 @@ def build(studio) -> SimpleNamespace:
         memory = gr.Dataframe(label="Estimated memory to train (batch 8 x 256 tokens)", interactive=False,
                               elem_id="model-memory")
     status = gr.Markdown("", elem_id="model-status")
+    preset = gr.Markdown("", elem_id="model-preset")
     layer_names = gr.State([])
-
-    @friendly
-    def describe(name):
-        d = studio.describe_model(name)
-        return (pd.DataFrame(d["info"], columns=["", ""]), pd.DataFrame(d["memory"]), d["layer_names"],
-                f"Loaded **{d['name']}** on **{d['device']}**. Next: the Data tab.")
-
-    load.click(describe, picker, [info, memory, layer_names, status], concurrency_id="heavy")
+    outputs = [info, memory, layer_names, status]
+    load.click(bind(describe, studio), picker, outputs, concurrency_id="heavy")
+    picker.change(bind(preset_note, studio), picker, preset)
     return SimpleNamespace(picker=picker, load=load, info=info, memory=memory, layer_names=layer_names,
-                           status=status, describe=describe)
+                           status=status, outputs=outputs, describe=bind(describe, studio))
+
+
+if __name__ == "__main__":
+    run_alone(build, "Model")

@@ -1,5 +1,9 @@
 """Train tab: method and settings (each with its help text), presets, Start/Stop, live loss plot with
-progress and ETA, and the list of past runs."""
+progress and time left, and the list of past runs.
+
+The handlers are module functions of (studio, ...); ``build`` lays the tab out and wires them. Run it alone
+with ``python -m studio.ui.train_tab``.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,159 @@ import pandas as pd
 import yaml
 
 from studio.config import to_dict
-from studio.runs import format_loss
-from studio.ui.common import Form, friendly
+from studio.records import duration, format_loss
+from studio.ui.common import Form, bind, friendly, run_alone, visitor
 
 ALL_LINEAR, ATTENTION, CHOOSE = "All linear layers (best quality)", "Attention only (lighter)", "Choose layers"
 # Plots start from None: an empty DataFrame makes Gradio fix the colour encoding wrongly for good.
 PLOT_EMPTY = None
+SERIES_COLOURS = {"training loss": "#4f46e5", "held-out loss": "#f59e0b"}
+IDLE = ("No run is training.", "", PLOT_EMPTY, "")
 
 
+# --- what the page shows, from a snapshot (studio.snapshot) ---
+def show(snap: dict) -> tuple:
+    """(status line, progress bar and plan, plot data, log text) for one snapshot."""
+    if not snap["run_id"]:
+        return IDLE
+    st = snap["status"]
+    message = f"**{snap['run_id']}**: {st.get('state', 'idle')}. {html.escape(st.get('message', ''))}"
+    return message, progress_html(snap.get("progress")), plot_frame(snap["metrics"]), log_text(snap["metrics"])
+
+
+def progress_html(progress: dict | None) -> str:
+    if not progress or not progress.get("total_steps"):
+        return ""
+    step, total = progress["step"], progress["total_steps"]
+    left = f", about {duration(progress['seconds_left'])} left" if progress.get("seconds_left") else ""
+    speed = f", {progress['tokens_per_s']:,.0f} tokens/s" if progress.get("tokens_per_s") is not None else ""
+    plan = (f"<div class='studio-plan'>Training with {html.escape(progress['plan_summary'])}.</div>"
+            if progress.get("plan_summary") else "")
+    return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"
+            f"<div>Step {step} of {total} ({100 * step / total:.0f}%){left}{speed}</div>{plan}</div>")
+
+
+def plot_frame(metrics: list[dict]) -> pd.DataFrame | None:
+    series = (("loss", "training loss"), ("eval_loss", "held-out loss"))
+    rows = [{"step": m["step"], "loss": m[key], "series": name} for m in metrics for key, name in series
+            if isinstance(m.get(key), (int, float))]
+    if not rows:
+        return None
+    # Gradio fixes the plot's series from the first data it gets; a blank point keeps 'held-out loss'
+    # in the legend until the first evaluation arrives (a line skips points with no value).
+    for _, name in series:
+        if not any(r["series"] == name for r in rows):
+            rows.append({"step": rows[0]["step"], "loss": float("nan"), "series": name})
+    return pd.DataFrame(rows)
+
+
+def log_text(metrics: list[dict]) -> str:
+    lines = []
+    for m in metrics[-50:]:
+        if "loss" in m:
+            lines.append(f"step {m['step']}: loss {format_loss(m['loss'])}, "
+                         f"lr {m.get('learning_rate') or 0:.2e}, {m.get('tokens_per_s') or 0:.0f} tok/s")
+        elif "eval_loss" in m:
+            lines.append(f"step {m['step']}: held-out loss {format_loss(m['eval_loss'])}")
+    return "\n".join(lines)
+
+
+# --- handlers ---
+@friendly
+def start_run(studio, cfg_dict: dict, request: gr.Request = None) -> tuple:
+    """Start a run from the form's config; the live view of it, the timer on, and the run id to follow."""
+    result = studio.start(cfg_dict, visitor(request))
+    return (*show(studio.snapshot(result["run_id"])), gr.Timer(active=True), result["run_id"])
+
+
+@friendly
+def stop_run(studio, request: gr.Request = None) -> None:
+    gr.Info(studio.stop(visitor(request)))
+
+
+def tick(studio, run_id: str | None) -> tuple:
+    """The timer's refresh: the followed run's view; the timer stays on while the run is live."""
+    snap = studio.snapshot(run_id) if run_id else studio.snapshot()
+    return (*show(snap), gr.Timer(active=snap.get("active", False)))
+
+
+def reattach(studio, run_id: str | None) -> tuple:
+    """On page load: follow the live run if there is one (closing the tab never stops training)."""
+    run_id = studio.active_run_id() or run_id
+    if run_id is None:
+        return (*IDLE, gr.Timer(active=False), None)
+    return (*tick(studio, run_id), run_id)
+
+
+@friendly
+def resume_run(studio, run_id: str, request: gr.Request = None) -> tuple:
+    if not run_id:
+        raise gr.Error("Pick a run to resume in the list above.")
+    gr.Info(studio.resume(run_id, visitor(request)))
+    return (*show(studio.snapshot(run_id)), gr.Timer(active=True), run_id)
+
+
+def runs_table(studio) -> tuple:
+    rows = studio.runs_table()
+    frame = pd.DataFrame([{k: r[k] for k in ("id", "state", "step", "total_steps", "last_loss", "method", "model")}
+                          for r in rows]) if rows else pd.DataFrame({"id": [], "state": []})
+    return frame, gr.Dropdown(choices=[r["id"] for r in rows])
+
+
+@friendly
+def open_run(studio, run_id: str) -> tuple:
+    """(status line, its settings as YAML, its loss plot) for a past run."""
+    if not run_id:
+        return "", "", PLOT_EMPTY
+    d = studio.run_detail(run_id)
+    st = d["status"]
+    text = f"**{run_id}**: {st.get('state')}. {html.escape(st.get('message', ''))}"
+    return text, yaml.safe_dump(d["config"], sort_keys=False), plot_frame(d["metrics"])
+
+
+@friendly
+def preset_settings(choice: str) -> dict:
+    """A run preset's settings as a config dict, for filling the form."""
+    from studio.presets import load_run_config, run_presets
+    return to_dict(load_run_config(run_presets()[choice]))
+
+
+@friendly
+def save_settings(studio, cfg_dict: dict, preset_name: str) -> gr.Dropdown:
+    from studio.config import from_dict
+    from studio.paths import PRESETS_DIR
+    from studio.presets import run_presets, save_run_preset
+    if studio.policy.share:
+        raise gr.Error("Saving presets is turned off on shared links.")
+    path = save_run_preset(from_dict(cfg_dict), (preset_name or "").strip(), PRESETS_DIR)
+    gr.Info(f"Saved {path.name}.")
+    return gr.Dropdown(choices=list(run_presets()), value=path.stem)
+
+
+def target_pick_for(targets: list[str]) -> str:
+    return ALL_LINEAR if targets == ["all-linear"] else ATTENTION if targets == ["attention"] else CHOOSE
+
+
+def targets_from(pick: str, chosen: list[str]) -> list[str]:
+    if pick == ATTENTION:
+        return ["attention"]
+    if pick == CHOOSE:
+        if not chosen:
+            raise gr.Error("Tick at least one layer, or pick 'All linear layers'.")
+        return list(chosen)
+    return ["all-linear"]
+
+
+def on_target_pick(pick: str, names: list[str]) -> gr.CheckboxGroup:
+    return gr.CheckboxGroup(choices=names, visible=pick == CHOOSE)
+
+
+# --- layout ---
 def build(studio) -> SimpleNamespace:
     from studio.presets import load_run_config, run_presets
     # The page opens on the bundled model and the demo data, so the form starts with the demo preset.
     form = Form(initial=to_dict(load_run_config(run_presets()["demo"])))
-    gr.Markdown("### 3. Train\nThe defaults work. Hover over a setting's description for what it does.")
+    gr.Markdown("### 3. Train\nThe defaults work. Each setting says what it does under its name.")
     with gr.Row():
         preset = gr.Dropdown(choices=list(run_presets()), value="demo", label="Preset", scale=2,
                              info="Load a saved set of settings (presets/*.yaml).", elem_id="train-preset")
@@ -58,6 +202,7 @@ def build(studio) -> SimpleNamespace:
             form.field("training", "precision", label="Precision")
             form.field("training", "gradient_checkpointing", label="Gradient checkpointing")
             form.field("training", "memory_limit_gib", label="GPU memory limit (GiB)")
+            form.field("training", "speed", label="Speed plan")
             form.field("training", "eval_steps", label="Evaluate every")
             form.field("training", "save_steps", label="Checkpoint every")
             form.field("training", "logging_steps", label="Log every")
@@ -68,17 +213,16 @@ def build(studio) -> SimpleNamespace:
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves the adapter)", variant="stop", elem_id="train-stop")
-    status = gr.Markdown("No run is training.", elem_id="train-status")
+    status = gr.Markdown(IDLE[0], elem_id="train-status")
     progress = gr.HTML("", elem_id="train-progress")
     plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", label="Loss (lower is better)",
-                       color_map=SERIES_COLOURS,
-                       elem_id="train-plot", height=320, x_title="step", y_title="loss")
+                       color_map=SERIES_COLOURS, elem_id="train-plot", height=320, x_title="step", y_title="loss")
     log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True, elem_id="train-log")
     timer = gr.Timer(2.0, active=False)
     watched = gr.State(None)
 
     with gr.Accordion("Past runs", open=False, elem_id="train-history"):
-        runs_table = gr.Dataframe(interactive=False, label="Runs, newest first", elem_id="runs-table")
+        table = gr.Dataframe(interactive=False, label="Runs, newest first", elem_id="runs-table")
         with gr.Row():
             run_pick = gr.Dropdown([], label="Open a run", scale=3, elem_id="runs-pick")
             refresh = gr.Button("Refresh list", scale=1)
@@ -89,181 +233,50 @@ def build(studio) -> SimpleNamespace:
             run_plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", label="Its loss", height=280,
                                    color_map=SERIES_COLOURS)
 
-    # --- handlers ---
-    def show(snap: dict):
-        """Status line, progress bar, plot data and log text for one snapshot."""
-        st = snap["status"]
-        metrics = snap["metrics"]
-        state = st.get("state", "idle")
-        head = f"**{snap['run_id']}**: {state}" if snap["run_id"] else "No run is training."
-        message = f"{head}. {html.escape(st.get('message', ''))}" if snap["run_id"] else head
-        return message, _progress_html(st, metrics), plot_frame(metrics), _log_text(metrics)
-
-    @friendly
-    def start_run(cfg_dict: dict, who: str):
-        result = studio.start(cfg_dict, who)
-        snap = studio.snapshot(result["run_id"])
-        return (*show(snap), gr.Timer(active=True), result["run_id"])
-
-    @friendly
-    def stop_run(who):
-        gr.Info(studio.stop(who))
-
-    def tick(run_id):
-        snap = studio.snapshot(run_id)
-        keep_going = snap.get("active", False)
-        return (*show(snap), gr.Timer(active=keep_going))
-
-    def reattach(run_id):
-        """On page load: follow the live run if there is one (closing the tab never stops training)."""
-        active = studio.manager.active_run
-        run_id = active.id if active else run_id
-        if run_id is None:
-            return ("No run is training.", "", PLOT_EMPTY, "", gr.Timer(active=False), None)
-        return (*tick(run_id), run_id)
-
-    @friendly
-    def apply_preset(choice):
-        from studio.presets import load_run_config
-        cfg = to_dict(load_run_config(run_presets()[choice]))
-        targets = cfg["method"]["target_modules"]
-        pick = ALL_LINEAR if targets == ["all-linear"] else ATTENTION if targets == ["attention"] else CHOOSE
+    def fill_from(cfg: dict) -> dict:
+        """{component: value} filling the form (and the target layers) from a config dict."""
         updates = form.updates_from(cfg)
-        updates[target_pick] = pick
-        updates[name] = cfg.get("name", "")
-        if pick == CHOOSE:
-            updates[layers] = gr.CheckboxGroup(value=targets, visible=True)
+        targets = cfg.get("method", {}).get("target_modules")
+        if targets:
+            pick = target_pick_for(targets)
+            updates[target_pick] = pick
+            if pick == CHOOSE:
+                updates[layers] = gr.CheckboxGroup(value=targets, visible=True)
+        if "name" in cfg:
+            updates[name] = cfg["name"]
         return updates
 
-    @friendly
-    def save_settings(cfg_dict: dict, preset_name: str):
-        from studio.config import from_dict
-        from studio.paths import PRESETS_DIR
-        from studio.presets import save_run_preset
-        if studio.policy.share:
-            raise gr.Error("Saving presets is turned off on shared links.")
-        path = save_run_preset(from_dict(cfg_dict), preset_name.strip(), PRESETS_DIR)
-        gr.Info(f"Saved {path.name}.")
-        return gr.Dropdown(choices=list(run_presets()), value=path.stem)
-
-    def list_runs_table():
-        rows = studio.runs_table()
-        frame = pd.DataFrame([{k: r[k] for k in ("id", "state", "step", "total_steps", "last_loss", "method", "model")}
-                              for r in rows]) if rows else pd.DataFrame({"id": [], "state": []})
-        return frame, gr.Dropdown(choices=[r["id"] for r in rows])
-
-    @friendly
-    def open_run(run_id):
-        if not run_id:
-            return "", "", PLOT_EMPTY
-        d = studio.run_detail(run_id)
-        st = d["status"]
-        text = f"**{run_id}**: {st.get('state')}. {html.escape(st.get('message', ''))}"
-        return text, yaml.safe_dump(d["config"], sort_keys=False), plot_frame(d["metrics"])
-
-    @friendly
-    def resume_run(run_id, who):
-        if not run_id:
-            raise gr.Error("Pick a run to resume in the list above.")
-        gr.Info(studio.resume(run_id, who))
-        return (*show(studio.snapshot(run_id)), gr.Timer(active=True), run_id)
-
-    def on_target_pick(pick, names):
-        return gr.CheckboxGroup(choices=names, visible=pick == CHOOSE)
-
     live_outputs = [status, progress, plot, log]
-    timer.tick(tick, watched, [*live_outputs, timer], show_progress="hidden")
-    load_preset.click(apply_preset, preset, {*form.fields.values(), target_pick, layers, name})
-    refresh.click(list_runs_table, None, [runs_table, run_pick])
-    run_pick.change(open_run, run_pick, [run_status, run_config, run_plot])
+    timer.tick(bind(tick, studio), watched, [*live_outputs, timer], show_progress="hidden")
+    load_preset.click(lambda choice: fill_from(preset_settings(choice)), preset,
+                      {*form.fields.values(), target_pick, layers, name})
+    stop.click(bind(stop_run, studio), None, None)
+    resume.click(bind(resume_run, studio), run_pick, [*live_outputs, timer, watched])
+    refresh.click(bind(runs_table, studio), None, [table, run_pick])
+    run_pick.change(bind(open_run, studio), run_pick, [run_status, run_config, run_plot])
     return SimpleNamespace(form=form, name=name, target_pick=target_pick, layers=layers, start=start, stop=stop,
-                           stop_run=stop_run, status=status, progress=progress, plot=plot, log=log, timer=timer,
-                           watched=watched, start_run=start_run, reattach=reattach, live_outputs=live_outputs,
-                           save_settings=save_settings, save_preset=save_preset, save_name=save_name, preset=preset,
-                           list_runs_table=list_runs_table, runs_table=runs_table, run_pick=run_pick,
-                           resume=resume, resume_run=resume_run, on_target_pick=on_target_pick,
-                           apply_preset=apply_preset)
+                           status=status, progress=progress, plot=plot, log=log, timer=timer, watched=watched,
+                           live_outputs=live_outputs, save_preset=save_preset, save_name=save_name, preset=preset,
+                           runs_table=table, run_pick=run_pick, fill_from=fill_from)
 
 
-def targets_from(pick: str, chosen: list[str]) -> list[str]:
-    if pick == ATTENTION:
-        return ["attention"]
-    if pick == CHOOSE:
-        if not chosen:
-            raise gr.Error("Tick at least one layer, or pick 'All linear layers'.")
-        return list(chosen)
-    return ["all-linear"]
+def wire_start(studio, train: SimpleNamespace, inputs: set, form_config) -> None:
+    """Start and Save preset read the whole page's form (`form_config(values)` builds the config dict)."""
+    def on_start(values: dict, request: gr.Request):
+        return start_run(studio, form_config(values), request)
+
+    def on_save(values: dict):
+        return save_settings(studio, form_config(values), values[train.save_name])
+    train.start.click(on_start, inputs, [*train.live_outputs, train.timer, train.watched], concurrency_limit=None)
+    train.save_preset.click(on_save, {*inputs, train.save_name}, train.preset)
 
 
-# How the progress line names each attention kernel (the plan stores transformers' implementation names).
-ATTENTION_NAMES = {"packed_varlen": "variable-length flash", "flex_attention": "flex", "sdpa": "SDPA", "eager": "eager"}
-SERIES = (("loss", "training loss"), ("eval_loss", "held-out loss"))
-SERIES_COLOURS = {"training loss": "#4f46e5", "held-out loss": "#f59e0b"}
-
-
-def plot_frame(metrics: list[dict]) -> pd.DataFrame | None:
-    rows = []
-    for m in metrics:
-        for key, series in SERIES:
-            if isinstance(m.get(key), (int, float)):
-                rows.append({"step": m["step"], "loss": m[key], "series": series})
-    if not rows:
-        return None
-    # Gradio fixes the plot's series from the first data it gets; a blank point keeps 'held-out loss'
-    # in the legend until the first evaluation arrives (a line skips points with no value).
-    for _, series in SERIES:
-        if not any(r["series"] == series for r in rows):
-            rows.append({"step": rows[0]["step"], "loss": float("nan"), "series": series})
-    return pd.DataFrame(rows)
-
-
-def _progress_html(status: dict, metrics: list[dict]) -> str:
-    step, total = status.get("step") or 0, status.get("total_steps") or 0
-    train = [m for m in metrics if "loss" in m]
-    if train:
-        step = train[-1]["step"]
-    if not total:
-        return ""
-    elapsed = train[-1]["elapsed_s"] if train else 0
-    eta = ""
-    if step and step < total and status.get("state") in ("running", "stopping"):
-        eta = f", about {_duration(elapsed / step * (total - step))} left"
-    speed = f", {train[-1].get('tokens_per_s', 0):,.0f} tokens/s" if train else ""
-    pct = 100 * step / total
-    plan = status.get("speed") or {}
-    how = (f"<div class='studio-plan'>Training with {'packed' if plan.get('packing') else 'padded'} rows, "
-           f"{html.escape(ATTENTION_NAMES.get(plan.get('attention'), str(plan.get('attention'))))} attention"
-           f"{', fused kernels' if plan.get('liger') or plan.get('fused_lora') or plan.get('fused_norm') else ''}"
-           f"{_checkpointing_text(plan)}{_memory_text(plan)}.</div>") if plan else ""
-    return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"
-            f"<div>Step {step} of {total} ({pct:.0f}%){eta}{speed}</div>{how}</div>")
-
-
-def _checkpointing_text(plan: dict) -> str:
-    if not plan.get("gradient_checkpointing"):
-        return ""
-    layers, kept = plan.get("layers") or 0, plan.get("uncheckpointed_layers") or 0
-    if layers and kept:
-        return f", gradient checkpointing on {layers - kept} of {layers} layers (the rest fit without)"
-    return ", gradient checkpointing"
-
-
-def _memory_text(plan: dict) -> str:
-    estimate, budget = plan.get("memory_estimate_gib"), plan.get("memory_budget_gib")
-    return f"; about {estimate:.1f} GiB of the {budget:.1f} GiB it may use" if estimate and budget else ""
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
-
-
-def _log_text(metrics: list[dict]) -> str:
-    lines = []
-    for m in metrics[-50:]:
-        if "loss" in m:
-            lines.append(f"step {m['step']}: loss {format_loss(m['loss'])}, "
-                         f"lr {m['learning_rate']:.2e}, {m.get('tokens_per_s', 0):.0f} tok/s")
-        elif "eval_loss" in m:
-            lines.append(f"step {m['step']}: held-out loss {format_loss(m['eval_loss'])}")
-    return "\n".join(lines)
+if __name__ == "__main__":
+    def _alone(studio):
+        train = build(studio)
+        wire_start(studio, train, {train.name, train.target_pick, train.layers, *train.form.fields.values()},
+                   lambda values: {**train.form.to_dict(values), "name": values[train.name] or "",
+                                   "method": {**train.form.to_dict(values)["method"],
+                                              "target_modules": targets_from(values[train.target_pick],
+                                                                             values[train.layers])}})
+    run_alone(_alone, "Train")

@@ -63,15 +63,19 @@ def _block_scales(quant_state) -> torch.Tensor:
 
 class _OptimizerSteps:
     """Counts optimizer steps, of every optimizer in the process. The fused AdamW that the Trainer picks
-    updates parameters without moving their version counters, so the kept casts below are keyed on this."""
+    updates parameters without moving their version counters, so the kept casts below are keyed on this.
+    Counting starts when the first layers are fused (`install`), not at import."""
     count = 0
+    _handle = None
 
     @classmethod
     def hook(cls, optimizer, args, kwargs) -> None:
         cls.count += 1
 
-
-register_optimizer_step_post_hook(_OptimizerSteps.hook)
+    @classmethod
+    def install(cls) -> None:
+        if cls._handle is None:
+            cls._handle = register_optimizer_step_post_hook(cls.hook)
 
 
 def _weight_key(param: torch.Tensor) -> tuple:
@@ -457,6 +461,7 @@ def fuse_lora_layers(model, pack_4bit: bool = True) -> int:
     """Route every LoRA projection of `model` that this path covers through it; returns how many. With
     `pack_4bit`, the 4-bit weights of sibling projections share one buffer (`_PackedSiblings`)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
+    _OptimizerSteps.install()
     classes: tuple[type, ...] = (LoraLinear,)
     try:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from studio.training.memory import head_dim_of
+from studio.shapes import head_dim_of
 
 NAME = "packed_varlen"  # no "flash" in it: transformers takes such names for the flash-attn package
 
@@ -98,9 +98,7 @@ def _unpacked(module, query, key, value, attention_mask, dropout, scaling, **kwa
 
 
 def register() -> None:
-    """Make NAME a valid `attn_implementation` for every model (idempotent)."""
+    """Make NAME a valid `attn_implementation` for every model (idempotent). Called by apply.py when a plan
+    uses this attention, never at import."""
     from transformers import AttentionInterface
     AttentionInterface.register(NAME, varlen_attention_forward)
-
-
-register()

@@ -1,5 +1,9 @@
 """How a run trains fast on the machine it lands on: the studio picks these for every user.
 
+The plan is worked out here from plain facts about the machine and the model (``Machine``), with no torch
+import; ``apply.py`` is the one place where a plan acts on a model, a trainer or the GPU. With
+``training.speed: plain`` the plan is empty: stock TRL and PEFT, none of what follows.
+
 - Packing (padding-free, best-fit): on a GPU, short conversations are packed into full rows so no
   compute goes to padding. On the CPU rows are short and the dense masks cost more than padding.
 - Attention: packed rows need a kernel that keeps documents apart without a dense mask. flash-attn
@@ -22,12 +26,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from studio.config import RunConfig
-from studio.training.memory import ModelShape, layers_to_checkpoint, peak_gib
+from studio.shapes import ModelShape
+from studio.training.fast.memory import layers_to_checkpoint, peak_gib
 
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
 FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # their norm is kernels.PLAIN_RMS_NORMS
@@ -35,6 +38,22 @@ FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # th
 VARLEN_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 VARLEN_ATTENTION = "packed_varlen"  # varlen_attention.NAME (not imported here: that module needs torch)
 VARLEN_NEEDS = "an Ampere or newer NVIDIA GPU, bf16 or fp16, and a model without sliding windows"
+# How the progress line names each attention kernel (the plan keeps transformers' implementation names).
+ATTENTION_NAMES = {VARLEN_ATTENTION: "variable-length flash", "flex_attention": "flex", "sdpa": "SDPA",
+                   "eager": "eager"}
+
+
+@dataclass
+class Machine:
+    """What the plan depends on, found by probe.py (which imports torch) or given by a test or benchmark."""
+    device: str  # "cuda", "mps" or "cpu"
+    model_type: str = ""
+    shape: ModelShape | None = None
+    free_gib: float | None = None  # the GPU's free memory
+    liger_installed: bool = False
+    fused_rms_norm: bool = False  # this torch has aten::_fused_rms_norm
+    varlen_ok: bool = False  # the variable-length flash kernel runs for this model, GPU and precision
+    forks: bool = True  # data-loader workers can fork (POSIX)
 
 
 @dataclass
@@ -52,39 +71,66 @@ class SpeedPlan:
     layers: int = 0
     memory_estimate_gib: float = 0.0
     memory_budget_gib: float = 0.0
+    memory_limit_gib: float = 0.0  # enforced on the GPU (training.memory_limit_gib); 0: none
+    # The studio's own trainer and set-up, none of which changes what is computed: TRL's SFTTrainer without
+    # its per-step GPU waits (sft_trainer.py), the collector kept off set-up objects, 4-bit siblings sharing one
+    # dequantisation, LoRA inputs left in 16-bit under autocast, QLoRA without PEFT's float32 upcasts, the
+    # allocator's expandable segments, pinned batches copied without waiting.
+    studio_trainer: bool = True
+    pack_4bit_siblings: bool = True
+    plain: bool = False  # training.speed: plain, stock TRL and PEFT
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def changed(self, **fields_to_change) -> "SpeedPlan":
+        """This plan with some fields set otherwise (the benchmark's A/B arms)."""
+        return replace(self, **fields_to_change)
+
     def summary(self) -> str:
-        parts = ["packed rows" if self.packing else "padded rows", f"{self.attention} attention"]
-        if self.fused_lora:
-            parts.append("fused LoRA")
-        if self.liger:
-            parts.append("Liger kernels")
-        elif self.fused_norm:
-            parts.append("fused RMSNorm")
+        """How the run trains, in words, as the Train tab and the CLI show it."""
+        if self.plain:
+            parts = ["stock TRL and PEFT (speed plan off)",
+                     "packed rows" if self.packing else "padded rows", self.checkpointing_text()]
+            return ", ".join(p for p in parts if p)
+        parts = ["packed rows" if self.packing else "padded rows",
+                 f"{ATTENTION_NAMES.get(self.attention, self.attention)} attention"]
+        if self.liger or self.fused_lora or self.fused_norm:
+            parts.append("fused kernels (" + ", ".join(
+                name for name, used in (("LoRA", self.fused_lora), ("Liger", self.liger),
+                                        ("RMSNorm", self.fused_norm and not self.liger)) if used) + ")")
         parts.append(self.checkpointing_text())
-        return ", ".join(parts)
+        text = ", ".join(p for p in parts if p)
+        if self.memory_estimate_gib and self.memory_budget_gib:
+            text += f"; about {self.memory_estimate_gib:.1f} GiB of the {self.memory_budget_gib:.1f} GiB it may use"
+        return text
 
     def checkpointing_text(self) -> str:
         if not self.gradient_checkpointing:
             return "no checkpointing"
         if self.uncheckpointed_layers and self.layers:
-            return f"checkpointing {self.layers - self.uncheckpointed_layers} of {self.layers} layers"
+            return (f"gradient checkpointing on {self.layers - self.uncheckpointed_layers} of {self.layers} layers "
+                    "(the rest fit without)")
         return "gradient checkpointing"
 
 
-def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
+def plain_plan(cfg: RunConfig, machine: Machine) -> SpeedPlan:
+    """training.speed: plain. TRL and PEFT as their users get them: TRL's SFTTrainer, PEFT's own layers and
+    k-bit preparation, SDPA attention; packing and checkpointing only where the config turns them on."""
+    t = cfg.training
+    packing = t.packing == "on"
+    return SpeedPlan(packing=packing, attention="sdpa" if t.attention in ("auto", VARLEN_ATTENTION) else t.attention,
+                     liger=False, gradient_checkpointing=t.gradient_checkpointing == "on", studio_trainer=False,
+                     pack_4bit_siblings=False, plain=True, layers=machine.shape.layers if machine.shape else 0,
+                     reasons=["speed: plain (stock TRL and PEFT; the studio's speed plan is off)"])
 
 
-def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelShape | None = None,
-               free_gib: float | None = None, varlen_ok: bool = False) -> SpeedPlan:
-    """`varlen_ok`: the GPU, precision and model can run the variable-length flash kernel
-    (varlen_attention.supported)."""
-    t, method = cfg.training, cfg.method.method
+def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
+    """The plan for `cfg` on `machine`; the reasons say why each choice was made."""
+    if cfg.training.speed == "plain":
+        return plain_plan(cfg, machine)
+    t, method, device = cfg.training, cfg.method.method, machine.device
     reasons = []
     prompt_learning = method in ("prompt_tuning", "prefix_tuning")
     if t.packing == "auto":
@@ -93,6 +139,7 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
                        "packing: off (CPU rows are short, or prompt/prefix tuning)")
     else:
         packing = t.packing == "on"
+    varlen_ok = machine.varlen_ok
     if t.attention == VARLEN_ATTENTION and not (packing and varlen_ok):  # varlen_ok is False off NVIDIA GPUs
         # Asked for where it cannot run (a CPU, an older GPU, unpacked rows): say so and use what can.
         attention = "flex_attention" if packing and device == "cuda" else "sdpa"
@@ -100,7 +147,7 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
                        f"(that kernel needs packed rows, {VARLEN_NEEDS})")
     elif t.attention != "auto":
         attention = t.attention
-    elif packing and device == "cuda" and varlen_ok and model_type in VARLEN_MODEL_TYPES:
+    elif packing and device == "cuda" and varlen_ok and machine.model_type in VARLEN_MODEL_TYPES:
         attention = VARLEN_ATTENTION
         reasons.append("attention: variable-length flash (keeps packed documents apart, one kernel call each way)")
     elif packing and device == "cuda":
@@ -112,21 +159,22 @@ def plan_speed(cfg: RunConfig, device: str, model_type: str = "", shape: ModelSh
         attention = "sdpa"
     # Liger's kernels are Triton (NVIDIA GPUs) and cover certain architectures: 'on' cannot force them
     # where they cannot run, it says why instead of failing the run.
-    liger = t.fused_kernels != "off" and device == "cuda" and liger_available() and model_type in LIGER_MODEL_TYPES
+    liger = t.fused_kernels != "off" and device == "cuda" and machine.liger_installed \
+        and machine.model_type in LIGER_MODEL_TYPES
     if t.fused_kernels == "on" and not liger:
         reasons.append("Liger kernels: not used (they need an NVIDIA GPU, pip install liger-kernel, and a "
                        f"supported architecture: {', '.join(LIGER_MODEL_TYPES)})")
-    # Fused LoRA removes GPU memory passes; on the CPU it measured no faster (bench/cpu.py: 3.6-3.9 s a step
-    # either way), so 'auto' keeps PEFT's own forward there.
+    # Fused LoRA removes GPU memory passes; on the CPU it measured no faster (bench/NOTES.md), so 'auto' keeps
+    # PEFT's own forward there.
     fused_lora = method in ("lora", "rslora", "qlora") and (
         t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
-    from studio.training.kernels import fused_rms_norm_available
-    fused_norm = (not liger and t.fused_kernels != "off" and device == "cuda" and fused_rms_norm_available()
-                  and model_type in FUSED_NORM_MODEL_TYPES)
-    workers = 2 if device == "cuda" and os.name == "posix" else 0  # workers fork; elsewhere they would re-import
+    fused_norm = (not liger and t.fused_kernels != "off" and device == "cuda" and machine.fused_rms_norm
+                  and machine.model_type in FUSED_NORM_MODEL_TYPES)
+    workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_norm=fused_norm,
-                     data_workers=workers, reasons=reasons, layers=shape.layers if shape else 0)
-    _plan_checkpointing(plan, cfg, device, shape, free_gib)
+                     data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
+                     memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0)
+    _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib)
     return plan
 
 

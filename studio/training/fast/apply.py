@@ -1,0 +1,160 @@
+"""The one place a speed plan acts. Each function is called at one moment of setting a run up, and does what
+the plan says for that moment and nothing else; with a plain plan (``training.speed: plain``) each one
+leaves stock TRL and PEFT behaviour untouched.
+
+  before_model_load(plan)          the attention kernel's registration, the GPU's memory limit and allocator
+  model_load_options(plan)         arguments for from_pretrained (the attention implementation)
+  adapt_base_model(model, plan)    per-layer checkpointing, the fused RMSNorm: before PEFT wraps the model
+  prepare_quantized(model, plan)   what 4-bit and 8-bit bases need before PEFT wraps them
+  adapt_peft_model(model, plan)    the fused LoRA path, LoRA inputs kept in 16-bit
+  trainer_options(plan, ...)       TRL/Trainer arguments: packing, Liger, data workers, pinned batches
+  trainer_class(plan) / trainer_callbacks(plan)
+  finish(plan)                     undo what binds the process (collector freeze), for in-process callers
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+from studio.training.fast.plan import VARLEN_ATTENTION, SpeedPlan
+
+
+def before_model_load(plan: SpeedPlan, device: str) -> None:
+    if plan.attention == VARLEN_ATTENTION:
+        from studio.training.fast import varlen_attention
+        varlen_attention.register()
+    if device != "cuda" or plan.plain:
+        return
+    import torch
+    _use_expandable_segments()
+    # training.memory_limit_gib is binding: past it the allocator reports out of memory (and the out-of-memory
+    # retry takes over) instead of the run spreading into memory others need. The worker is its own process,
+    # so the limit ends with the run.
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    limit = plan.memory_limit_gib
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total) if limit else 1.0)
+
+
+def _use_expandable_segments() -> None:
+    """Let the CUDA allocator grow its blocks in place instead of caching fixed-size ones. The planner fills
+    most of the memory a run may use; with fixed blocks, the free memory ends up split among cached blocks of
+    the wrong sizes, and near the limit the allocator frees its whole cache and retries (a device-wide
+    synchronisation each time). A PYTORCH_CUDA_ALLOC_CONF that already says otherwise is left alone."""
+    import torch
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # torch before 2.9
+        setter = torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
+
+
+def model_load_options(plan: SpeedPlan) -> dict:
+    return {"attention": plan.attention}
+
+
+def adapt_base_model(model, plan: SpeedPlan) -> None:
+    if plan.plain:
+        return  # checkpointing, when asked for, is the Trainer's own switch (trainer_options)
+    if plan.gradient_checkpointing:  # every method, full fine-tuning included (the Trainer's switch is off)
+        checkpoint_layers(model, plan.uncheckpointed_layers)
+    if plan.fused_norm:
+        from studio.training.fast.kernels import use_fused_rms_norm
+        use_fused_rms_norm(model)
+
+
+def checkpoint_layers(model, uncheckpointed_layers: int = 0) -> int:
+    """Checkpoint the model's decoder layers except the last `uncheckpointed_layers`; returns how many are
+    checkpointed. The last ones keep their activations because the backward reaches them first: their
+    memory is freed before any checkpointed layer is recomputed. Non-reentrant checkpointing needs no
+    gradient on the embeddings' output, so transformers' hook that forces one (a full input-gradient
+    pass through the first layer) is taken off again."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    # The check that the recompute saved tensors of the same shapes is off: fused 4-bit LoRA saves the packed
+    # weight in the forward and, on purpose, the dequantised one in the recompute (fused_lora._recomputing).
+    kwargs = {"use_reentrant": False, "determinism_check": "none"}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = min(max(0, uncheckpointed_layers), len(layers))
+    for layer in layers[len(layers) - keep:] if keep else []:
+        layer.gradient_checkpointing = False
+    return len(layers) - keep
+
+
+def prepare_quantized(model, plan: SpeedPlan):
+    """Freeze a 4-bit or 8-bit base before PEFT adds its adapters."""
+    if plan.plain:
+        from peft import prepare_model_for_kbit_training
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+    # What PEFT's prepare_model_for_kbit_training does, minus upcasting embeddings and the LM head to float32
+    # (4 GB more on an 8B model with a 128k vocabulary, for no accuracy we could measure).
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def adapt_peft_model(model, plan: SpeedPlan, dtype=None) -> None:
+    if plan.plain:
+        return
+    if dtype is not None and str(dtype) in ("torch.bfloat16", "torch.float16"):
+        # PEFT keeps adapter weights in float32 (right for the optimizer) and casts every input activation to
+        # float32 to match them, a copy of every activation. Training runs under autocast, which does the
+        # adapter matmuls in 16-bit anyway, so the cast is skipped.
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    if plan.fused_lora:
+        from studio.training.fast.fused_lora import fuse_lora_layers
+        fuse_lora_layers(model, pack_4bit=plan.pack_4bit_siblings)
+
+
+def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: int) -> dict:
+    """Arguments for TRL's config (SFTConfig and its siblings) that the plan decides."""
+    options = {"packing": plan.packing, "use_liger_kernel": plan.liger,
+               "dataloader_num_workers": plan.data_workers, "use_cpu": device == "cpu"}
+    if plan.plain:
+        options["gradient_checkpointing"] = plan.gradient_checkpointing
+        options["include_num_input_tokens_seen"] = "non_padding"  # for the tokens/s shown; it waits on the GPU
+        return options
+    # Checkpointing is set up layer by layer (adapt_base_model); the Trainer's switch would turn it on for all.
+    options["gradient_checkpointing"] = False
+    if plan.packing:
+        options["packing_strategy"] = "bfd"
+        if plan.attention == "flex_attention":
+            # Flex attention is compiled for fixed shapes: pad each packed batch to one length (bins are nearly
+            # full, so little is wasted) instead of recompiling for every new total length.
+            options["pad_to_multiple_of"] = batch_size * max_length
+    # The studio's trainer counts the tokens seen on the host; the Trainer's own count waits on the GPU.
+    options["include_num_input_tokens_seen"] = "no"
+    # Batches come from pinned memory and are copied to the GPU without waiting: a plain copy makes the host
+    # wait for the GPU to finish the previous step first.
+    options["dataloader_pin_memory"] = device == "cuda"
+    options["accelerator_config"] = {"non_blocking": device == "cuda"}
+    return options
+
+
+def trainer_class(plan: SpeedPlan):
+    if plan.studio_trainer and not plan.plain:
+        from studio.training.fast.sft_trainer import StudioSFTTrainer
+        return StudioSFTTrainer
+    from trl import SFTTrainer
+    return SFTTrainer
+
+
+def trainer_callbacks(plan: SpeedPlan) -> list:
+    if plan.plain:
+        return []
+    from studio.training.fast.sft_trainer import FreezeSetupObjects
+    return [FreezeSetupObjects()]
+
+
+def finish(plan: SpeedPlan) -> None:
+    """After a run in this process ends, however it ended: a failed run left its objects frozen."""
+    if not plan.plain:
+        gc.unfreeze()

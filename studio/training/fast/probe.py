@@ -1,0 +1,32 @@
+"""Find out what the speed plan depends on: the device, the GPU's free memory and generation, which fused
+kernels this machine has, and the model's shape from its config (no weights read)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from studio.config import RunConfig
+from studio.shapes import ModelShape, head_dim_of
+from studio.training.fast.plan import Machine
+
+
+def probe(cfg: RunConfig, location: str, device: str) -> Machine:
+    import torch
+    from transformers import AutoConfig
+
+    from studio import models
+    config = AutoConfig.from_pretrained(location, trust_remote_code=False)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    machine = Machine(device=device, model_type=getattr(text, "model_type", ""), shape=ModelShape.from_config(text),
+                      forks=os.name == "posix")
+    from studio.training.fast import kernels, varlen_attention
+    dtype = models.pick_dtype(cfg.training.precision, device)
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    machine.varlen_ok = varlen_attention.supported(text, capability, dtype) \
+        and varlen_attention.kernel_runs(head_dim_of(text), dtype)  # supported() says no without a GPU
+    if device == "cuda":
+        machine.free_gib = torch.cuda.mem_get_info()[0] / 2**30
+        machine.liger_installed = importlib.util.find_spec("liger_kernel") is not None
+        machine.fused_rms_norm = kernels.fused_rms_norm_available()
+    return machine

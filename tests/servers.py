@@ -1,0 +1,49 @@
+"""The studio's page server as a real process, for tests that kill it, restart it or press Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, log: Path, *args: str, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = log
+        self._out = open(log, "a")
+        self.process = subprocess.Popen([sys.executable, "-m", "studio", "--port", str(self.port), *args],
+                                        stdout=self._out, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+    def wait_ready(self, timeout: float = 300) -> "Server":
+        import httpx
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if httpx.get(self.url, timeout=2).status_code in (200, 401):
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, self.output()
+            time.sleep(0.5)
+        raise AssertionError(f"the studio did not answer in {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(60)
+        self._out.close()
