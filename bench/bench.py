@@ -16,6 +16,10 @@ random weights, over the same documents (log-normal lengths, median 384, clipped
 With --repeat N every arm runs N times, the arms taking turns, and the table reports the median run with the
 range: host-bound arms (QLoRA) vary by more than 10% from one run to the next on the same machine.
 
+A/B runs change the studio arms' speed plan, a plain object, not the code: --plan FIELD=VALUE sets a field of
+the plan the studio made (e.g. --plan attention=flex_attention --plan fused_lora=false), --machine FIELD=VALUE
+a fact it is made from (e.g. --machine liger_installed=false). Both are recorded with the results.
+
 Before timing, each studio arm checks that its training loss on 8 documents matches a plain per-document
 forward pass (relative difference <= 1e-2). Reported per arm: real (non-padding) tokens/s, MFU, peak
 GPU memory, ratio to the stock arm of the same shape.
@@ -227,67 +231,84 @@ def run_stock(shape: str, docs, seconds: float) -> dict:
     return {**timer.result, "method": "lora", "settings": f"padded batch {STOCK_BATCH[shape]}, checkpointing, SDPA"}
 
 
-def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tuple = ()) -> dict:
+def parse_changes(items: list[str]) -> dict:
+    """FIELD=VALUE pairs (YAML values) for --plan and --machine."""
+    import yaml
+    changes = {}
+    for item in items or []:
+        field, _, value = item.partition("=")
+        changes[field.strip()] = yaml.safe_load(value)
+    return changes
+
+
+def studio_config(shape: str, arm: str, location: Path):
+    from studio.config import from_dict
+    method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
+    return from_dict({"name": f"bench-{shape}-{arm}", "model": {"name_or_path": str(location)},
+                      "data": {"max_length": PACK_LENGTH},
+                      "method": {"method": method, "rank": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
+                                 "target_modules": PROJECTIONS},
+                      "training": {"batch_size": STUDIO_ROWS[(shape, arm)], "learning_rate": 1e-4 if method != "full"
+                                   else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
+                                   "logging_steps": 100000, "precision": "bf16",
+                                   "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0)}})
+
+
+def studio_plan(cfg, location: Path, plan_changes: dict, machine_changes: dict):
+    """The plan the studio makes for this GPU, then the A/B arm's changes: `machine_changes` alter the facts it
+    is made from (liger_installed=false: planned as without Liger), `plan_changes` the plan itself
+    (attention=flex_attention, fused_lora=false, gradient_checkpointing=true, uncheckpointed_layers=4,
+    pack_4bit_siblings=false, ...)."""
+    from dataclasses import replace
+
+    from studio.training.fast.plan import plan_speed
+    from studio.training.fast.probe import probe
+    machine = replace(probe(cfg, str(location), "cuda"), **machine_changes)
+    return plan_speed(cfg, machine).changed(**plan_changes)
+
+
+def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tuple = (), plan_changes: dict | None = None,
+               machine_changes: dict | None = None) -> dict:
     import torch
 
-    from studio.config import from_dict
+    from studio import models
     from studio.methods import quantization_for
+    from studio.records import Attempt
     from studio.rendering import EncodedSet
     from studio.runs import new_run
-    from studio.training.trainer import Prepared, apply_method, build_trainer, limit_memory, plan_for
-    method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
+    from studio.stages import Job, sft
+    from studio.training import loop
+    from studio.training.fast import apply
     os.environ.setdefault("STUDIO_HOME", "/tmp/studio-bench/home")
+    method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
     quantization = quantization_for(method)
     location = model_folder(shape, with_weights=quantization is not None)
-    cfg = from_dict({"name": f"bench-{shape}-{arm}", "model": {"name_or_path": str(location)},
-                     "data": {"max_length": PACK_LENGTH},
-                     "method": {"method": method, "rank": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
-                                "target_modules": PROJECTIONS},
-                     "training": {"batch_size": STUDIO_ROWS[(shape, arm)], "learning_rate": 1e-4 if method != "full"
-                                  else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
-                                  "logging_steps": 100000, "precision": "bf16",
-                                  "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0)}})
-    if os.environ.get("BENCH_KERNELS") in ("native", "liger"):  # planned as if Liger were (not) installed
-        from studio.training import speed as speed_module
-        speed_module.liger_available = lambda: os.environ["BENCH_KERNELS"] == "liger"
-    speed = plan_for(cfg, str(location), "cuda")
-    limit_memory(cfg, "cuda")
-    # A/B switches, everything else the same: PEFT's own LoRA forward; no Liger kernels; checkpointing forced.
-    if os.environ.get("BENCH_NO_FUSED_LORA"):
-        speed.fused_lora = False
-    if os.environ.get("BENCH_NO_LIGER"):
-        speed.liger = False
-    if os.environ.get("BENCH_CHECKPOINT") in ("all", "none"):
-        speed.gradient_checkpointing, speed.uncheckpointed_layers = os.environ["BENCH_CHECKPOINT"] == "all", 0
-    if os.environ.get("BENCH_UNCHECKPOINTED"):  # how many of the last layers skip checkpointing
-        speed.gradient_checkpointing, speed.uncheckpointed_layers = True, int(os.environ["BENCH_UNCHECKPOINTED"])
-    if os.environ.get("BENCH_ATTENTION"):  # e.g. flex_attention, the kernel planned before packed_varlen
-        speed.attention = os.environ["BENCH_ATTENTION"]
-    if os.environ.get("BENCH_NO_PACK"):  # 4-bit siblings dequantised one by one, as before packing
-        from studio.training import fused_lora
-        unpacked = fused_lora.fuse_lora_layers
-        fused_lora.fuse_lora_layers = lambda model: unpacked(model, pack_4bit=False)
+    cfg = studio_config(shape, arm, location)
+    plan = studio_plan(cfg, location, plan_changes or {}, machine_changes or {})
+    apply.before_model_load(plan, "cuda")
     if quantization:
-        from studio import models
         model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization=quantization,
-                                  attention=speed.attention)
+                                  **apply.model_load_options(plan))
     else:  # the same weights as from_pretrained would give, without writing 16 GB to disk first
         model = build_model(shape)
-        model.set_attn_implementation(speed.attention)
-    model = apply_method(model, cfg, quantization, speed, torch.bfloat16)
+        model.set_attn_implementation(plan.attention)
+    model = loop.add_adapters(model, cfg, quantization, plan, torch.bfloat16)
     rows = EncodedSet(rows=[{"input_ids": d, "labels": d} for d in docs])
-    prep = Prepared(cfg, tokenizer(), model, rows, EncodedSet(), "cuda", torch.bfloat16, speed)
+    prep = loop.Prepared(cfg, tokenizer(), model, rows, EncodedSet(), "cuda", torch.bfloat16, plan)
     timer = Timer(seconds)
-    trainer = build_trainer(prep, new_run(cfg), [timer.callback, *extra_callbacks])
+    run = new_run(cfg)
+    arguments = loop.arguments(prep, run, Attempt(cfg.training.batch_size, 1))
+    trainer = sft.build(prep, Job(run, cfg, False, lambda: False), arguments,
+                        [timer.callback, *extra_callbacks, *apply.trainer_callbacks(plan)])
     check = loss_check(trainer, model, docs[:8])
     trainer.train()
-    switches = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                         if k in ("BENCH_ATTENTION", "BENCH_NO_FUSED_LORA", "BENCH_NO_PACK", "BENCH_NO_LIGER",
-                                  "BENCH_CHECKPOINT", "BENCH_UNCHECKPOINTED", "BENCH_KERNELS",
-                                  "PYTORCH_CUDA_ALLOC_CONF"))
+    changes = {**(machine_changes or {}), **(plan_changes or {})}
+    switches = ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        switches += (", " if switches else "") + f"PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']}"
     limit = f", limit {cfg.training.memory_limit_gib:g} GiB" if cfg.training.memory_limit_gib else ""
-    return {**timer.result, "method": method, "loss_check": check,
-            "settings": f"{speed.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows{limit}"
+    return {**timer.result, "method": method, "loss_check": check, "plan": plan.as_dict(),
+            "settings": f"{plan.summary()}, {STUDIO_ROWS[(shape, arm)]} x {PACK_LENGTH}-token rows{limit}"
                         + (f" [A/B: {switches}]" if switches else "")}
 
 
@@ -330,12 +351,13 @@ def matmul_peak() -> float:
     return 2 * 8192**3 * 20 / (time.perf_counter() - start)
 
 
-def child(shape: str, arm: str, seconds: float) -> dict:
+def child(shape: str, arm: str, seconds: float, changes: dict) -> dict:
     import torch
     docs = make_documents()
     lengths = [len(d) for d in docs]
     sum_sq_per_token = sum(L * L for L in lengths) / sum(lengths)
-    result = run_stock(shape, docs, seconds) if arm == "stock" else run_studio(shape, arm, docs, seconds)
+    result = run_stock(shape, docs, seconds) if arm == "stock" else run_studio(
+        shape, arm, docs, seconds, plan_changes=changes.get("plan"), machine_changes=changes.get("machine"))
     tokens, secs = result["tokens"], result["seconds"]
     total = flops(shape, result["method"], tokens, sum_sq_per_token)
     return {**result, "shape": shape, "arm": arm, "tokens_per_s": tokens / secs, "mfu": total / secs / PEAK_DATASHEET,
@@ -377,11 +399,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_child(shape: str, arm: str, seconds: float, out: Path) -> dict:
+def run_child(shape: str, arm: str, seconds: float, out: Path, changes: dict) -> dict:
     """One arm in its own process; its result row, or a row that says why it failed."""
     started = time.time()
-    done = subprocess.run([sys.executable, __file__, "--child", shape, arm, "--seconds", str(seconds)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--child", shape, arm, "--seconds", str(seconds),
+                           "--changes", json.dumps(changes)], capture_output=True, text=True)
     found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     row = json.loads(found[-1]) if found else {"shape": shape, "arm": arm,
                                                "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -426,13 +448,21 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="run every arm this many times, in turn, and report the median (host-bound arms vary "
                         "from run to run by more than 10%%)")
+    p.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE",
+                   help="A/B: change a field of the studio arms' speed plan, e.g. attention=flex_attention, "
+                        "fused_lora=false, gradient_checkpointing=true, uncheckpointed_layers=4, "
+                        "pack_4bit_siblings=false (repeatable)")
+    p.add_argument("--machine", action="append", default=[], metavar="FIELD=VALUE",
+                   help="A/B: plan as if the machine were otherwise, e.g. liger_installed=false (repeatable)")
+    p.add_argument("--changes", default="{}", help=argparse.SUPPRESS)  # parent -> child
     args = p.parse_args()
     if args.cpu:
         from bench.cpu import main as cpu_main
         return cpu_main(Path(args.out))
     if args.child:
-        print("RESULT " + json.dumps(child(*args.child, args.seconds)), flush=True)
+        print("RESULT " + json.dumps(child(*args.child, args.seconds, json.loads(args.changes))), flush=True)
         return 0
+    changes = {"plan": parse_changes(args.plan), "machine": parse_changes(args.machine)}
     import torch
     device = torch.cuda.get_device_name(0)
     peak = matmul_peak()
@@ -442,7 +472,7 @@ def main() -> int:
             for arm in args.arms.split(","):
                 if arm == "studio-full" and shape != "1b":
                     continue
-                row = run_child(shape, arm, args.seconds, Path(args.out))
+                row = run_child(shape, arm, args.seconds, Path(args.out), changes)
                 row["matmul_peak"] = peak
                 runs.setdefault((shape, arm), []).append(row)
                 print(json.dumps(row), flush=True)
@@ -451,7 +481,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M") + (f"-{args.tag}" if args.tag else "")
     meta = {"device": device, "matmul_peak_tflops": peak / 1e12, "versions": versions(), "seconds": args.seconds,
-            "repeat": args.repeat}
+            "repeat": args.repeat, "changes": changes}
     (out / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = (f"{device}; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s; {meta['versions']}\n\n{table(rows)}\n"
             + "".join(f"\n{line}" for line in qlora_ratios(rows)) + "\n")

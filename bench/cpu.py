@@ -75,17 +75,22 @@ def run_stock() -> dict:
 def run_studio(fused: bool = False) -> dict:
     from studio.paths import PRESETS_DIR
     from studio.presets import load_run_config
+    from studio.records import Attempt
     from studio.runs import new_run
-    from studio.training.trainer import build_trainer, prepare
+    from studio.stages import Job, sft
+    from studio.training import loop
+    from studio.training.fast import apply
     os.environ.setdefault("STUDIO_HOME", "/tmp/studio-cpu-bench/home")
     cfg = load_run_config(PRESETS_DIR / "demo.yaml", ["training.max_steps=100", "training.eval_steps=1000",
                                                       "training.save_steps=1000"]
                           + (["training.fused_kernels=on"] if fused else []))
     run = new_run(cfg)
-    prep = prepare(cfg, run)
+    job = Job(run, cfg, False, lambda: False)
+    prep = loop.prepare(job, loop.Recipe(sft.encode, sft.build))
     timer = StepTimer(TIMED_STEPS["studio-fused" if fused else "studio"])
-    build_trainer(prep, run, [timer.callback]).train()
-    return {**timer.result(), "settings": prep.speed.summary() + f", {prep.dtype}"}
+    arguments = loop.arguments(prep, run, Attempt(cfg.training.batch_size, cfg.training.grad_accum))
+    sft.build(prep, job, arguments, [timer.callback, *apply.trainer_callbacks(prep.plan)]).train()
+    return {**timer.result(), "settings": prep.plan.summary() + f", {prep.dtype}"}
 
 
 def main(out: Path) -> int:

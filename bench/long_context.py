@@ -22,12 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def try_length(shape: str, length: int) -> dict:
     import torch
 
-    from bench.bench import LORA_ALPHA, LORA_R, PROJECTIONS, model_folder, tokenizer
+    from bench.bench import LORA_ALPHA, LORA_R, PROJECTIONS, model_folder, studio_plan, tokenizer
     from studio import models
     from studio.config import from_dict
+    from studio.records import Attempt
     from studio.rendering import EncodedSet
     from studio.runs import new_run
-    from studio.training.trainer import Prepared, apply_method, build_trainer, plan_for
+    from studio.stages import Job, sft
+    from studio.training import loop
+    from studio.training.fast import apply
     os.environ.setdefault("STUDIO_HOME", "/tmp/studio-bench/home")
     location = model_folder(shape, with_weights=True)
     cfg = from_dict({"name": f"long-{length}", "model": {"name_or_path": str(location)},
@@ -36,14 +39,17 @@ def try_length(shape: str, length: int) -> dict:
                                 "target_modules": PROJECTIONS},
                      "training": {"batch_size": 1, "max_steps": 3, "save_steps": 1000000, "eval_steps": 1000000,
                                   "logging_steps": 1, "precision": "bf16"}})
-    speed = plan_for(cfg, str(location), "cuda")
+    plan = studio_plan(cfg, location, {}, {})
+    apply.before_model_load(plan, "cuda")
     model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization="4bit",
-                              attention=speed.attention)
-    model = apply_method(model, cfg, "4bit", speed, torch.bfloat16)
+                              **apply.model_load_options(plan))
+    model = loop.add_adapters(model, cfg, "4bit", plan, torch.bfloat16)
     doc = torch.randint(10, 128000, (length,)).tolist()
-    prep = Prepared(cfg, tokenizer(), model, EncodedSet(rows=[{"input_ids": doc, "labels": doc}] * 3), EncodedSet(),
-                    "cuda", torch.bfloat16, speed)
-    trainer = build_trainer(prep, new_run(cfg), [])
+    prep = loop.Prepared(cfg, tokenizer(), model, EncodedSet(rows=[{"input_ids": doc, "labels": doc}] * 3),
+                         EncodedSet(), "cuda", torch.bfloat16, plan)
+    run = new_run(cfg)
+    trainer = sft.build(prep, Job(run, cfg, False, lambda: False), loop.arguments(prep, run, Attempt(1, 1)),
+                        apply.trainer_callbacks(plan))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -53,7 +59,7 @@ def try_length(shape: str, length: int) -> dict:
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     torch.cuda.synchronize()
     return {"length": length, "ok": True, "seconds_for_3_steps": time.perf_counter() - start,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": speed.summary()}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan.summary()}
 
 
 def main() -> int:
