@@ -77,14 +77,18 @@ def test_plain_speed_is_stock_trl_and_peft(tiny_model):
 
 def test_plain_and_planned_paths_train_to_the_same_loss(tiny_model):
     """The planned path (here with the fused LoRA path forced on, so the patches really run on the CPU) and the
-    plain one compute the same losses step by step."""
+    plain one compute the same losses step by step (the same rows in each step: packing off for both). Run
+    twice in one process, this also shows that a run's seed fixes its result, whatever ran before it."""
+    import torch
+
     def losses(speed: str) -> list[float]:
         run = new_run(tiny_config(tiny_model, name=f"path-{speed}",
                                   training={"speed": speed, "fused_kernels": "on", "max_steps": 6, "eval_steps": 100,
-                                            "save_steps": 100}))
+                                            "save_steps": 100, "packing": "off"}))
         status = train_here(run)
         assert status.state is State.COMPLETED, status
         return [m.loss for m in run.metrics() if m.is_training]
     planned, plain = losses("auto"), losses("plain")
     assert len(planned) == len(plain) == 6
-    assert planned == pytest.approx(plain, rel=1e-4)
+    # float32 on the CPU; on a GPU both run in bf16, where Liger's and the fused kernels round differently
+    assert planned == pytest.approx(plain, rel=2e-2 if torch.cuda.is_available() else 1e-4)

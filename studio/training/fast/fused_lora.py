@@ -3,7 +3,7 @@
 PEFT computes a LoRA projection as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: the three matmuls,
 then a scale and an add over the whole (tokens x out_features) output, and in the backward the same
 scale plus an add of the two input gradients; for a 4-bit base it also copies the output defensively.
-The profile of the 1B benchmark shape put those passes at about 15% of the GPU time of a step.
+On a GPU those passes are a large share of a step's memory traffic (bench/NOTES.md has the profiles).
 
 Here the scale is folded into the small B matrix (out_features x rank) and both adds are folded into the
 last matmul (``addmm_`` accumulates into the base result), so what remains per projection is the matmuls.
@@ -95,8 +95,8 @@ def _stack_key(sources: list, dtype: torch.dtype) -> tuple:
 
 class _KeptCasts:
     """Every kept cast, so that after an optimizer step they are all refreshed at once, in place, by a few
-    foreach kernels, instead of one by one at their first use: two kernels and their Python each, about 450
-    casts a step on an 8B model with LoRA on every projection (py-spy, H100 QLoRA: ~2.5% of the host's time).
+    foreach kernels, instead of one by one at their first use: two kernels and their Python each, hundreds of
+    casts a step on an 8B model with LoRA on every projection.
     Entries hold weak references: a model that is let go takes its entries with it."""
     entries: dict = {}  # (id(holder), name) -> (holder ref, name, kept tensor, parts, source refs, scales, rekey)
     refreshed_at = 0  # _OptimizerSteps.count at the last refresh

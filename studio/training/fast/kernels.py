@@ -6,9 +6,8 @@ launches a step, each with its host-side cost, plus float32 copies kept for the 
 fused kernel for the forward and one for the backward (``aten::_fused_rms_norm``). It is called directly:
 through ``F.rms_norm`` autocast would first cast a bf16 input to float32.
 
-Where Liger is installed its kernels are used instead: on the real 8B QLoRA benchmark they measured faster
-than this norm with transformers' SwiGLU and RoPE (bench/NOTES.md, session 4), though a thin model that
-measures host overhead alone had suggested the opposite (session 3).
+Where Liger is installed its kernels are used instead: on the 8B QLoRA benchmark they measured faster than
+this norm with transformers' SwiGLU and RoPE (bench/NOTES.md).
 """
 
 from __future__ import annotations

@@ -20,9 +20,7 @@ The estimate counts, in bytes:
 - a checkpointed layer keeps its 16-bit input; the layer being recomputed holds its full set meanwhile,
   and for QLoRA also its weights dequantised to 16-bit (fused_lora.py keeps them for that layer's backward).
 - the LM head and loss run in chunks (TRL): the last hidden states plus ~0.5 GiB of chunk buffers.
-Checked against the H100 benchmark (bench/NOTES.md): 8B LoRA 2x4096 tokens estimated 50.3 GiB, measured
-50.2; 1B LoRA 8x4096 40.3 vs 40.4; 8B QLoRA 1x4096 with 28 of 32 layers checkpointed 9.9 vs 9.4 (on the
-safe side).
+Checked against the peaks the benchmark measured (bench/NOTES.md; tests/test_training.py keeps them).
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ from studio.shapes import ModelShape
 GIB = 2**30
 CHUNK_BUFFERS = 0.5 * GIB
 # Of the memory the run may use, what the estimate may fill; the rest is for the allocator's cached blocks
-# and the kernels' workspaces. With fixed-size cached blocks, 0.92 was slower than 0.85 near a 12 GiB cap
-# (session 3); with expandable segments (trainer.use_expandable_segments) it is not. H100, 8B QLoRA under
-# 12 GiB (bench/NOTES.md, session 4): 26 of 32 layers checkpointed, 10.5 GiB allocated, 10.7 reserved, no
-# allocator retries, 8,733 tokens/s; 28 of 32 at 8,240-8,709.
+# and the kernels' workspaces. With the allocator's expandable segments (apply._use_expandable_segments) the
+# allocator makes no retries at this fill (bench/NOTES.md).
 FILL = 0.92
 
 

@@ -15,7 +15,7 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
   without Liger, PyTorch's own fused RMSNorm (kernels.py).
   The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
 - Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
-  process the GPU sat idle while each batch was built (~14 ms a step on the 1B benchmark shape).
+  process the GPU sat idle while each batch was built.
   On the CPU every core is already training, so batches are built in line.
 - Gradient checkpointing: layer by layer, only as many layers as the memory estimate (memory.py) says
   the run needs to fit in the memory it may use (the GPU's free memory, or training.memory_limit_gib).

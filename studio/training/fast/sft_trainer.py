@@ -14,8 +14,8 @@ sequence parallelism) goes through TRL's compute_loss unchanged.
 
 The Trainer also walks every module or parameter of the model three times a step: `model.train()`, the
 parameter count for its FLOP estimate, and `model.parameters()` for gradient clipping. A LoRA model of 32
-layers has thousands of modules; on the H100 8B QLoRA benchmark those walks were about 4% of the host's time
-(py-spy, bench/NOTES.md, session 5). Here the count and the trainable parameters are found once, and
+layers has thousands of modules, and where the host is the bottleneck every walk costs the GPU time
+(bench/NOTES.md has the profile). Here the count and the trainable parameters are found once, and
 `model.train()` walks the model only when it is not already in training mode.
 """
 
@@ -161,8 +161,7 @@ def _train_call_skipped(model):
 class FreezeSetupObjects(TrainerCallback):
     """Keep Python's garbage collector off the objects built before training (the model's modules and
     parameters, the trainer, the data). Each full collection walks all of them, and training creates
-    objects fast enough that collections run every step: measured on a 32-layer LoRA model on this
-    machine's CPU, 15 ms of a 237 ms step, 2 ms once frozen. The GPU waits for the host through all of it
+    objects fast enough that collections run every step (bench/NOTES.md has the measurement). The GPU waits for the host through all of it
     whenever training is bound by the host (QLoRA). Unfrozen when training ends (and by apply.finish when
     it fails), so the run's objects can be collected afterwards."""
 

@@ -3,8 +3,7 @@
 A packed row holds several conversations, and attention must not reach from one into another. Flex attention
 keeps them apart with a block mask that transformers rebuilds every step (a compiled call, plus a wait on the
 GPU to find where the packed conversations start), and every one of its calls goes through dynamo's guards and
-AOT autograd's Python wrappers: about 7% of the host's time in a step of 8B QLoRA, which is bound by the host
-(py-spy, bench/NOTES.md, session 5).
+AOT autograd's Python wrappers: host time that QLoRA, bound by the host, cannot spare (bench/NOTES.md).
 
 PyTorch ships FlashAttention-2's variable-length kernel (`aten::_flash_attention_forward` with cumulative
 sequence lengths). Its forward and its backward are one dispatcher call each, with autograd in C++, and it
