@@ -34,6 +34,18 @@ UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}\.(jsonl|json|csv|parquet)$")
 
 
+_IMPORTS = threading.Lock()
+
+
+def _libraries() -> None:
+    """Import transformers' lazy modules one thread at a time: the server describes models, reads tokenizers
+    and loads chat models from several threads, and two threads importing them at once have failed with
+    'cannot import name ...' (seen with the warm-up and a click in the first seconds)."""
+    with _IMPORTS:
+        import transformers  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def owner_key(visitor: str) -> str:
     """A visitor's name as a folder name and owner mark: a digest, fixed for a name, that reveals nothing."""
     return hashlib.sha256(f"studio-visitor:{visitor}".encode()).hexdigest()[:24]
@@ -108,6 +120,7 @@ class Studio:
 
     def describe_model(self, name_or_path: str) -> dict:
         name_or_path = self.check_model_allowed(name_or_path)
+        _libraries()
         with self._lock:
             info = self._infos.get(name_or_path)
         if info is None:
@@ -129,6 +142,7 @@ class Studio:
                 "device": info.device, "name": name_or_path}
 
     def tokenizer_for(self, name_or_path: str, chat_template: str = "auto"):
+        _libraries()
         key = f"{name_or_path}|{chat_template}"
         with self._lock:
             tok = self._tokenizers.get(key)
@@ -255,7 +269,7 @@ class Studio:
         progress = Progress.of(run.id, status, metrics)
         return {"run_id": run.id, "status": status.to_json(), "metrics": [m.to_json() for m in metrics],
                 "progress": {**progress.__dict__, "state": progress.state.value, "fraction": progress.fraction},
-                "active": status.state in ACTIVE}
+                "active": status.state in ACTIVE, "series": _series(status.stage)}
 
     def runs_table(self) -> list[dict]:
         launcher.reconcile_all()
@@ -267,8 +281,9 @@ class Studio:
             config = to_dict(run.config())
         except StudioError as err:
             config = {"unreadable": str(err)}
-        return {"config": config, "status": run.status().to_json(), "metrics": [m.to_json() for m in run.metrics()],
-                "data": run.read_json("data.json")}
+        status = run.status()
+        return {"config": config, "status": status.to_json(), "metrics": [m.to_json() for m in run.metrics()],
+                "data": run.read_json("data.json"), "series": _series(status.stage)}
 
     def finished_runs(self) -> list[str]:
         return [r.id for r in list_runs() if r.has_adapter() and r.stored_status().state.value == "completed"]
@@ -278,6 +293,7 @@ class Studio:
         """Stream a reply. The model being trained is never served: chat loads its own copy from disk."""
         if source != "base" and not run_id:
             raise StudioError("Pick a finished run to chat with, or train one first.")
+        _libraries()
         base = None
         if run_id is None:
             base = ModelConfig()
@@ -331,6 +347,13 @@ class Studio:
                   "return_tensors=\"pt\", return_dict=True)\n"
                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))")
         return {"adapter": adapter, "merged": merged}
+
+
+def _series(stage: str) -> list[tuple[str, str]]:
+    """What the page plots for a run of `stage`: its live metrics, (key, label) pairs."""
+    from studio import stages
+    found = stages.registry().get(stage)
+    return [(m.key, m.label) for m in found.live_metrics] if found else []
 
 
 def _conversation_row(number: int, example: dict) -> dict:

@@ -48,7 +48,7 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS, headless=True)
         pg = browser.new_page(viewport={"width": 1360, "height": 1000})
-        pg.set_default_timeout(180_000)
+        pg.set_default_timeout(600_000)  # state waits: a busy 2-core machine took 233 s for 6 steps
         pg.goto(server)
         yield pg
         browser.close()

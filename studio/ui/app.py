@@ -25,6 +25,7 @@ def form_config(studio, values: dict, model, data, train) -> dict:
     cfg["data"] = data.current(values)
     cfg["method"]["target_modules"] = train_tab.targets_from(values[train.target_pick], values[train.layers])
     cfg["name"] = (values[train.name] or "").strip()
+    cfg["stage"] = values[train.stage] or "sft"
     return cfg
 
 
@@ -50,7 +51,7 @@ def build_app(studio) -> gr.Blocks:
             with gr.Tab("5 · Export", id="export", elem_id="tab-export") as export_item:
                 export = export_tab.build(studio)
 
-        start_inputs = {model.picker, train.name, train.target_pick, train.layers, *data.inputs,
+        start_inputs = {model.picker, train.name, train.stage, train.target_pick, train.layers, *data.inputs,
                         *train.form.fields.values()}
         live = [*train.live_outputs, train.timer, train.watched]
         train_tab.wire_start(studio, train, start_inputs, lambda values: form_config(studio, values, model, data, train))
@@ -58,7 +59,7 @@ def build_app(studio) -> gr.Blocks:
         model.layer_names.change(train_tab.on_target_pick, [train.target_pick, model.layer_names], train.layers)
         # A model preset's method and training settings go into the Train tab's form, where they can be seen
         # and changed before Start.
-        form_targets = {*train.form.fields.values(), train.target_pick, train.layers, train.name}
+        form_targets = {*train.form.fields.values(), train.target_pick, train.layers, train.name, train.stage}
         model.picker.input(lambda name: train.fill_from({k: v for k, v in studio.model_preset_settings(name).items()
                                                           if k in ("method", "training")}),
                             model.picker, form_targets)

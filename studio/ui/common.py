@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 
 import gradio as gr
 
@@ -127,4 +128,5 @@ def run_alone(build, title: str) -> None:
     studio = Studio()
     with gr.Blocks(title=title) as page:
         build(studio)
-    page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", ssr_mode=False)
+    port = int(os.environ.get("STUDIO_PORT", 7860))
+    page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port, ssr_mode=False)

@@ -32,7 +32,8 @@ def show(snap: dict) -> tuple:
         return IDLE
     st = snap["status"]
     message = f"**{snap['run_id']}**: {st.get('state', 'idle')}. {html.escape(st.get('message', ''))}"
-    return message, progress_html(snap.get("progress")), plot_frame(snap["metrics"]), log_text(snap["metrics"])
+    return (message, progress_html(snap.get("progress")), plot_frame(snap["metrics"], snap.get("series")),
+            log_text(snap["metrics"]))
 
 
 def progress_html(progress: dict | None) -> str:
@@ -47,8 +48,9 @@ def progress_html(progress: dict | None) -> str:
             f"<div>Step {step} of {total} ({100 * step / total:.0f}%){left}{speed}</div>{plan}</div>")
 
 
-def plot_frame(metrics: list[dict]) -> pd.DataFrame | None:
-    series = (("loss", "training loss"), ("eval_loss", "held-out loss"))
+def plot_frame(metrics: list[dict], series: list | None = None) -> pd.DataFrame | None:
+    """The plot's data: one line per live metric of the run's stage, (metric key, label) pairs."""
+    series = series or (("loss", "training loss"), ("eval_loss", "held-out loss"))
     rows = [{"step": m["step"], "loss": m[key], "series": name} for m in metrics for key, name in series
             if isinstance(m.get(key), (int, float))]
     if not rows:
@@ -122,7 +124,7 @@ def open_run(studio, run_id: str) -> tuple:
     d = studio.run_detail(run_id)
     st = d["status"]
     text = f"**{run_id}**: {st.get('state')}. {html.escape(st.get('message', ''))}"
-    return text, yaml.safe_dump(d["config"], sort_keys=False), plot_frame(d["metrics"])
+    return text, yaml.safe_dump(d["config"], sort_keys=False), plot_frame(d["metrics"], d.get("series"))
 
 
 @friendly
@@ -174,6 +176,7 @@ def build(studio) -> SimpleNamespace:
         load_preset = gr.Button("Load preset", scale=1)
         name = gr.Textbox(form.initial.get("name", ""), label="Run name", scale=2, elem_id="train-name",
                           info="Optional; letters, digits, '.', '_', '-'. A number is added if the name is taken.")
+    stage_pick, stage_boxes = _stage_fields(form)
     with gr.Row():
         form.field("method", "method", label="Method")
         form.field("method", "rank", label="LoRA rank")
@@ -244,20 +247,46 @@ def build(studio) -> SimpleNamespace:
                 updates[layers] = gr.CheckboxGroup(value=targets, visible=True)
         if "name" in cfg:
             updates[name] = cfg["name"]
+        if "stage" in cfg:
+            updates[stage_pick] = cfg["stage"]
         return updates
 
     live_outputs = [status, progress, plot, log]
+    if stage_boxes:
+        stage_pick.change(lambda picked: [gr.Accordion(visible=name == picked) for name in stage_boxes], stage_pick,
+                          list(stage_boxes.values()))
     timer.tick(bind(tick, studio), watched, [*live_outputs, timer], show_progress="hidden")
     load_preset.click(lambda choice: fill_from(preset_settings(choice)), preset,
-                      {*form.fields.values(), target_pick, layers, name})
+                      {*form.fields.values(), target_pick, layers, name, stage_pick})
     stop.click(bind(stop_run, studio), None, None)
     resume.click(bind(resume_run, studio), run_pick, [*live_outputs, timer, watched])
     refresh.click(bind(runs_table, studio), None, [table, run_pick])
     run_pick.change(bind(open_run, studio), run_pick, [run_status, run_config, run_plot])
-    return SimpleNamespace(form=form, name=name, target_pick=target_pick, layers=layers, start=start, stop=stop,
+    return SimpleNamespace(form=form, name=name, stage=stage_pick, target_pick=target_pick, layers=layers, start=start, stop=stop,
                            status=status, progress=progress, plot=plot, log=log, timer=timer, watched=watched,
                            live_outputs=live_outputs, save_preset=save_preset, save_name=save_name, preset=preset,
                            runs_table=table, run_pick=run_pick, fill_from=fill_from)
+
+
+def _stage_fields(form: Form):
+    """The stage picker (shown when there is more than one stage) and, for each stage with settings of its own,
+    a section of fields made from its settings dataclass: a new stage needs nothing here."""
+    from dataclasses import fields
+
+    from studio import stages
+    registry = stages.registry()
+    pick = gr.Dropdown([(s.label, s.name) for s in registry.values()], value="sft", label="What to train",
+                       info=" ".join(f"{s.label}: {s.help}" for s in registry.values()), elem_id="train-stage",
+                       visible=len(registry) > 1)
+    boxes = {}
+    for stage in registry.values():
+        if stage.settings is not None:
+            with gr.Accordion(f"{stage.label} settings", open=True, visible=stage.name == "sft") as box:
+                with gr.Row():
+                    for f in fields(stage.settings):
+                        form.field(stage.name, f.name)
+            boxes[stage.name] = box
+    return pick, boxes
 
 
 def wire_start(studio, train: SimpleNamespace, inputs: set, form_config) -> None:
