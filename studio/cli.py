@@ -7,6 +7,7 @@
   studio merge RUN                                              write RUN/merged
   studio runs [--json]                                          list runs
   studio demo-eval RUN                                          base vs tuned on the demo's held-out prompts
+  studio add-user FILE USER                                     a login for --auth-file (salted hash)
 
 Errors print one paragraph and exit 1; add --debug for the traceback.
 """
@@ -33,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a login for the UI; repeat for several accounts (share mode makes one if omitted)")
     p.add_argument("--share-local", action="store_true",
                    help="share mode (login, limits) without the public link, e.g. on a trusted network")
+    p.add_argument("--auth-file", default=None, metavar="FILE",
+                   help="logins as salted password hashes, one user a line (make them with: studio add-user FILE USER)")
+    p.add_argument("--admin", default=None, metavar="USER",
+                   help="on a shared studio, the one account that may see and stop every visitor's runs")
     p.add_argument("--keep-training", action="store_true",
                    help="when the web UI is closed with Ctrl-C, leave its runs training (default: stop them after "
                         "their current step, saving the adapter)")
@@ -62,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo-eval", help="how often base and tuned answer the demo's taught way")
     d.add_argument("run")
+
+    u = sub.add_parser("add-user", help="add or replace a login in an auth file (asks for the password)")
+    u.add_argument("file")
+    u.add_argument("user")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     return p
 
 
@@ -97,7 +107,7 @@ def _dispatch(args) -> int:
     if args.command is None:
         from studio.ui.launch import launch
         return launch(host=args.host, port=args.port, share=args.share, auth=args.auth, share_local=args.share_local,
-                      keep_training=args.keep_training)
+                      keep_training=args.keep_training, auth_file=args.auth_file, admin=args.admin)
     if args.command == "train":
         from studio import launcher
         from studio.presets import load_run_config
@@ -116,6 +126,8 @@ def _dispatch(args) -> int:
         return _runs(args.json)
     if args.command == "demo-eval":
         return _demo_eval(args.run)
+    if args.command == "add-user":
+        return _add_user(args)
     raise AssertionError(args.command)
 
 
@@ -218,6 +230,21 @@ def _runs(as_json: bool) -> int:
             print(f"{r['id']:32} {r['message']}")
             continue
         print(f"{r['id']:32} {r['state']:12} {when}  step {r['step']}/{r['total_steps'] or '?'}  loss {loss}")
+    return 0
+
+
+def _add_user(args) -> int:
+    import getpass
+
+    from studio.accounts import add_user
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"Password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            raise StudioError("The two passwords differ; nothing was changed.")
+    add_user(args.file, args.user, password)
+    print(f"{args.user} can now log in to a studio started with --auth-file {args.file}")
     return 0
 
 

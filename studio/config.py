@@ -141,6 +141,10 @@ class TrainingConfig:
         "uses them on GPUs) and Liger's RMSNorm/RoPE/SwiGLU kernels (NVIDIA GPUs, when liger-kernel is installed). 'off' "
         "runs the plain PEFT and transformers code, e.g. to rule these out when something looks wrong.",
         choices=("auto", "on", "off"))
+    time_limit_minutes: float = setting(
+        0.0, "Stop the run after this many minutes of training, saving the adapter as Stop does; 0 means no limit. "
+        "On a shared link the studio sets one, so no run holds the training slot for ever.", minimum=0,
+        maximum=10_000_000)
     seed: int = setting(42, "Random seed: the same seed, data and settings give the same run.", minimum=0,
                         maximum=2**31 - 1)
     logging_steps: int = setting(1, "Record the loss every this many steps.", minimum=1, maximum=100000)

@@ -19,6 +19,7 @@ from typing import Any
 
 from studio.config import DEMO_DATA, DataConfig
 from studio.errors import StudioError
+from studio.limits import Limits
 from studio.paths import ASSETS_DIR
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
@@ -75,9 +76,18 @@ def read_records(path: str | Path, max_bytes: int | None = None) -> tuple[list[A
     """Read raw records from a file or a saved datasets folder.
 
     Returns (records, unreadable rows, blank rows). A record is whatever one row holds (usually a dict).
-    Problems with the whole file raise StudioError; a single unreadable JSONL line becomes a BadRow.
+    Problems with the whole file raise StudioError; a single unreadable JSONL line becomes a BadRow. Under a
+    shared studio's limits (studio/limits.py) a file with too many rows or too much text is refused, and a
+    row with too much text is one bad row.
     """
-    path = Path(path)
+    limits = Limits.from_env()
+    records, bad, blank = _read_records(Path(path), max_bytes, limits)
+    if limits is not None:
+        records, bad = _apply_limits(Path(path), records, bad, limits)
+    return records, bad, blank
+
+
+def _read_records(path: Path, max_bytes: int | None, limits: Limits | None) -> tuple[list[Any], list[BadRow], int]:
     if not path.exists():
         raise StudioError(f"Data file {path} does not exist. Check the path, or upload the file again.")
     if path.is_dir():
@@ -95,12 +105,72 @@ def read_records(path: str | Path, max_bytes: int | None = None) -> tuple[list[A
     if size == 0:
         raise StudioError(f"{path.name} is empty. Put at least one example in it.")
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, limits)
     if suffix == ".json":
         return _read_json(path), [], 0
     if suffix == ".csv":
         return _read_csv(path), [], 0
+    if limits is not None:
+        return _read_parquet_bounded(path, limits), [], 0
     return _read_parquet(path), [], 0
+
+
+def _read_parquet_bounded(path: Path, limits: Limits) -> list[Any]:
+    """Parquet compresses well (a few kilobytes can unpack to gigabytes): its metadata is checked first, then
+    it is read a few rows at a time, and refused as soon as what was unpacked passes the limits."""
+    import pyarrow.parquet as pq
+    too_big = StudioError(f"{path.name} holds more than {limits.max_rows:,} rows or "
+                          f"{limits.max_total_chars / 2**20:,.0f} MB of text once decompressed, the limits here. "
+                          "Use a smaller sample of your data.")
+    try:
+        source = pq.ParquetFile(path)
+        meta = source.metadata
+        unpacked = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if meta.num_rows > limits.max_rows or unpacked > limits.max_total_chars:
+            raise too_big
+        records, total = [], 0
+        for batch in source.iter_batches(batch_size=16):
+            for row in batch.to_pylist():
+                total += _text_size(row)
+                if total > limits.max_total_chars:
+                    raise too_big
+                records.append((len(records) + 1, {k: _plain(v) for k, v in row.items()}))
+    except StudioError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several error types for damaged files
+        raise StudioError(f"{path.name} could not be read as Parquet ({type(err).__name__}: {err}). The file "
+                          "may be damaged or only partly copied; export it again.") from None
+    return records
+
+
+def _apply_limits(path: Path, records: list, bad: list[BadRow], limits: Limits) -> tuple[list, list[BadRow]]:
+    """Too many rows or too much text: the file is refused; a row with too much text: that row is bad."""
+    if len(records) > limits.max_rows:
+        raise StudioError(f"{path.name} has {len(records):,} rows; the limit here is {limits.max_rows:,}. Use a "
+                          "smaller sample of your data.")
+    kept, total = [], 0
+    for number, record in records:
+        size = _text_size(record)
+        total += size
+        if total > limits.max_total_chars:
+            raise StudioError(f"{path.name} holds more than {limits.max_total_chars / 2**20:,.0f} MB of text, the "
+                              "limit here. Use a smaller sample of your data.")
+        if size > limits.max_row_chars:
+            bad.append(BadRow(number, f"row {number} has {size:,} characters of text; the limit here is "
+                                      f"{limits.max_row_chars:,} a row"))
+        else:
+            kept.append((number, record))
+    return kept, sorted(bad, key=lambda b: b.row)
+
+
+def _text_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _text_size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return len(str(value))
 
 
 def _decode(path: Path) -> str:
@@ -114,17 +184,23 @@ def _decode(path: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def _read_jsonl(path: Path) -> tuple[list[Any], list[BadRow], int]:
+def _read_jsonl(path: Path, limits: Limits | None = None) -> tuple[list[Any], list[BadRow], int]:
     records, bad, blank = [], [], 0
     for number, line in enumerate(_decode(path).splitlines(), start=1):
         if not line.strip():
             blank += 1
+            continue
+        if limits is not None and len(line) > limits.max_row_chars:
+            bad.append(BadRow(number, f"line {number} has {len(line):,} characters; the limit here is "
+                                      f"{limits.max_row_chars:,} a row"))
             continue
         try:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
             bad.append(BadRow(number, f"line {number} is not valid JSON ({err.msg} at column {err.colno}); "
                                       "fix or delete that line"))
+        except RecursionError:
+            bad.append(BadRow(number, f"line {number} is nested too deeply to read; flatten that record"))
     return records, bad, blank
 
 
@@ -134,6 +210,9 @@ def _read_json(path: Path) -> list[Any]:
     except json.JSONDecodeError as err:
         raise StudioError(f"{path.name} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
                           "If it has one record per line, rename it to .jsonl.") from None
+    except RecursionError:
+        raise StudioError(f"{path.name} is nested too deeply to read as one JSON document. Save it as .jsonl, one "
+                          "record per line: then only the rows nested too deeply are skipped.") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:  # {"data": [...]} and similar wrappers

@@ -127,8 +127,9 @@ class ChatModelCache:
 
 
 def stream_reply(chat: ChatModel, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 0.9) -> Iterator[str]:
-    """Yield the reply so far, growing token by token, through the model's chat template."""
+                 top_p: float = 0.9, max_seconds: float | None = None) -> Iterator[str]:
+    """Yield the reply so far, growing token by token, through the model's chat template. `max_seconds`: the
+    reply ends there, however long it is."""
     import torch
     from transformers import TextIteratorStreamer
     if not messages or messages[-1].get("role") != "user":
@@ -138,6 +139,8 @@ def stream_reply(chat: ChatModel, messages: list[dict], max_new_tokens: int = 12
     streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
     kwargs = dict(**inputs, streamer=streamer, max_new_tokens=int(max_new_tokens),
                   eos_token_id=stop_token_ids(chat.tokenizer), pad_token_id=chat.tokenizer.pad_token_id)
+    if max_seconds:
+        kwargs["max_time"] = float(max_seconds)
     if temperature and temperature > 0:
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
     else:

@@ -253,15 +253,29 @@ def active_run() -> Run | None:
         return None
 
 
-def stop(run: Run | None = None) -> str:
-    """Ask `run` (default: the active one) to stop after its current step. Safe twice and when idle."""
+def stop(run: Run | None = None, grace_s: float | None = None) -> str:
+    """Ask `run` (default: the active one) to stop after its current step. Safe twice and when idle.
+    `grace_s`: if its worker is still running that long after the request (stuck in a step, a download or a
+    chat template that never ends), it is ended; the run can then resume from its last checkpoint."""
     run = run or active_run()
     if run is None or run.stored_status().state not in ACTIVE:
         return "No run is training, so there is nothing to stop."
     if run.stop_requested():
         return f"Run {run.id} is already stopping."
     run.request_stop()
+    if grace_s is not None:
+        holder = slot.holder()
+        if holder is not None and holder.run_id == run.id:
+            timer = threading.Timer(grace_s, _end_if_still_running, (run, holder))
+            timer.daemon = True
+            timer.start()
     return f"Stopping run {run.id} after the current step."
+
+
+def _end_if_still_running(run: Run, holder: slot.Holder) -> None:
+    if slot.is_running(holder.pid, holder.started) and (slot.holder() or slot.Holder("", 0)).pid == holder.pid:
+        os.kill(holder.pid, signal.SIGKILL)
+        # Its watcher (if this process started it) or the next reconcile records it as interrupted.
 
 
 def started_here() -> list[Launched]:

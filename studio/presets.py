@@ -15,14 +15,36 @@ from studio.errors import StudioError
 from studio.paths import PRESETS_DIR, check_safe_name
 
 
+class _NoAliases(yaml.SafeLoader):
+    """YAML without aliases (*name): settings never need them, and a few bytes of nested aliases expand into
+    megabytes of config."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}")
+        return super().compose_node(parent, index)
+
+
+class _AliasFound(yaml.YAMLError):
+    pass
+
+
+def load_yaml(text: str, source: str):
+    """Parse YAML settings (no Python tags, no aliases); StudioError naming `source` for anything else."""
+    try:
+        return yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader subclass
+    except _AliasFound as err:
+        raise StudioError(f"{source}: {err}; settings files do not allow aliases, write the value out.") from None
+    except yaml.YAMLError as err:
+        raise StudioError(f"{source} is not valid YAML: {err}. Fix the indentation or quoting on that line.") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise StudioError(f"Preset file {path} does not exist. Check the path, or pick one from {PRESETS_DIR}.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise StudioError(f"{path} is not valid YAML: {err}. Fix the indentation or quoting on that line.") from None
+    data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -37,7 +59,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         if "=" not in item:
             raise StudioError(f"--set {item!r} needs the form section.field=value, e.g. training.epochs=2.")
         key, raw = item.split("=", 1)
-        set_value(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        set_value(data, key.strip(), load_yaml(raw, f"--set {key.strip()}") if raw.strip() else "")
     return from_dict(data, source=str(path))
 
 

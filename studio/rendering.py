@@ -8,9 +8,13 @@ the pad token is the EOS token, because padding is added later and separately fr
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from studio.errors import StudioError
+from studio.limits import Limits
 
 IGNORE = -100
 
@@ -165,10 +169,18 @@ def encode_all(tokenizer, examples: list[dict], max_length: int, train_on: str =
     (a row whose labels are all -100 would give a NaN or zero loss). `should_stop`: asked every 64 rows; when
     it says yes, encoding ends early with the rows so far (a Stop during a long encode is heard)."""
     out = EncodedSet()
+    limits = Limits.from_env()
+    seconds = limits.template_seconds if limits is not None else None
     for number, example in enumerate(examples):
         if should_stop is not None and number % 64 == 0 and should_stop():
             break
-        ids, labels = encode(tokenizer, example, train_on)
+        try:
+            with time_bound(seconds):
+                ids, labels = encode(tokenizer, example, train_on)
+        except _TimeUp:
+            raise StudioError(f"Turning conversation {number + 1} into text took the chat template more than "
+                              f"{seconds:g} s, the limit here. Use model.chat_template 'auto' or a built-in one "
+                              "(chatml, llama3, alpaca).") from None
         out.lengths.append(len(ids))
         if len(ids) > max_length:
             if too_long == "drop":
@@ -181,6 +193,29 @@ def encode_all(tokenizer, examples: list[dict], max_length: int, train_on: str =
             continue
         out.rows.append({"input_ids": ids, "labels": labels})
     return out
+
+
+class _TimeUp(BaseException):
+    """Not an Exception: the template's own error handling (render_text) must not swallow it."""
+
+
+@contextmanager
+def time_bound(seconds: float | None):
+    """Raise _TimeUp in the code inside once `seconds` have passed (main thread only: it uses SIGALRM; elsewhere,
+    and without `seconds`, no bound)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TimeUp
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def token_preview(tokenizer, example: dict, train_on: str = "assistant") -> list[tuple[str, bool]]:

@@ -18,8 +18,10 @@ has ended. This module knows nothing about torch or the browser.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -87,10 +89,14 @@ class Run:
         write_atomic(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def config(self) -> RunConfig:
+        from studio.presets import load_yaml
         try:
-            data = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            text = (self.path / "config.yaml").read_text(encoding="utf-8")
+            data = load_yaml(text, f"run {self.id}: config.yaml")
+        except (OSError, UnicodeDecodeError) as err:
             raise StudioError(f"Run {self.id}: config.yaml cannot be read ({type(err).__name__}).") from None
+        except StudioError as err:
+            raise StudioError(f"Run {self.id}: config.yaml cannot be read ({err}).") from None
         return from_dict(data, source=f"run {self.id}: config.yaml")
 
     # --- status ---
@@ -225,11 +231,18 @@ def new_run(cfg: RunConfig, owner: str = "") -> Run:
             n += 1
             run_id = f"{base}-{n}"
     run = Run(root / run_id)
-    if owner:
-        write_atomic(run.path / "owner", owner)
-    run.write_config(cfg)
-    run.update_status(state=State.QUEUED, message="Waiting to start.", created=time.time(), stage=cfg.stage,
-                      model=cfg.model.name_or_path, method=cfg.method.method)
+    try:
+        if owner:
+            write_atomic(run.path / "owner", owner)
+        run.write_config(cfg)
+        run.update_status(state=State.QUEUED, message="Waiting to start.", created=time.time(), stage=cfg.stage,
+                          model=cfg.model.name_or_path, method=cfg.method.method)
+    except OSError as err:
+        shutil.rmtree(run.path, ignore_errors=True)  # no half-made run folder left behind
+        if err.errno == errno.ENOSPC:
+            raise StudioError("The disk is full, so the run could not be created. Free some space (old runs "
+                              "and exports), then start again.") from None
+        raise
     return run
 
 

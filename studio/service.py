@@ -1,37 +1,63 @@
 """The engine as the UI sees it: plain data in, plain data out, no gradio and no torch objects.
 
-One ``Studio`` object per app process holds the chat-model cache and the share-mode policy (what visitors
-may load and upload); runs are started through ``studio.launcher`` as worker processes and read back from
-their folders. UI handlers call these methods and only lay out results.
+One ``Studio`` object per app process holds the chat-model cache and the policy: on a shared studio, who may
+do what. Runs are started through ``studio.launcher`` as worker processes and read back from their folders.
+
+Every method that touches a visitor's things takes the visitor (the login's user name, "local" without a
+login; never a value the client sends) and, on a shared studio, checks it: a visitor sees, stops, resumes,
+deletes, chats with and exports only their own runs and uploads, and names them by name, never by path; the
+admin account sees and stops everything. Nothing returned names an owner, another visitor's settings or a path
+on the server.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
+import hmac
+import os
 import re
+import secrets
 import shutil
 import threading
+import time
 import uuid
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio import launcher, models
 from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, from_dict, to_dict
-from studio.data import DEMO_EVAL, load_report
 from studio.errors import StudioError
 from studio.inference import ChatModelCache, check_usable, merge_run, stream_reply
-from studio.paths import studio_home, uploads_dir
+from studio.limits import Limits, install
+from studio.paths import check_safe_name, studio_home, uploads_dir
 from studio.presets import model_presets
-from studio.rendering import IGNORE, encode, token_preview
-from studio.records import ACTIVE, Progress
-from studio.runs import list_runs, open_run
+from studio.records import ACTIVE, Progress, RunStatus
+from studio.rendering import BUILTIN_TEMPLATES
+from studio.runs import Run, list_runs, open_run
 from studio.training.fast.memory import peak_gib
 
-PREVIEW_PAGE = 10
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}\.(jsonl|json|csv|parquet)$")
+NO_SUCH_RUN = "No run called {!r} here. Pick one from the list of your runs."
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What visitors may do. Shared: logins, limits (studio/limits.py), visitors kept apart, `admins` see all."""
+    share: bool = False
+    max_upload_mb: int = 50
+    admins: frozenset = frozenset()
+    limits: Limits | None = field(default=None)
+
+    def __post_init__(self):
+        if self.share and self.limits is None:  # STUDIO_LIMITS (JSON of Limits' fields) may set other bounds
+            object.__setattr__(self, "limits", Limits.from_env() or Limits())
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 2**20
 
 
 _IMPORTS = threading.Lock()
@@ -47,40 +73,103 @@ def _libraries() -> None:
 
 
 def owner_key(visitor: str) -> str:
-    """A visitor's name as a folder name and owner mark: a digest, fixed for a name, that reveals nothing."""
-    return hashlib.sha256(f"studio-visitor:{visitor}".encode()).hexdigest()[:24]
+    """A visitor's name as a folder name and owner mark: keyed with this studio's own secret, so the mark can
+    be neither read back to a name nor made from one by anyone else."""
+    return hmac.new(_secret(), f"visitor:{visitor}".encode(), hashlib.sha256).hexdigest()[:24]
 
 
-@dataclass
-class Policy:
-    """What a visitor may do. Share mode: no local model paths, limited uploads, owner-only stop."""
-    share: bool = False
-    max_upload_mb: int = 50
+def _secret() -> bytes:
+    path = studio_home() / "secret"
+    if not path.is_file():
+        tmp = path.with_name(f".secret-{os.getpid()}")
+        tmp.write_bytes(secrets.token_bytes(32))
+        tmp.chmod(0o600)
+        if not path.exists():
+            os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
+    return path.read_bytes()
 
-    @property
-    def max_upload_bytes(self) -> int:
-        return self.max_upload_mb * 2**20
+
+def _public_errors(method):
+    """A StudioError from `method` reaches a shared studio's visitor without paths on the server in it."""
+    import functools
+    import inspect
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except StudioError as err:
+                raise StudioError(self.public(str(err))) from None
+        return stream
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except StudioError as err:
+            raise StudioError(self.public(str(err))) from None
+    return call
 
 
 class Studio:
     def __init__(self, policy: Policy | None = None):
         self.policy = policy or Policy()
+        install(self.policy.limits)  # this process's and its workers' bounds (none on an unshared studio)
         launcher.reconcile_all()  # runs cut off while no studio was watching show as interrupted
         self.chat_cache = ChatModelCache(size=2)
         self._tokenizers: dict[str, object] = {}
         self._infos: dict[str, models.ModelInfo] = {}
         self._lock = threading.Lock()
-        self.clean_old_uploads()
+        self.clean_old_files()
 
-    def clean_old_uploads(self, max_age_days: float = 7.0) -> int:
-        """Uploads are working copies: delete those older than a week (a run keeps what it trained on)."""
-        import time
+    @property
+    def limits(self) -> Limits | None:
+        return self.policy.limits
+
+    def clean_old_files(self, max_age_days: float = 7.0) -> int:
+        """Uploads and exports are working copies: delete those older than a week (a run keeps what it trained
+        on, and an export can be made again)."""
         cutoff, removed = time.time() - max_age_days * 86400, 0
-        for file in uploads_dir().glob("*/*"):
+        for file in [*uploads_dir().glob("*/*"), *self.exports_dir().glob("*/*")]:
             if file.is_file() and file.stat().st_mtime < cutoff:
                 file.unlink(missing_ok=True)
                 removed += 1
+        for folder in self.exports_dir().glob("*"):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         return removed
+
+    # --- who may see what ---
+    def is_admin(self, visitor: str) -> bool:
+        return visitor in self.policy.admins
+
+    def _sees(self, run: Run, visitor: str) -> bool:
+        return not self.policy.share or self.is_admin(visitor) or run.owner() == owner_key(visitor)
+
+    def _run(self, run_id: str, visitor: str) -> Run:
+        """A run named by a client: a name (never a path) of a run this visitor may see."""
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise StudioError("Pick a run first.")
+        run_id = run_id.strip()
+        try:
+            check_safe_name(run_id, "run id")
+            run = open_run(run_id)
+        except StudioError:
+            raise StudioError(NO_SUCH_RUN.format(run_id)) from None
+        if not self._sees(run, visitor):
+            raise StudioError(NO_SUCH_RUN.format(run_id))  # the same answer as for a run that does not exist
+        return run
+
+    def public(self, text: str) -> str:
+        """A message as a visitor of a shared studio may see it: no paths on this machine."""
+        if not self.policy.share or not text:
+            return text
+        text = re.sub(re.escape(str(uploads_dir())) + r"/[0-9a-f]+/", "", text)
+        for folder, name in ((studio_home(), "<studio>"), (Path.home(), "~")):
+            text = text.replace(str(folder), name)
+        return text
 
     # --- models ---
     def model_choices(self) -> list[tuple[str, str]]:
@@ -108,16 +197,25 @@ class Studio:
             pass
         launcher.keep_spare_ready()
 
-    def check_model_allowed(self, name_or_path: str) -> str:
+    def check_model_allowed(self, name_or_path: str, chat_template: str = "auto") -> str:
+        """On a shared studio a model is the bundled one, a preset or a hub id 'owner/name', never a folder on
+        this machine (whatever exists there), and its chat template one of the built-in ones."""
         name_or_path = (name_or_path or BUNDLED_MODEL).strip()
-        if self.policy.share and name_or_path != BUNDLED_MODEL:
+        if not self.policy.share:
+            return name_or_path
+        if name_or_path != BUNDLED_MODEL:
             looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.endswith(".gguf") \
-                or "\\" in name_or_path or ".." in name_or_path or name_or_path.count("/") != 1
-            if looks_local:
+                or "\\" in name_or_path or ".." in name_or_path or name_or_path.count("/") != 1 \
+                or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name_or_path)
+            if looks_local or Path(name_or_path).exists():
                 raise StudioError("On a shared link, models come only from the presets, the bundled model or "
                                   "Hugging Face ids like 'owner/name'; local paths are not allowed.")
+        if chat_template not in ("auto", *BUILTIN_TEMPLATES):
+            raise StudioError(f"On a shared link, model.chat_template is 'auto' or one of "
+                              f"{', '.join(BUILTIN_TEMPLATES)}; templates of your own are not run here.")
         return name_or_path
 
+    @_public_errors
     def describe_model(self, name_or_path: str) -> dict:
         name_or_path = self.check_model_allowed(name_or_path)
         _libraries()
@@ -128,7 +226,7 @@ class Studio:
             with self._lock:
                 self._infos[name_or_path] = info
         estimates = []
-        # The planner's own estimate (studio/training/memory.py) at the default settings: 8 rows of ~256
+        # The planner's own estimate (studio/training/fast/memory.py) at the default settings: 8 rows of ~256
         # tokens, rank 16, no checkpointing; float32 on the CPU (4-bit and 8-bit run on a GPU only: 16-bit).
         for method, label in (("lora", "LoRA / DoRA / rsLoRA"), ("qlora", "QLoRA (4-bit)"), ("lora8bit", "8-bit LoRA"),
                               ("full", "Full fine-tuning"), ("prompt_tuning", "Prompt / prefix tuning")):
@@ -153,42 +251,57 @@ class Studio:
         return tok
 
     # --- data ---
-    def store_upload(self, temp_path: str, owner: str, remove_source: bool = False) -> str:
+    @_public_errors
+    def store_upload(self, temp_path: str, visitor: str, remove_source: bool = False) -> str:
         """Copy an uploaded file into this visitor's own upload folder; return its name there (what data.path
         names it by: a name, never a path).
 
         remove_source: delete the web server's temporary copy, which other visitors could otherwise fetch
         by its URL."""
         src = Path(temp_path)
-        suffix = src.suffix.lower()
-        if suffix not in UPLOAD_SUFFIXES:
-            raise StudioError(f"{src.name}: only {', '.join(UPLOAD_SUFFIXES)} files can be uploaded.")
-        size = src.stat().st_size
-        if size > self.policy.max_upload_bytes:
-            raise StudioError(f"{src.name} is {size / 2**20:.1f} MB; the limit here is {self.policy.max_upload_mb} MB.")
-        folder = self._upload_folder(owner)
-        folder.mkdir(parents=True, exist_ok=True)
-        safe_stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in src.stem)[:40] or "data"
-        target = folder / f"{safe_stem}-{uuid.uuid4().hex[:8]}{suffix}"
-        shutil.copyfile(src, target)
-        if remove_source:
-            src.unlink(missing_ok=True)
-        return target.name
+        try:
+            suffix = src.suffix.lower()
+            if suffix not in UPLOAD_SUFFIXES:
+                raise StudioError(f"{src.name}: only {', '.join(UPLOAD_SUFFIXES)} files can be uploaded.")
+            size = src.stat().st_size
+            if size > self.policy.max_upload_bytes:
+                raise StudioError(f"{src.name} is {size / 2**20:.1f} MB; the limit here is "
+                                  f"{self.policy.max_upload_mb} MB.")
+            folder = self._upload_folder(visitor)
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.limits is not None:
+                held = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                if held + size > self.limits.upload_quota_mb * 2**20:
+                    raise StudioError(f"Your uploads here already take {held / 2**20:.0f} MB; with {src.name} they "
+                                      f"would pass the {self.limits.upload_quota_mb} MB each visitor may keep. "
+                                      "Uploads are removed after a week.")
+            safe_stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in src.stem)[:40] or "data"
+            target = folder / f"{safe_stem}-{uuid.uuid4().hex[:8]}{suffix}"
+            try:
+                shutil.copyfile(src, target)
+            except OSError as err:
+                target.unlink(missing_ok=True)
+                if err.errno == errno.ENOSPC:
+                    raise StudioError("The disk is full, so the upload was not stored. Free some space (old runs "
+                                      "and exports) and upload again.") from None
+                raise
+            return target.name
+        finally:
+            if remove_source:
+                src.unlink(missing_ok=True)
 
-    @staticmethod
-    def _upload_folder(owner: str) -> Path:
-        """Each visitor's uploads live in a folder of their own, named by a digest of who they are (so the
-        folder's name reveals nothing about them)."""
-        return uploads_dir() / owner_key(owner)
+    def _upload_folder(self, visitor: str) -> Path:
+        """Each visitor's uploads live in a folder of their own, named by their owner mark."""
+        return uploads_dir() / owner_key(visitor)
 
-    def check_data_allowed(self, path: str, owner: str) -> str:
+    def check_data_allowed(self, path: str, visitor: str) -> str:
         """The file a data.path from a client names: the demo set, one of this visitor's uploads by its name,
         or (on the owner's own, unshared studio) a path on this machine."""
-        path = (path or "").strip()
+        path = (path or "").strip() if isinstance(path, str) else ""
         if path in ("", DEMO_DATA):
             return DEMO_DATA
         if UPLOAD_NAME.match(path):
-            stored = self._upload_folder(owner) / path
+            stored = self._upload_folder(visitor) / path
             if stored.is_file():
                 return str(stored)
         if self.policy.share:
@@ -196,110 +309,132 @@ class Studio:
                               "(named as the upload returned it).")
         return path
 
-    def inspect_data(self, data: dict, model_name: str, owner: str, page: int = 0) -> dict:
-        """Everything the Data tab shows: format, preview, rendered sample, lengths, bad rows, split."""
-        data = dict(data)
-        data["path"] = self.check_data_allowed(data.get("path", DEMO_DATA), owner)
-        cfg = from_dict({"data": data}).data
-        report = load_report(cfg, max_bytes=self.policy.max_upload_bytes)
-        tokenizer = self.tokenizer_for(self.check_model_allowed(model_name))
-        lengths, trained = [], 0
-        for example in report.examples:
-            ids, labels = encode(tokenizer, example, cfg.train_on)
-            lengths.append(len(ids))
-            trained += sum(1 for x in labels if x != IGNORE)
-        over = sum(1 for n in lengths if n > cfg.max_length)
-        pages = max(1, -(-report.usable // PREVIEW_PAGE))
-        page = min(max(0, int(page)), pages - 1)
-        rows = report.examples[page * PREVIEW_PAGE:(page + 1) * PREVIEW_PAGE]
-        n_eval = 0 if cfg.eval_fraction == 0 or report.usable < 4 else max(1, round(report.usable * cfg.eval_fraction))
-        if cfg.path in ("", DEMO_DATA):
-            n_eval = sum(1 for line in DEMO_EVAL.open() if line.strip())
-            split = f"{report.usable} training rows; {n_eval} held-out rows from heldout.jsonl"
-        else:
-            split = f"{report.usable - n_eval} training rows, {n_eval} held out ({cfg.eval_fraction:.0%})"
-        return {
-            "file": report.path, "format": report.format, "columns": report.columns,
-            "summary": report.summary(), "split": split,
-            "bad_rows": [{"row": b.row, "reason": b.reason} for b in report.bad_rows[:200]],
-            "preview": [_conversation_row(i + page * PREVIEW_PAGE + 1, ex) for i, ex in enumerate(rows)],
-            "page": page, "pages": pages, "lengths": lengths, "over_max_length": over,
-            "max_length": cfg.max_length, "too_long": cfg.too_long, "trained_tokens": trained,
-            "sample": self.sample_tokens(report.examples[page * PREVIEW_PAGE] if rows else report.examples[0],
-                                         tokenizer, cfg.train_on),
-        }
-
-    @staticmethod
-    def sample_tokens(example: dict, tokenizer, train_on: str) -> list[tuple[str, str]]:
-        return [(text, "trained" if trained else "masked") for text, trained in token_preview(tokenizer, example,
-                                                                                              train_on)]
+    @_public_errors
+    def inspect_data(self, data: dict, model_name: str, visitor: str, page: int = 0) -> dict:
+        """Everything the Data tab shows: format, preview, rendered sample, lengths, bad rows, split. On a shared
+        studio it runs in a sandboxed child with bounded memory and time (studio/sandbox.py)."""
+        from studio import inspection, sandbox
+        data = dict(data) if isinstance(data, dict) else {}
+        data["path"] = self.check_data_allowed(data.get("path", DEMO_DATA), visitor)
+        model = {"name_or_path": self.check_model_allowed(model_name)}
+        cfg = from_dict({"data": data, "model": model})
+        if self.limits is None:
+            return inspection.inspect(cfg.data, self.tokenizer_for(model["name_or_path"]), page,
+                                      self.policy.max_upload_bytes)
+        return sandbox.call("studio.inspection:inspect_standalone",
+                            {"data": to_dict(cfg)["data"], "model": model, "page": int(page or 0),
+                             "max_bytes": self.policy.max_upload_bytes},
+                            seconds=self.limits.check_seconds, memory_mb=self.limits.check_memory_mb,
+                            what="The data check")
 
     # --- runs ---
-    def start(self, cfg_dict: dict, owner: str) -> dict:
+    @_public_errors
+    def start(self, cfg_dict: dict, visitor: str) -> dict:
         cfg = from_dict(cfg_dict, source="the form")
-        self.check_model_allowed(cfg.model.name_or_path)
-        cfg.data.path = self.check_data_allowed(cfg.data.path, owner)
+        self.check_model_allowed(cfg.model.name_or_path, cfg.model.chat_template)
+        cfg.data.path = self.check_data_allowed(cfg.data.path, visitor)
         if cfg.data.eval_path:
-            cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, owner)
-        run = launcher.start(cfg, owner=owner_key(owner)).run
+            cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, visitor)
+        if self.limits is not None:  # no run holds the one training slot for ever
+            t = cfg.training
+            t.time_limit_minutes = min(t.time_limit_minutes or self.limits.run_minutes, self.limits.run_minutes)
+        run = launcher.start(cfg, owner=owner_key(visitor) if self.policy.share else "").run
         return {"run_id": run.id, "message": f"Started run {run.id}."}
 
-    def stop(self, owner: str) -> str:
+    def stop(self, visitor: str) -> str:
         run = launcher.active_run()
-        if run is not None and self.policy.share and run.owner() != owner_key(owner):
-            raise StudioError("This run was started by someone else; only they can stop it.")
-        return launcher.stop(run)
+        if run is not None and not self._sees(run, visitor):
+            raise StudioError("The run training now was started by someone else; only they (or the studio's "
+                              "admin) can stop it.")
+        grace = self.limits.stop_grace_s if self.limits is not None else None
+        return launcher.stop(run, grace_s=grace)
 
-    def resume(self, run_id: str, owner: str) -> str:
-        run = launcher.resume(run_id).run
+    @_public_errors
+    def resume(self, run_id: str, visitor: str) -> str:
+        run = launcher.resume(self._run(run_id, visitor).id).run
         return f"Resuming run {run.id} from its last checkpoint."
 
-    def active_run_id(self) -> str | None:
-        run = launcher.active_run()
-        return run.id if run else None
-
-    def snapshot(self, run_id: str | None = None) -> dict:
-        """Status, metrics so far and progress of a run (default: the one training now, else none)."""
-        run = open_run(run_id) if run_id else launcher.active_run()
-        if run is None:
-            return {"run_id": None, "status": {"state": "idle", "message": "No run is training."}, "metrics": [],
-                    "progress": None, "active": False}
+    @_public_errors
+    def delete(self, run_id: str, visitor: str) -> str:
+        run = self._run(run_id, visitor)
         launcher.reconcile(run)
-        status, metrics = run.status(), run.metrics()
+        if run.stored_status().state in ACTIVE:
+            raise StudioError(f"Run {run.id} is training; stop it before deleting it.")
+        shutil.rmtree(run.path, ignore_errors=True)
+        self.chat_cache.clear()
+        return f"Deleted run {run.id}."
+
+    def active_run_id(self, visitor: str) -> str | None:
+        """The run training now, if this visitor may see it."""
+        run = launcher.active_run()
+        return run.id if run is not None and self._sees(run, visitor) else None
+
+    def snapshot(self, run_id: str | None, visitor: str) -> dict:
+        """Status, metrics so far and progress of a run (default: the one training now, if this visitor's)."""
+        if run_id:
+            run = self._run(run_id, visitor)
+        else:
+            run = launcher.active_run()
+            if run is not None and not self._sees(run, visitor):
+                return _idle("Another visitor's run is training; yours can start when it ends.")
+        if run is None:
+            return _idle("No run is training.")
+        launcher.reconcile(run)
+        status, metrics = self._public_status(run.status()), run.metrics()
         progress = Progress.of(run.id, status, metrics)
         return {"run_id": run.id, "status": status.to_json(), "metrics": [m.to_json() for m in metrics],
                 "progress": {**progress.__dict__, "state": progress.state.value, "fraction": progress.fraction},
                 "active": status.state in ACTIVE, "series": _series(status.stage)}
 
-    def runs_table(self) -> list[dict]:
-        launcher.reconcile_all()
-        return [r.summary() for r in list_runs()]
+    def _public_status(self, status: RunStatus) -> RunStatus:
+        if self.policy.share:
+            status.message, status.error = self.public(status.message), self.public(status.error)
+            status.worker_pid = 0
+            status.model = self.public(status.model)
+        return status
 
-    def run_detail(self, run_id: str) -> dict:
-        run = open_run(run_id)
+    def runs_table(self, visitor: str) -> list[dict]:
+        launcher.reconcile_all()
+        rows = [r.summary() for r in list_runs() if self._sees(r, visitor)]
+        for row in rows:
+            row["message"], row["model"] = self.public(row["message"]), self.public(row["model"] or "")
+        return rows
+
+    def run_detail(self, run_id: str, visitor: str) -> dict:
+        run = self._run(run_id, visitor)
         try:
             config = to_dict(run.config())
+            if self.policy.share:  # a visitor's file by the name they know it by, not where the server keeps it
+                for key in ("path", "eval_path"):
+                    if config["data"][key] not in ("", DEMO_DATA):
+                        config["data"][key] = Path(config["data"][key]).name
         except StudioError as err:
-            config = {"unreadable": str(err)}
-        status = run.status()
+            config = {"unreadable": self.public(str(err))}
+        status = self._public_status(run.status())
         return {"config": config, "status": status.to_json(), "metrics": [m.to_json() for m in run.metrics()],
-                "data": run.read_json("data.json"), "series": _series(status.stage)}
+                "series": _series(status.stage)}
 
-    def finished_runs(self) -> list[str]:
-        return [r.id for r in list_runs() if r.has_adapter() and r.stored_status().state.value == "completed"]
+    def finished_runs(self, visitor: str) -> list[str]:
+        return [r.id for r in list_runs() if self._sees(r, visitor) and r.has_adapter()
+                and r.stored_status().state.value == "completed"]
 
     # --- chat ---
-    def chat(self, source: str, run_id: str | None, messages: list[dict], settings: dict):
+    @_public_errors
+    def chat(self, source: str, run_id: str | None, messages: list[dict], settings: dict, visitor: str):
         """Stream a reply. The model being trained is never served: chat loads its own copy from disk."""
+        if source not in ("base", "adapter", "merged"):
+            raise StudioError(f"Unknown chat source {source!r}; use base, adapter or merged.")
         if source != "base" and not run_id:
             raise StudioError("Pick a finished run to chat with, or train one first.")
+        run = self._run(run_id, visitor) if run_id else None
+        max_new = int(settings.get("max_new_tokens", 128) or 128)
+        seconds = None
+        if self.limits is not None:
+            max_new, seconds = min(max_new, self.limits.chat_max_new_tokens), self.limits.chat_seconds
         _libraries()
-        base = None
-        if run_id is None:
-            base = ModelConfig()
-        chat = self.chat_cache.get(source, run_id, base)
-        yield from stream_reply(chat, messages, max_new_tokens=settings.get("max_new_tokens", 128),
-                                temperature=settings.get("temperature", 0.0), top_p=settings.get("top_p", 0.9))
+        chat = self.chat_cache.get(source, run.id if run else None, None if run else ModelConfig())
+        yield from stream_reply(chat, messages, max_new_tokens=max_new, temperature=settings.get("temperature", 0.0),
+                                top_p=settings.get("top_p", 0.9), max_seconds=seconds)
 
     # --- export ---
     def exports_dir(self) -> Path:
@@ -307,9 +442,11 @@ class Studio:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def export(self, run_id: str, what: str) -> str:
-        """Zip a run's adapter ('adapter') or merged model ('merged') into the exports folder."""
-        run = open_run(run_id)
+    @_public_errors
+    def export(self, run_id: str, what: str, visitor: str) -> str:
+        """Zip a run's adapter ('adapter') or merged model ('merged') into a folder of its own, named at random
+        (the download's address is known only to whoever asked for it)."""
+        run = self._run(run_id, visitor)
         if what not in ("adapter", "merged"):
             raise StudioError(f"Unknown export {what!r}; use 'adapter' or 'merged'.")
         check_usable(run)
@@ -322,18 +459,26 @@ class Studio:
                 folder = run.merged_dir
         else:
             folder = run.adapter_dir
-        target = self.exports_dir() / f"{run.id}-{what}.zip"
+        place = self.exports_dir() / secrets.token_hex(16)
+        place.mkdir()
+        target = place / f"{run.id}-{what}.zip"
         tmp = target.with_suffix(".zip.tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-            for file in sorted(folder.rglob("*")):
-                if file.is_file():
-                    zf.write(file, Path(f"{run.id}-{what}") / file.relative_to(folder))
-        tmp.replace(target)
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+                for file in sorted(folder.rglob("*")):
+                    if file.is_file():
+                        zf.write(file, Path(f"{run.id}-{what}") / file.relative_to(folder))
+            tmp.replace(target)
+        except OSError as err:
+            shutil.rmtree(place, ignore_errors=True)
+            if err.errno == errno.ENOSPC:
+                raise StudioError("The disk is full, so the export was not written. Free some space and export "
+                                  "again; the run itself is intact.") from None
+            raise
         return str(target)
 
-    @staticmethod
-    def load_snippets(run_id: str) -> dict:
-        run = open_run(run_id)
+    def load_snippets(self, run_id: str, visitor: str) -> dict:
+        run = self._run(run_id, visitor)
         adapter = (f"# unzip {run.id}-adapter.zip; adapter_config.json names the base model it was trained on\n"
                    "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
                    f"model = AutoPeftModelForCausalLM.from_pretrained(\"{run.id}-adapter\")\n"
@@ -349,16 +494,13 @@ class Studio:
         return {"adapter": adapter, "merged": merged}
 
 
+def _idle(message: str) -> dict:
+    return {"run_id": None, "status": {"state": "idle", "message": message}, "metrics": [], "progress": None,
+            "active": False}
+
+
 def _series(stage: str) -> list[tuple[str, str]]:
     """What the page plots for a run of `stage`: its live metrics, (key, label) pairs."""
     from studio import stages
     found = stages.registry().get(stage)
     return [(m.key, m.label) for m in found.live_metrics] if found else []
-
-
-def _conversation_row(number: int, example: dict) -> dict:
-    if "text" in example:
-        return {"#": number, "conversation": example["text"][:500]}
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in example["messages"])
-    return {"#": number, "conversation": text[:800]}
-

@@ -19,6 +19,7 @@ def studio_home(tmp_path, monkeypatch):
     """Every test gets its own empty studio folder."""
     home = tmp_path / "studio-home"
     monkeypatch.setenv("STUDIO_HOME", str(home))
+    monkeypatch.delenv("STUDIO_LIMITS", raising=False)  # a shared Studio made by a test sets it for the process
     return home
 
 

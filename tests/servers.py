@@ -17,13 +17,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, log: Path, *args: str, port: int | None = None):
+    def __init__(self, log: Path, *args: str, port: int | None = None, env: dict | None = None,
+                 cwd: Path | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
         self._out = open(log, "a")
+        root = Path(__file__).resolve().parent.parent
+        environment = {**os.environ, **(env or {})}
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), environment.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen([sys.executable, "-m", "studio", "--port", str(self.port), *args],
-                                        stdout=self._out, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                        stdout=self._out, stderr=subprocess.STDOUT, env=environment, cwd=cwd)
 
     def wait_ready(self, timeout: float = 300) -> "Server":
         import httpx

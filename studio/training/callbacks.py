@@ -56,14 +56,22 @@ class RunLogger(TrainerCallback):
 
 
 class StopOnRequest(TrainerCallback):
-    """End training after the current step once a Stop is asked for (the page's button, Ctrl-C, a signal)."""
+    """End training after the current step once a Stop is asked for (the page's button, Ctrl-C, a signal),
+    or once the run's time limit has passed (`time_limit_s`, counted from the first step of this session)."""
 
-    def __init__(self, stop_requested: Callable[[], bool]):
+    def __init__(self, stop_requested: Callable[[], bool], time_limit_s: float = 0.0):
         self.stop_requested = stop_requested
+        self.time_limit_s = time_limit_s
+        self.started = time.monotonic()
         self.stopped_at: int | None = None
+        self.timed_out = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop_requested():
+        self.timed_out = bool(self.time_limit_s) and time.monotonic() - self.started > self.time_limit_s
+        if self.timed_out or self.stop_requested():
             control.should_training_stop = True
             control.should_save = False
             self.stopped_at = state.global_step

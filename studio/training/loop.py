@@ -103,12 +103,22 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
             earlier = [m for m in run.metrics() if m.step <= step]
             elapsed_before = earlier[-1].elapsed_s if earlier else 0.0
             run.truncate_metrics_after(step)
-        stopper, guard = StopOnRequest(job.stop_requested), NonFiniteLossGuard()
+        stopper = StopOnRequest(job.stop_requested, 60.0 * cfg.training.time_limit_minutes)
+        guard = NonFiniteLossGuard()
         callbacks = [RunLogger(run, elapsed_before, recipe.live_metric_keys), stopper, guard,
                      MarkCompleteCheckpoints(run), *apply.trainer_callbacks(prep.plan)]
         trainer = recipe.build(prep, job, arguments(prep, run, attempt), callbacks)
         if job.stop_requested():
             raise StoppedBeforeStart
+        total, _, _ = steps_plan(cfg, len(prep.train.rows), attempt)
+        if checkpoint is not None and checkpoint_step(checkpoint) >= total:
+            # Cut off after its last checkpoint (while saving the adapter, say): the training is done, and the
+            # Trainer would train one step past the end. The adapter is that checkpoint's weights.
+            trainer._load_from_checkpoint(str(checkpoint))
+            save_result(prep, trainer, run)
+            step = checkpoint_step(checkpoint)
+            run.update_status(step=step, total_steps=total)
+            return Outcome(f"Finished {step} steps; the adapter is saved (from the last checkpoint).", False, step)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if guard.bad_step is not None:
             raise StageFailed(ErrorKind.NON_FINITE_LOSS,
@@ -117,6 +127,9 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
                                  "saved, merged or exported.")
         save_result(prep, trainer, run)
         step = trainer.state.global_step
+        if stopper.timed_out:
+            return Outcome(f"Stopped at step {step}: the run's time limit of {cfg.training.time_limit_minutes} "
+                           "minutes passed. The adapter from that step is saved; resume to train on.", True, step)
         if stopper.stopped_at is not None:
             return Outcome(f"Stopped by you at step {step}; the adapter from that step is saved.", True, step)
         return Outcome(f"Finished {step} steps; the adapter is saved.", False, step)

@@ -12,10 +12,13 @@ from gradio.data_classes import FileData
 from studio.ui.common import friendly, visitor
 
 API_NAMES = ("describe_model", "upload_data", "inspect_data", "start_training", "stop_training", "resume_training",
-             "run_status", "list_runs", "chat", "export_run")
+             "delete_run", "run_status", "list_runs", "chat", "export_run")
+# Each group runs one call at a time, apart from the others: a long chat reply never holds up a data check.
+QUICK = None  # status, lists and Stop answer at once
 
 
-def register(studio) -> None:
+def register(studio) -> list:
+    """Add the named endpoints; returns their functions (hide_page_events keeps only these public)."""
     @friendly
     def describe_model(name: str = "bundled") -> dict:
         """What a model is, its LoRA-able layer names, and a memory estimate per method."""
@@ -23,7 +26,7 @@ def register(studio) -> None:
 
     @friendly
     def upload_data(file: FileData, request: gr.Request) -> dict:
-        """Store a data file for this session; returns {"data_path": ...} to pass as data.path.
+        """Store a data file for this caller; returns {"data_path": NAME}, the name to pass as data.path.
         (Not a bare "path" key: clients would take the dict for a file to download.)"""
         return {"data_path": studio.store_upload(file["path"], visitor(request), remove_source=True)}
 
@@ -48,37 +51,50 @@ def register(studio) -> None:
         return studio.resume(run_id, visitor(request))
 
     @friendly
-    def run_status(run_id: str = "") -> dict:
-        """Status and metrics so far of a run (default: the one training now)."""
-        return studio.snapshot(run_id or None)
+    def delete_run(run_id: str, request: gr.Request) -> str:
+        """Delete a run that is not training, with its adapter and checkpoints."""
+        return studio.delete(run_id, visitor(request))
 
     @friendly
-    def list_runs() -> list:
-        """All runs, newest first."""
-        return studio.runs_table()
+    def run_status(run_id: str = "", request: gr.Request = None) -> dict:
+        """Status and metrics so far of a run (default: the one training now)."""
+        return studio.snapshot(run_id or None, visitor(request))
+
+    @friendly
+    def list_runs(request: gr.Request = None) -> list:
+        """Your runs, newest first."""
+        return studio.runs_table(visitor(request))
 
     @friendly
     def chat(run_id: str, message: str, source: str = "merged", max_new_tokens: int = 128,
-             temperature: float = 0.0) -> str:
+             temperature: float = 0.0, request: gr.Request = None) -> str:
         """Stream a reply from a run's model (source: merged, adapter or base) to one message."""
         settings = {"max_new_tokens": max_new_tokens, "temperature": temperature}
-        yield from studio.chat(source, run_id or None, [{"role": "user", "content": message}], settings)
+        yield from studio.chat(source, run_id or None, [{"role": "user", "content": message}], settings,
+                               visitor(request))
 
     @friendly
-    def export_run(run_id: str, what: str = "adapter") -> FileData:
+    def export_run(run_id: str, what: str = "adapter", request: gr.Request = None) -> FileData:
         """A zip of the run's adapter ('adapter') or merged model ('merged')."""
-        return FileData(path=studio.export(run_id, what))
+        return FileData(path=studio.export(run_id, what, visitor(request)))
 
-    for fn in (describe_model, upload_data, inspect_data, start_training, stop_training, resume_training, run_status,
-               list_runs):
-        gr.api(fn, api_name=fn.__name__, concurrency_limit=None if fn in (run_status, list_runs, stop_training)
-               else "default", concurrency_id=None if fn in (run_status, list_runs, stop_training) else "heavy")
-    gr.api(chat, api_name="chat", concurrency_id="heavy")
-    gr.api(export_run, api_name="export_run", concurrency_id="heavy")
+    groups = {describe_model: "model", upload_data: "data", inspect_data: "data", start_training: "start",
+              stop_training: QUICK, resume_training: "start", delete_run: "start", run_status: QUICK,
+              list_runs: QUICK, chat: "chat", export_run: "export"}
+    for fn, group in groups.items():
+        gr.api(fn, api_name=fn.__name__, concurrency_limit=None if group is QUICK else "default",
+               concurrency_id=group)
+    return list(groups)
 
 
-def hide_page_events(app: gr.Blocks) -> None:
-    """Page events take dozens of unnamed inputs; keep them out of the API docs and client libraries."""
-    for fn in app.fns.values():
-        if fn.api_name not in API_NAMES:
-            fn.api_visibility = "private"
+def hide_page_events(app: gr.Blocks, endpoints: list) -> None:
+    """Page events take dozens of unnamed inputs; keep them out of the API docs and client libraries. A page
+    handler whose name an endpoint also has must not take the endpoint's name: each endpoint gets its own."""
+    by_name = {fn.__name__: fn for fn in endpoints}
+    for block_fn in app.fns.values():
+        if block_fn.fn in endpoints:
+            block_fn.api_name = block_fn.fn.__name__
+        else:
+            block_fn.api_visibility = "private"
+            if block_fn.api_name in by_name:
+                block_fn.api_name = f"page_{block_fn.api_name}"

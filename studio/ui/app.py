@@ -76,11 +76,13 @@ def build_app(studio) -> gr.Blocks:
             demo_start, start_inputs, live)
         chat_item.select(bind(chat_tab.finished_runs, studio), None, chat.run_pick)
         export_item.select(bind(chat_tab.finished_runs, studio), None, export.run_pick)
-        api.register(studio)
+        app.load(bind(chat_tab.finished_runs, studio), None, chat.run_pick).then(
+            bind(chat_tab.finished_runs, studio), None, export.run_pick)
+        endpoints = api.register(studio)
         app.load(bind(train_tab.reattach, studio), train.watched, live).then(
             bind(train_tab.runs_table, studio), None, [train.runs_table, train.run_pick]).then(
-            model.describe, model.picker, model.outputs, concurrency_id="heavy")
-    api.hide_page_events(app)
+            model.describe, model.picker, model.outputs, concurrency_id="model")
+    api.hide_page_events(app, endpoints)
     return app
 
 

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.ui.common import bind, friendly, run_alone
+from studio.ui.common import bind, friendly, run_alone, visitor
 
 
 def build(studio) -> SimpleNamespace:
     gr.Markdown("### 4. Talk to the result\nAsk both models the same thing and compare. Replies come from the "
                 "fine-tuned weights merged into the base (the model being trained is never used here).")
     with gr.Row():
-        run_pick = gr.Dropdown(studio.finished_runs(), label="Fine-tuned run", scale=3, elem_id="chat-run",
+        run_pick = gr.Dropdown([], label="Fine-tuned run", scale=3, elem_id="chat-run",
                                info="Finished runs with a saved adapter.")
         refresh = gr.Button("Refresh", scale=1)
         source = gr.Radio([("Merged model", "merged"), ("Adapter on base", "adapter")], value="merged",
@@ -28,7 +28,9 @@ def build(studio) -> SimpleNamespace:
                                     info="0 always picks the likeliest word (repeatable); higher is more varied.")
             top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p",
                               info="With temperature above 0: sample only from the likeliest words making up this share.")
-            max_new = gr.Slider(16, 1024, value=160, step=16, label="Max new tokens", info="Longest reply.")
+            longest = studio.limits.chat_max_new_tokens if studio.limits is not None else 1024
+            max_new = gr.Slider(16, longest, value=min(160, longest), step=16, label="Max new tokens",
+                                info="Longest reply.")
     with gr.Row():
         base_chat = gr.Chatbot(label="Base model", height=380, elem_id="chat-base")
         tuned_chat = gr.Chatbot(label="Fine-tuned", height=380, elem_id="chat-tuned")
@@ -40,8 +42,8 @@ def build(studio) -> SimpleNamespace:
 
     inputs = [prompt, run_pick, source, temperature, top_p, max_new, base_chat, tuned_chat]
     outputs = [prompt, base_chat, tuned_chat]
-    send.click(bind(respond, studio), inputs, outputs, concurrency_id="heavy")
-    prompt.submit(bind(respond, studio), inputs, outputs, concurrency_id="heavy")
+    send.click(bind(respond, studio), inputs, outputs, concurrency_id="chat")
+    prompt.submit(bind(respond, studio), inputs, outputs, concurrency_id="chat")
     clear.click(lambda: ([], []), None, [base_chat, tuned_chat])
     refresh.click(bind(finished_runs, studio), None, run_pick)
     return SimpleNamespace(run_pick=run_pick, refresh=refresh, prompt=prompt, send=send,
@@ -49,7 +51,7 @@ def build(studio) -> SimpleNamespace:
 
 
 @friendly
-def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_history):
+def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_history, request: gr.Request = None):
     """Stream the tuned and the base model's replies to `text` into the two chat panels."""
     text = (text or "").strip()
     if not text:
@@ -62,14 +64,14 @@ def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_histo
     for name, history in (("tuned", tuned_history), ("base", base_history)):
         turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
         history.append({"role": "assistant", "content": ""})
-        for partial in studio.chat(how if name == "tuned" else "base", run_id, turns, settings):
+        for partial in studio.chat(how if name == "tuned" else "base", run_id, turns, settings, visitor(request)):
             history[-1]["content"] = partial
             yield "", base_history, tuned_history
     yield "", base_history, tuned_history
 
 
-def finished_runs(studio) -> gr.Dropdown:
-    return gr.Dropdown(choices=studio.finished_runs())
+def finished_runs(studio, request: gr.Request = None) -> gr.Dropdown:
+    return gr.Dropdown(choices=studio.finished_runs(visitor(request)))
 
 
 def _text(content) -> str:

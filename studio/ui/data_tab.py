@@ -103,11 +103,11 @@ def build(studio, model_picker=None) -> SimpleNamespace:
     inputs = {data_path, model_picker, page, prompt_col, reply_col, system_col, *form.fields.values()}
     outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col]
     upload.upload(bind(uploaded, studio), upload, [data_path, source]).then(
-        on_check, inputs, outputs, concurrency_id="heavy")
+        on_check, inputs, outputs, concurrency_id="data")
     use_demo.click(lambda: (DEMO_DATA, DEMO_SOURCE), None, [data_path, source]).then(
-        on_check, inputs, outputs, concurrency_id="heavy")
-    inspect_btn.click(on_check, inputs, outputs, concurrency_id="heavy")
-    page.submit(on_check, inputs, outputs, concurrency_id="heavy")
+        on_check, inputs, outputs, concurrency_id="data")
+    inspect_btn.click(on_check, inputs, outputs, concurrency_id="data")
+    page.submit(on_check, inputs, outputs, concurrency_id="data")
     return SimpleNamespace(form=form, data_path=data_path, prompt_col=prompt_col, reply_col=reply_col,
                            system_col=system_col, current=current, inputs=inputs, outputs=outputs,
                            use_demo=use_demo, source=source)

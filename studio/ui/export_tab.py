@@ -9,14 +9,33 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.ui.common import bind, friendly, run_alone
+from studio.ui.chat_tab import finished_runs
+from studio.ui.common import bind, friendly, run_alone, visitor
+
+
+@friendly
+def make(studio, run_id: str, what: str, current: list | None, request: gr.Request = None) -> list:
+    """Zip `what` ('adapter' or 'merged') of a run; the downloads list with it (replacing an older one)."""
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    path = studio.export(run_id, what, visitor(request))
+    kept = [f for f in (current or []) if not str(f).endswith(f"-{what}.zip")]
+    return [*kept, path]
+
+
+@friendly
+def snippets(studio, run_id: str, request: gr.Request = None) -> tuple[str, str]:
+    if not run_id:
+        return "", ""
+    s = studio.load_snippets(run_id, visitor(request))
+    return s["adapter"], s["merged"]
 
 
 def build(studio) -> SimpleNamespace:
     gr.Markdown("### 5. Take it with you\nThe **adapter** is small and needs the base model; the **merged model** "
                 "is a complete model that loads anywhere transformers runs.")
     with gr.Row():
-        run_pick = gr.Dropdown(studio.finished_runs(), label="Run", scale=3, elem_id="export-run")
+        run_pick = gr.Dropdown([], label="Run", scale=3, elem_id="export-run")
         refresh = gr.Button("Refresh", scale=1)
     with gr.Row():
         zip_adapter = gr.Button("Zip the adapter", elem_id="export-adapter")
@@ -26,28 +45,16 @@ def build(studio) -> SimpleNamespace:
         adapter_code = gr.Code(language="python", label="Load the adapter", interactive=False)
         merged_code = gr.Code(language="python", label="Load the merged model", interactive=False)
 
-    zip_adapter.click(lambda r, c: make(studio, r, "adapter", c), [run_pick, files], files, concurrency_id="heavy")
-    zip_merged.click(lambda r, c: make(studio, r, "merged", c), [run_pick, files], files, concurrency_id="heavy")
+    def make_adapter(run_id: str, current: list | None, request: gr.Request):
+        return make(studio, run_id, "adapter", current, request)
+
+    def make_merged(run_id: str, current: list | None, request: gr.Request):
+        return make(studio, run_id, "merged", current, request)
+    zip_adapter.click(make_adapter, [run_pick, files], files, concurrency_id="export")
+    zip_merged.click(make_merged, [run_pick, files], files, concurrency_id="export")
     run_pick.change(bind(snippets, studio), run_pick, [adapter_code, merged_code])
-    refresh.click(lambda: gr.Dropdown(choices=studio.finished_runs()), None, run_pick)
+    refresh.click(bind(finished_runs, studio), None, run_pick)
     return SimpleNamespace(run_pick=run_pick, refresh=refresh, files=files)
-
-
-@friendly
-def make(studio, run_id, what, current):
-    """Zip `what` ('adapter' or 'merged') of a run; the downloads list with it (replacing an older one)."""
-    if not run_id:
-        raise gr.Error("Pick a run first.")
-    path = studio.export(run_id, what)
-    kept = [f for f in (current or []) if not str(f).endswith(f"-{what}.zip")]
-    return [*kept, path]
-
-@friendly
-def snippets(studio, run_id):
-    if not run_id:
-        return "", ""
-    s = studio.load_snippets(run_id)
-    return s["adapter"], s["merged"]
 
 
 if __name__ == "__main__":

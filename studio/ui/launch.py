@@ -1,4 +1,9 @@
-"""Start the web UI: local by default; ``--share`` adds a public link that is never open without a login."""
+"""Start the web UI: local by default; ``--share`` adds a public link that is never open without a login.
+
+A shared studio knows its visitors by their login: accounts from ``--auth user:password`` (repeatable) and
+``--auth-file`` (salted hashes, made with ``studio add-user``); ``--admin USER`` names the one account that
+may see and stop every run. Failed logins are throttled per client and per account (``login_guard.py``).
+"""
 
 from __future__ import annotations
 
@@ -22,49 +27,63 @@ def parse_auth(auth: str | list[str] | None) -> list[tuple[str, str]]:
     return accounts
 
 
-def settings(share: bool, auth: str | list[str] | None, share_local: bool = False) -> dict:
+def settings(share: bool, auth: str | list[str] | None, share_local: bool = False, auth_file: str | None = None,
+             admin: str | None = None) -> dict:
     """Everything launch() needs besides host and port. share_local: share mode's login and limits,
     without Gradio's public tunnel (for testing, or for a trusted local network)."""
+    from studio.accounts import Accounts
     from studio.paths import studio_home
     from studio.service import Policy
     restricted = share or share_local
-    credentials = parse_auth(auth)
+    pairs = parse_auth(auth)
     generated = None
-    if restricted and not credentials:
+    if restricted and not pairs and not auth_file:
         generated = ("studio", secrets.token_urlsafe(12))
-        credentials = [generated]
-    policy = Policy(share=restricted, max_upload_mb=int(os.environ.get("STUDIO_MAX_UPLOAD_MB", 50)))
+        pairs = [generated]
+    accounts = Accounts.from_options(pairs, auth_file)
+    if admin and admin not in accounts.hashes:
+        raise StudioError(f"--admin {admin!r} is not one of the accounts (--auth or --auth-file).")
+    policy = Policy(share=restricted, max_upload_mb=int(os.environ.get("STUDIO_MAX_UPLOAD_MB", 50)),
+                    admins=frozenset([admin] if admin else []))
     exports = studio_home() / "exports"
     exports.mkdir(parents=True, exist_ok=True)
-    return {"policy": policy, "auth": credentials or None, "generated": generated, "tunnel": share and not share_local,
+    return {"policy": policy, "accounts": accounts, "generated": generated, "tunnel": share and not share_local,
             "allowed_paths": [str(exports)], "max_file_size": f"{policy.max_upload_mb}mb"}
 
 
-def build(share: bool = False, auth: str | list[str] | None = None, share_local: bool = False):
+def build(share: bool = False, auth: str | list[str] | None = None, share_local: bool = False,
+          auth_file: str | None = None, admin: str | None = None):
     from studio.service import Studio
     from studio.ui.app import build_app
-    opts = settings(share, auth, share_local)
+    opts = settings(share, auth, share_local, auth_file, admin)
     studio = Studio(opts["policy"])
     return build_app(studio), studio, opts
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth: str | list[str] | None = None,
-           share_local: bool = False, block: bool = True, keep_training: bool = False):
+           share_local: bool = False, block: bool = True, keep_training: bool = False, auth_file: str | None = None,
+           admin: str | None = None):
     import gradio as gr
+    from starlette.middleware import Middleware
 
+    from studio.accounts import Throttle
     from studio.ui.app import css
-    app, studio, opts = build(share, auth, share_local)
+    from studio.ui.login_guard import LoginGuard
+    app, studio, opts = build(share, auth, share_local, auth_file, admin)
     # Convert the bundled model now (first launch only, ~30 s) so the page opens with it ready.
     threading.Thread(target=studio.warm_up, name="warm-up", daemon=True).start()
     if opts["generated"]:
         user, password = opts["generated"]
         print(f"Shared studio login -> user: {user}  password: {password}", flush=True)
+    accounts = opts["accounts"]
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=opts["tunnel"], auth=opts["auth"],
+    app.launch(server_name=host, server_port=port, share=opts["tunnel"],
+               auth=accounts.verify if accounts else None,
                auth_message="This studio is shared: log in with the user and password you were given.",
                allowed_paths=opts["allowed_paths"], max_file_size=opts["max_file_size"], enable_monitoring=False,
                show_error=False, ssr_mode=False, quiet=False, prevent_thread_lock=not block, css=css(),
-               theme=gr.themes.Soft(primary_hue="indigo"), footer_links=[] if opts["policy"].share else None)
+               theme=gr.themes.Soft(primary_hue="indigo"), footer_links=[] if opts["policy"].share else None,
+               app_kwargs={"middleware": [Middleware(LoginGuard, throttle=Throttle())]})
     if not block:
         return app
     from studio import launcher

@@ -48,7 +48,7 @@ def build(studio) -> SimpleNamespace:
     preset = gr.Markdown("", elem_id="model-preset")
     layer_names = gr.State([])
     outputs = [info, memory, layer_names, status]
-    load.click(bind(describe, studio), picker, outputs, concurrency_id="heavy")
+    load.click(bind(describe, studio), picker, outputs, concurrency_id="model")
     picker.change(bind(preset_note, studio), picker, preset)
     return SimpleNamespace(picker=picker, load=load, info=info, memory=memory, layer_names=layer_names,
                            status=status, outputs=outputs, describe=bind(describe, studio))

@@ -79,7 +79,7 @@ def log_text(metrics: list[dict]) -> str:
 def start_run(studio, cfg_dict: dict, request: gr.Request = None) -> tuple:
     """Start a run from the form's config; the live view of it, the timer on, and the run id to follow."""
     result = studio.start(cfg_dict, visitor(request))
-    return (*show(studio.snapshot(result["run_id"])), gr.Timer(active=True), result["run_id"])
+    return (*show(studio.snapshot(result["run_id"], visitor(request))), gr.Timer(active=True), result["run_id"])
 
 
 @friendly
@@ -87,18 +87,20 @@ def stop_run(studio, request: gr.Request = None) -> None:
     gr.Info(studio.stop(visitor(request)))
 
 
-def tick(studio, run_id: str | None) -> tuple:
+@friendly
+def tick(studio, run_id: str | None, request: gr.Request = None) -> tuple:
     """The timer's refresh: the followed run's view; the timer stays on while the run is live."""
-    snap = studio.snapshot(run_id) if run_id else studio.snapshot()
+    snap = studio.snapshot(run_id or None, visitor(request))
     return (*show(snap), gr.Timer(active=snap.get("active", False)))
 
 
-def reattach(studio, run_id: str | None) -> tuple:
+@friendly
+def reattach(studio, run_id: str | None, request: gr.Request = None) -> tuple:
     """On page load: follow the live run if there is one (closing the tab never stops training)."""
-    run_id = studio.active_run_id() or run_id
+    run_id = studio.active_run_id(visitor(request)) or run_id
     if run_id is None:
         return (*IDLE, gr.Timer(active=False), None)
-    return (*tick(studio, run_id), run_id)
+    return (*tick(studio, run_id, request), run_id)
 
 
 @friendly
@@ -106,22 +108,32 @@ def resume_run(studio, run_id: str, request: gr.Request = None) -> tuple:
     if not run_id:
         raise gr.Error("Pick a run to resume in the list above.")
     gr.Info(studio.resume(run_id, visitor(request)))
-    return (*show(studio.snapshot(run_id)), gr.Timer(active=True), run_id)
+    return (*show(studio.snapshot(run_id, visitor(request))), gr.Timer(active=True), run_id)
 
 
-def runs_table(studio) -> tuple:
-    rows = studio.runs_table()
+@friendly
+def delete_run(studio, run_id: str, request: gr.Request = None) -> tuple:
+    """Delete a run that is not training; the refreshed list of runs."""
+    if not run_id:
+        raise gr.Error("Pick a run to delete in the list above.")
+    gr.Info(studio.delete(run_id, visitor(request)))
+    return runs_table(studio, request)
+
+
+@friendly
+def runs_table(studio, request: gr.Request = None) -> tuple:
+    rows = studio.runs_table(visitor(request))
     frame = pd.DataFrame([{k: r[k] for k in ("id", "state", "step", "total_steps", "last_loss", "method", "model")}
                           for r in rows]) if rows else pd.DataFrame({"id": [], "state": []})
     return frame, gr.Dropdown(choices=[r["id"] for r in rows])
 
 
 @friendly
-def open_run(studio, run_id: str) -> tuple:
+def open_run(studio, run_id: str, request: gr.Request = None) -> tuple:
     """(status line, its settings as YAML, its loss plot) for a past run."""
     if not run_id:
         return "", "", PLOT_EMPTY
-    d = studio.run_detail(run_id)
+    d = studio.run_detail(run_id, visitor(request))
     st = d["status"]
     text = f"**{run_id}**: {st.get('state')}. {html.escape(st.get('message', ''))}"
     return text, yaml.safe_dump(d["config"], sort_keys=False), plot_frame(d["metrics"], d.get("series"))
@@ -230,6 +242,7 @@ def build(studio) -> SimpleNamespace:
             run_pick = gr.Dropdown([], label="Open a run", scale=3, elem_id="runs-pick")
             refresh = gr.Button("Refresh list", scale=1)
             resume = gr.Button("Resume from last checkpoint", scale=1, elem_id="runs-resume")
+            delete = gr.Button("Delete this run", scale=1, variant="stop", elem_id="runs-delete")
         run_status = gr.Markdown("")
         with gr.Row():
             run_config = gr.Code(language="yaml", label="Its settings", interactive=False)
@@ -261,6 +274,7 @@ def build(studio) -> SimpleNamespace:
     stop.click(bind(stop_run, studio), None, None)
     resume.click(bind(resume_run, studio), run_pick, [*live_outputs, timer, watched])
     refresh.click(bind(runs_table, studio), None, [table, run_pick])
+    delete.click(bind(delete_run, studio), run_pick, [table, run_pick])
     run_pick.change(bind(open_run, studio), run_pick, [run_status, run_config, run_plot])
     return SimpleNamespace(form=form, name=name, stage=stage_pick, target_pick=target_pick, layers=layers, start=start, stop=stop,
                            status=status, progress=progress, plot=plot, log=log, timer=timer, watched=watched,
