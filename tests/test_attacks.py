@@ -226,6 +226,7 @@ def test_upload_bombs_and_long_lines_are_refused_before_the_server_holds_them(sh
     import pyarrow as pa
     import pyarrow.parquet as pq
     bob = visitor(shared, "bob")
+    bob.predict("bundled", api_name="/describe_model")  # the server's own warm-up (a first model conversion) done
     rss_before = _rss_mib(shared.server.process.pid)
     bomb = tmp_path / "bomb.parquet"  # a few kilobytes of file, 30 MB of text once decompressed
     pq.write_table(pa.table({"text": ["a" * 1_000_000] * 30}), bomb, compression="zstd")

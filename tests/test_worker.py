@@ -213,13 +213,13 @@ def test_damaged_run_folders_never_stop_the_studio_from_listing_the_others(tiny_
     (broken_config.path / "config.yaml").write_text("model: [unclosed\n")
 
     studio = Studio()  # starts (and reconciles) with all of them present
-    table = {row["id"]: row for row in studio.runs_table()}
+    table = {row["id"]: row for row in studio.runs_table("local")}
     assert set(table) == {"good", "bad-config", *damaged}
     for name in damaged:
         assert table[name]["state"] == "unreadable" and table[name]["message"].startswith("unreadable: status.json")
     assert "'step'" in table["wrong-types"]["message"] and "exploded" in table["bad-state"]["message"]
     assert table["good"]["step"] == 2 and table["good"]["last_loss"] == 2.5
-    assert "cannot be read" in json.dumps(studio.run_detail("bad-config")["config"])
+    assert "cannot be read" in json.dumps(studio.run_detail("bad-config", "local")["config"])
     listed = subprocess.run([sys.executable, "-m", "studio", "runs"], capture_output=True, text=True,
                             env=os.environ.copy(), timeout=300)
     assert listed.returncode == 0 and "unreadable: status.json" in listed.stdout and "good" in listed.stdout
