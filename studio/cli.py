@@ -254,6 +254,10 @@ def _demo_eval(run_ref: str) -> int:
     for row in result["rows"]:
         print(f"Q: {row['prompt']}\n  base : {row['base'][:100]!r}\n  tuned: {row['tuned'][:100]!r}")
     n = result["prompts"]
-    print(f"Answered the taught way on {n} held-out prompts: base {result['base_taught_way']}/{n}, "
-          f"tuned {result['tuned_taught_way']}/{n}")
+    if result["stage"] == "grpo":
+        print(f"Mean reward on {n} held-out prompts: base {result['base_total'] / n:.3f}, "
+              f"tuned {result['tuned_total'] / n:.3f}")
+    else:
+        print(f"{result['measure'].capitalize()} on {n} held-out prompts: base {int(result['base_total'])}/{n}, "
+              f"tuned {int(result['tuned_total'])}/{n}")
     return 0

@@ -19,8 +19,8 @@ from studio.errors import StudioError
 BUNDLED_MODEL = "bundled"
 DEMO_DATA = "demo"
 
-METHODS = ("lora", "dora", "rslora", "qlora", "lora8bit", "full", "prompt_tuning", "prefix_tuning")
-LORA_FAMILY = ("lora", "dora", "rslora", "qlora", "lora8bit")
+METHODS = ("lora", "dora", "rslora", "qlora", "lora8bit", "adalora", "ia3", "full", "prompt_tuning", "prefix_tuning")
+LORA_FAMILY = ("lora", "dora", "rslora", "qlora", "lora8bit", "adalora")
 TARGET_PRESETS = ("all-linear", "attention")
 
 
@@ -44,6 +44,9 @@ class ModelConfig:
         "How conversations are turned into text. 'auto' uses the model's own template (or ChatML when it "
         "has none); 'chatml', 'llama3' or 'alpaca' force a built-in one; anything else is used as a Jinja template.")
     revision: str = setting("main", "Which version of a hub model to use (a branch, tag or commit).")
+    start_from: str = setting(
+        "", "A finished run to build on (its run id): this run starts from what that one learned, e.g. supervised "
+        "fine-tuning first, then DPO on top. Empty: start from the model above.")
 
 
 @dataclass
@@ -81,8 +84,10 @@ class MethodConfig:
     method: str = setting(
         "lora",
         "How to fine-tune. LoRA trains small add-on matrices (fast, little memory); DoRA and rsLoRA are "
-        "LoRA variants; QLoRA and 8-bit LoRA load the base model compressed (NVIDIA GPU only); 'full' "
-        "trains every weight (most memory); prompt/prefix tuning learn only a few virtual tokens.",
+        "LoRA variants; QLoRA and 8-bit LoRA load the base model compressed (NVIDIA GPU only); AdaLoRA starts "
+        "with a larger rank and moves it to the layers that need it most as training goes; IA3 learns only a "
+        "scale per channel (the fewest weights of all); 'full' trains every weight (most memory); prompt/prefix "
+        "tuning learn only a few virtual tokens.",
         choices=METHODS)
     rank: int = setting(
         16, "LoRA rank: size of the add-on matrices. Higher learns more but uses more memory; 8-64 is typical.",

@@ -20,14 +20,27 @@ from typing import Any
 from studio.config import DEMO_DATA, DataConfig
 from studio.errors import StudioError
 from studio.limits import Limits
+from studio import preference_data
 from studio.paths import ASSETS_DIR
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "feedback", "prompts")
+# The stage that reads each kind of row that supervised fine-tuning cannot use (its message names them).
+READ_BY = {"preference": "DPO, ORPO, SimPO or a reward model", "feedback": "KTO"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEMO_TRAIN = ASSETS_DIR / "demo" / "train.jsonl"
 DEMO_EVAL = ASSETS_DIR / "demo" / "heldout.jsonl"
+# Demo data sets by name (data.path): each a folder of assets/ with train.jsonl and heldout.jsonl.
+DEMOS = {DEMO_DATA: "demo", "demo-dpo": "demo-dpo", "demo-grpo": "demo-grpo"}
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+
+def is_demo(path: str) -> bool:
+    return path in ("", *DEMOS)
+
+
+def demo_heldout(path: str) -> Path:
+    return ASSETS_DIR / DEMOS[path or DEMO_DATA] / "heldout.jsonl"
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system"}
 _ROLES = ("system", "user", "assistant")
 MAX_SHOWN_BAD_ROWS = 200
@@ -67,8 +80,8 @@ class DataReport:
 
 
 def resolve_data_path(path: str) -> Path:
-    if path in ("", DEMO_DATA):
-        return DEMO_TRAIN
+    if is_demo(path):
+        return ASSETS_DIR / DEMOS[path or DEMO_DATA] / "train.jsonl"
     return Path(path).expanduser()
 
 
@@ -276,7 +289,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def detect_format(keys: set[str]) -> str | None:
+def detect_format(keys: set[str], kind: str = "conversations") -> str | None:
+    """The format the columns say, for a stage that reads `kind` of rows (stages.DATA_KINDS)."""
+    found = preference_data.detect(keys)
+    if kind == "preference_pairs":
+        return "preference" if found == "preference" else None
+    if kind == "feedback":
+        return found  # KTO reads pairs too: each chosen reply a good one, each rejected one a bad one
+    if kind == "prompts":
+        prompt_keys = {"prompt", "question", "instruction", "messages", "conversations"}
+        return "prompts" if keys & prompt_keys else None
+    if found:
+        return found
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -296,11 +320,16 @@ _EXPECTED = {
     "messages": "'messages' (a list of {role, content})",
     "prompt_completion": "'prompt' and 'completion'",
     "text": "'text'",
+    **preference_data.EXPECTED,
 }
+KIND_OF_FORMAT = {**{f: "conversations" for f in ("alpaca", "sharegpt", "messages", "prompt_completion", "text")},
+                  "preference": "preference_pairs", "feedback": "feedback", "prompts": "prompts"}
 
 
-def load_report(cfg: DataConfig, path: str | Path | None = None, max_bytes: int | None = None) -> DataReport:
-    """Read, detect, normalise and validate one file. Raises StudioError when nothing is usable."""
+def load_report(cfg: DataConfig, path: str | Path | None = None, max_bytes: int | None = None,
+                kind: str = "conversations") -> DataReport:
+    """Read, detect, normalise and validate one file for a stage that reads `kind` of rows. Raises StudioError
+    when nothing is usable, or when the rows are of a kind this stage does not read (naming the one that does)."""
     file_path = resolve_data_path(cfg.path) if path is None else Path(path)
     records, bad, blank = read_records(file_path, max_bytes=max_bytes)
     name = file_path.name
@@ -310,16 +339,24 @@ def load_report(cfg: DataConfig, path: str | Path | None = None, max_bytes: int 
         if isinstance(rec, dict):
             keys.update(rec)
     columns = sorted(keys)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(keys)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(keys, kind)
     if not renamed and not bad:
         raise StudioError(f"{name} has no rows (only blank lines). Put at least one example in it.")
     if fmt is None:
+        expected = [v for f, v in _EXPECTED.items() if KIND_OF_FORMAT[f] == kind or kind == "feedback"
+                    and f == "preference"]
         raise StudioError(
             f"{name}: could not tell the format from the columns found ({', '.join(columns) or 'none'}). "
-            f"Expected one of: {'; '.join(_EXPECTED.values())}. Rename your columns, or map them in "
+            f"Expected one of: {'; '.join(expected)}. Rename your columns, or map them in "
             "data.columns (e.g. question: instruction, answer: output).")
     if fmt not in FORMATS:
         raise StudioError(f"data.format {fmt!r} is unknown; use one of {', '.join(FORMATS)} or 'auto'.")
+    if kind == "conversations" and fmt in READ_BY:
+        what = "preference pairs (chosen and rejected replies)" if fmt == "preference" else \
+            "feedback (replies labelled good or bad)"
+        raise StudioError(f"{name} holds {what}, which supervised fine-tuning does not train on (it would learn "
+                          f"the bad replies too). Train it with the {READ_BY[fmt]} stage: pick it under "
+                          "'What to train' on the Train tab, or set stage in the config.")
     report = DataReport(path=str(file_path), format=fmt, columns=columns, total_rows=len(records) + len(bad),
                         bad_rows=list(bad), blank_rows=blank)
     for number, rec in renamed:
@@ -332,7 +369,11 @@ def load_report(cfg: DataConfig, path: str | Path | None = None, max_bytes: int 
         except ValueError as err:
             report.bad_rows.append(BadRow(number, str(err)))
             continue
-        report.examples.append(example)
+        if kind == "feedback" and fmt == "preference":  # a pair is a good reply and a bad one
+            report.examples += [{"prompt": example["prompt"], "completion": example[side], "label": side == "chosen"}
+                                for side in ("chosen", "rejected")]
+        else:
+            report.examples.append(example)
     report.bad_rows.sort(key=lambda b: b.row)
     if not report.examples:
         detail = report.bad_rows_text(5)
@@ -372,7 +413,10 @@ def _text(value: Any, what: str, required: bool = True) -> str:
 
 
 def normalise(rec: Any, fmt: str, system_prompt: str = "") -> dict:
-    """One raw record -> {"messages": [...]} or {"text": ...}; raises ValueError with the reason."""
+    """One raw record -> {"messages": [...]} or {"text": ...} (or a preference_data form); raises ValueError
+    with the reason."""
+    if fmt in preference_data.KINDS:
+        return preference_data.normalise(rec, fmt, system_prompt, _text, _turns)
     if not isinstance(rec, dict):
         raise ValueError(f"row is a {type(rec).__name__}, expected an object with named fields")
     if fmt == "text":
@@ -394,7 +438,7 @@ def normalise(rec: Any, fmt: str, system_prompt: str = "") -> dict:
         messages += (_turns(completion, "role", "content", "'completion'") if isinstance(completion, list)
                      else [{"role": "assistant", "content": _text(completion, "'completion'")}])
     elif fmt == "sharegpt":
-        messages = _turns(rec.get("conversations"), "from", "value", "'conversations'", _SHAREGPT_ROLES)
+        messages = _turns(rec.get("conversations"), "from", "value", "'conversations'", SHAREGPT_ROLES)
     elif fmt == "messages":
         messages = _turns(rec.get("messages"), "role", "content", "'messages'")
     else:
@@ -453,14 +497,14 @@ class Splits:
     eval_report: DataReport | None
 
 
-def load_splits(cfg: DataConfig, seed: int, max_bytes: int | None = None) -> Splits:
+def load_splits(cfg: DataConfig, seed: int, max_bytes: int | None = None, kind: str = "conversations") -> Splits:
     """Training and held-out examples, from a second file or a seeded random split of the first."""
-    report = load_report(cfg, max_bytes=max_bytes)
+    report = load_report(cfg, max_bytes=max_bytes, kind=kind)
     examples = list(report.examples)
     eval_report = None
-    eval_path = cfg.eval_path or (str(DEMO_EVAL) if cfg.path in ("", DEMO_DATA) else "")
+    eval_path = cfg.eval_path or (str(demo_heldout(cfg.path)) if is_demo(cfg.path) else "")
     if eval_path:
-        eval_report = load_report(cfg, path=Path(eval_path), max_bytes=max_bytes)
+        eval_report = load_report(cfg, path=Path(eval_path), max_bytes=max_bytes, kind=kind)
         return Splits(examples, eval_report.examples, report, eval_report)
     n_eval = int(round(len(examples) * cfg.eval_fraction))
     if cfg.eval_fraction > 0 and len(examples) >= 4:

@@ -33,6 +33,26 @@ def check_usable(run: Run) -> None:
                           "finish or stop it; stopping saves the adapter.")
 
 
+def base_location(model_cfg: ModelConfig) -> str:
+    """Where a run's base model loads from: the model it names, or, when it starts from another run
+    (model.start_from), that run's result with its adapter merged in (merged once, then kept in that run)."""
+    if not model_cfg.start_from:
+        return models.resolve(model_cfg.name_or_path, model_cfg.revision)
+    start = open_run(model_cfg.start_from)
+    check_usable(start)
+    if start.stored_status().stage == "reward":
+        raise StudioError(f"Run {start.id} is a reward model; a run can start only from one that writes replies.")
+    if start.is_full_model():
+        return str(start.adapter_dir)
+    if not (start.merged_dir / "config.json").is_file():
+        merge_run(start)
+    return str(start.merged_dir)
+
+
+def _head(run: Run) -> str:
+    return "score" if run.stored_status().stage == "reward" else "causal_lm"
+
+
 def merge_run(run_ref: str | Run) -> Run:
     """Write ``merged/``: the base with W' = W + BA folded in, loadable by plain from_pretrained."""
     from peft import PeftConfig, PeftModel
@@ -47,12 +67,14 @@ def merge_run(run_ref: str | Run) -> Run:
                           "Chat with the adapter instead.")
     cfg = run.config()
     device = models.pick_device()
-    base = models.load_model(models.resolve(cfg.model.name_or_path, cfg.model.revision), dtype=_chat_dtype(device), device="cpu")
+    tokenizer = models.load_tokenizer(cfg.model, str(run.adapter_dir))
+    base = models.load_model(base_location(cfg.model), dtype=_chat_dtype(device), device="cpu", head=_head(run),
+                             pad_token_id=tokenizer.pad_token_id)
     merged = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
     tmp = run.path / "merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
-    models.load_tokenizer(cfg.model, str(run.adapter_dir)).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(run.merged_dir, ignore_errors=True)
     os.replace(tmp, run.merged_dir)
     return run
@@ -79,12 +101,17 @@ def load_chat_model(source: str, run_ref: str | None = None, base: ModelConfig |
     device = models.pick_device()
     dtype = _chat_dtype(device)
     run = open_run(run_ref) if run_ref else None
+    if run is not None and _head(run) == "score":
+        raise StudioError(f"Run {run.id} is a reward model: it scores replies rather than writing them. Use it as a "
+                          "GRPO reward, or chat with the run it was trained for.")
     if source == "base" or run is None:
         model_cfg = base or (run.config().model if run else ModelConfig())
-        location = models.resolve(model_cfg.name_or_path, model_cfg.revision)
+        location = base_location(model_cfg)
         tokenizer = models.load_tokenizer(model_cfg, location)
         model = models.load_model(location, dtype=dtype, device=device)
-        return ChatModel(model.eval(), tokenizer, f"base: {model_cfg.name_or_path}")
+        label = f"run {model_cfg.start_from} (where this run started)" if model_cfg.start_from else \
+            f"base: {model_cfg.name_or_path}"
+        return ChatModel(model.eval(), tokenizer, label)
     check_usable(run)
     cfg = run.config()
     tokenizer = models.load_tokenizer(cfg.model, str(run.adapter_dir))
@@ -95,7 +122,7 @@ def load_chat_model(source: str, run_ref: str | None = None, base: ModelConfig |
         model = models.load_model(str(folder), dtype=dtype, device=device)
         return ChatModel(model.eval(), tokenizer, f"{run.id} (merged)")
     from peft import PeftModel
-    base_model = models.load_model(models.resolve(cfg.model.name_or_path, cfg.model.revision), dtype=dtype, device=device)
+    base_model = models.load_model(base_location(cfg.model), dtype=dtype, device=device)
     model = PeftModel.from_pretrained(base_model, str(run.adapter_dir))
     return ChatModel(model.eval(), tokenizer, f"{run.id} (adapter)")
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.config import DEMO_DATA, DataConfig, ModelConfig, from_dict
-from studio.data import DEMO_EVAL, load_report
+from studio.config import DataConfig, ModelConfig, from_dict
+from studio.data import demo_heldout, is_demo, load_report
 from studio.rendering import IGNORE, encode, token_preview
 
 PREVIEW_PAGE = 10
 
 
-def inspect(data: DataConfig, tokenizer, page: int = 0, max_bytes: int | None = None) -> dict:
-    report = load_report(data, max_bytes=max_bytes)
+def inspect(data: DataConfig, tokenizer, page: int = 0, max_bytes: int | None = None,
+            kind: str = "conversations") -> dict:
+    """`kind`: the rows the chosen stage reads (stages.DATA_KINDS). Preference pairs show the chosen and the
+    rejected reply each rendered after the prompt; feedback its reply and label; prompts the prompt as the model
+    gets it to reply to, with the reference answer."""
+    report = load_report(data, max_bytes=max_bytes, kind=kind)
     lengths, trained = [], 0
     for example in report.examples:
-        ids, labels = encode(tokenizer, example, data.train_on)
+        ids, labels = encode(tokenizer, _as_conversation(example), data.train_on)
         lengths.append(len(ids))
         trained += sum(1 for x in labels if x != IGNORE)
     over = sum(1 for n in lengths if n > data.max_length)
@@ -29,12 +33,15 @@ def inspect(data: DataConfig, tokenizer, page: int = 0, max_bytes: int | None = 
     page = min(max(0, int(page)), pages - 1)
     rows = report.examples[page * PREVIEW_PAGE:(page + 1) * PREVIEW_PAGE]
     n_eval = 0 if data.eval_fraction == 0 or report.usable < 4 else max(1, round(report.usable * data.eval_fraction))
-    if data.path in ("", DEMO_DATA):
-        n_eval = sum(1 for line in DEMO_EVAL.open() if line.strip())
+    if is_demo(data.path):
+        n_eval = sum(1 for line in demo_heldout(data.path).open() if line.strip())
         split = f"{report.usable} training rows; {n_eval} held-out rows from heldout.jsonl"
     else:
         split = f"{report.usable - n_eval} training rows, {n_eval} held out ({data.eval_fraction:.0%})"
     sample = report.examples[page * PREVIEW_PAGE] if rows else report.examples[0]
+    rejected = None
+    if "rejected" in sample:
+        rejected = _marked(token_preview(tokenizer, _as_conversation(sample, "rejected"), data.train_on))
     return {
         "file": Path(report.path).name, "format": report.format, "columns": report.columns,
         "summary": report.summary(), "split": split,
@@ -42,20 +49,43 @@ def inspect(data: DataConfig, tokenizer, page: int = 0, max_bytes: int | None = 
         "preview": [_conversation_row(i + page * PREVIEW_PAGE + 1, ex) for i, ex in enumerate(rows)],
         "page": page, "pages": pages, "lengths": lengths, "over_max_length": over,
         "max_length": data.max_length, "too_long": data.too_long, "trained_tokens": trained,
-        "sample": [(text, "trained" if learned else "masked")
-                   for text, learned in token_preview(tokenizer, sample, data.train_on)],
+        "sample": _marked(token_preview(tokenizer, _as_conversation(sample), data.train_on)),
+        "sample_rejected": rejected, "kind": kind,
     }
 
 
-def inspect_standalone(data: dict, model: dict, page: int = 0, max_bytes: int | None = None) -> dict:
+def _marked(pieces) -> list[tuple[str, str]]:
+    return [(text, "trained" if learned else "masked") for text, learned in pieces]
+
+
+def _as_conversation(example: dict, side: str = "chosen") -> dict:
+    """A row of any kind as the conversation the model is trained or scored on: the prompt and the reply
+    (for a pair, its chosen or rejected one; for a prompt, the reference answer, or nothing)."""
+    if "messages" in example or "text" in example:
+        return example
+    reply = example.get(side) or example.get("completion") or example.get("answer") or ""
+    return {"messages": [*example["prompt"], *([{"role": "assistant", "content": reply}] if reply else [])]}
+
+
+def inspect_standalone(data: dict, model: dict, page: int = 0, max_bytes: int | None = None,
+                       kind: str = "conversations") -> dict:
     """inspect() from plain values, loading the tokenizer itself: what the sandboxed child runs."""
     from studio import models
     cfg = from_dict({"data": data, "model": model})
-    return inspect(cfg.data, models.load_tokenizer(ModelConfig(**model)), page, max_bytes)
+    return inspect(cfg.data, models.load_tokenizer(ModelConfig(**model)), page, max_bytes, kind)
 
 
 def _conversation_row(number: int, example: dict) -> dict:
     if "text" in example:
         return {"#": number, "conversation": example["text"][:500]}
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in example["messages"])
-    return {"#": number, "conversation": text[:800]}
+    if "messages" in example:
+        return {"#": number, "conversation": _turns(example["messages"])[:800]}
+    row = {"#": number, "prompt": _turns(example["prompt"])[:500]}
+    for key in ("chosen", "rejected", "completion", "label", "answer"):
+        if key in example:
+            row[key] = example[key] if isinstance(example[key], bool) else str(example[key])[:400]
+    return row
+
+
+def _turns(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)

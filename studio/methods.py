@@ -35,16 +35,34 @@ def resolve_targets(targets: list[str], layer_names: list[str]) -> str | list[st
     return list(targets)
 
 
-def peft_config_for(cfg: MethodConfig, layer_names: list[str]):
-    """The PEFT config for a method, or None for full fine-tuning."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+def peft_config_for(cfg: MethodConfig, layer_names: list[str], head: str = "causal_lm", total_steps: int = 0):
+    """The PEFT config for a method, or None for full fine-tuning. head='score': a reward model, whose new score
+    head trains in full beside the adapters. total_steps: AdaLoRA spreads its rank budget over them."""
+    from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+    task = TaskType.SEQ_CLS if head == "score" else TaskType.CAUSAL_LM
+    extra = {"modules_to_save": ["score"]} if head == "score" else {}
     if cfg.method == "full":
         return None
+    if cfg.method in ("prompt_tuning", "prefix_tuning") and head == "score":
+        raise StudioError("Prompt and prefix tuning cannot train a reward model; use LoRA.")
     if cfg.method == "prompt_tuning":
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     if cfg.method == "prefix_tuning":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
+    targets = resolve_targets(cfg.target_modules, layer_names)
+    if cfg.method == "ia3":
+        mlp = [n for n in layer_names if n in ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")]
+        chosen = layer_names if targets == "all-linear" else targets
+        return IA3Config(task_type=task, target_modules=chosen,
+                         feedforward_modules=[n for n in chosen if n in mlp], **extra)
+    if cfg.method == "adalora":
+        steps = max(total_steps, 10)
+        # The rank budget shrinks from rank*1.5 to rank between the first and last tenth of training.
+        return AdaLoraConfig(task_type=task, init_r=max(cfg.rank * 3 // 2, cfg.rank + 1), target_r=cfg.rank,
+                             lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                             total_step=steps, tinit=steps // 10, tfinal=steps // 10, deltaT=max(1, steps // 20),
+                             **extra)
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=resolve_targets(cfg.target_modules, layer_names),
-        use_dora=cfg.method == "dora", use_rslora=cfg.method == "rslora", bias="none")
+        task_type=task, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=targets, use_dora=cfg.method == "dora", use_rslora=cfg.method == "rslora", bias="none",
+        **extra)

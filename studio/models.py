@@ -177,18 +177,22 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None):
 
 
 def load_model(location: str, dtype=None, device: str = "cpu", quantization: str | None = None,
-               attention: str | None = None):
-    """Load a causal LM. ``quantization`` is '4bit' or '8bit' (bitsandbytes, CUDA only) or None."""
+               attention: str | None = None, head: str = "causal_lm", pad_token_id: int | None = None):
+    """Load a causal LM, or with head='score' the same model with a one-number score head (a reward model).
+    ``quantization`` is '4bit' or '8bit' (bitsandbytes, CUDA only) or None."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     kwargs: dict = {"trust_remote_code": False, "dtype": dtype or torch.float32}
+    if head == "score":
+        kwargs.update(num_labels=1, pad_token_id=pad_token_id)
     if attention:
         kwargs["attn_implementation"] = attention
     if quantization:
         kwargs["quantization_config"] = bitsandbytes_config(quantization, dtype)
         kwargs["device_map"] = {"": 0}
+    loader = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        model = loader.from_pretrained(location, **kwargs)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as err:

@@ -4,6 +4,7 @@
   config.yaml      the resolved config the run was started with (never rewritten)
   status.json      a ``records.RunStatus``: state, message, progress, the plan, out-of-memory attempts
   metrics.jsonl    one ``records.MetricRecord`` per line, append-only
+  samples.jsonl    replies written at each evaluation, with their scores (GRPO)
   stop-request     present while a Stop is pending; the worker checks for it every step
   owner            who started the run from a shared page (never shown to anyone)
   worker.log       what the worker process printed (the tail explains a worker that died silently)
@@ -169,6 +170,23 @@ class Run:
         kept = [r for r in self.metrics() if r.step <= step]
         write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in kept))
 
+    def latest_samples(self) -> list[dict]:
+        """The replies written at the last evaluation (samples.jsonl: GRPO's, with their rewards)."""
+        try:
+            lines = (self.path / "samples.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        last = max((r["step"] for r in rows), default=None)
+        return [r for r in rows if r["step"] == last]
+
     def write_json(self, name: str, data: dict) -> None:
         write_atomic(self.path / name, json.dumps(data, indent=1))
 
@@ -210,6 +228,13 @@ class Run:
                 "model": status.model, "method": status.method, "stage": status.stage}
 
 
+def started_on(cfg: RunConfig) -> str:
+    """What a run trains, as its run list shows it: the base model, and the run it continues from if any."""
+    if cfg.model.start_from:
+        return f"{cfg.model.name_or_path}, from run {cfg.model.start_from}"
+    return cfg.model.name_or_path
+
+
 def _folder_time(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -236,7 +261,7 @@ def new_run(cfg: RunConfig, owner: str = "") -> Run:
             write_atomic(run.path / "owner", owner)
         run.write_config(cfg)
         run.update_status(state=State.QUEUED, message="Waiting to start.", created=time.time(), stage=cfg.stage,
-                          model=cfg.model.name_or_path, method=cfg.method.method)
+                          model=started_on(cfg), method=cfg.method.method)
     except OSError as err:
         shutil.rmtree(run.path, ignore_errors=True)  # no half-made run folder left behind
         if err.errno == errno.ENOSPC:

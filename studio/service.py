@@ -28,6 +28,7 @@ from pathlib import Path
 
 from studio import launcher, models
 from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, from_dict, to_dict
+from studio.data import is_demo
 from studio.errors import StudioError
 from studio.inference import ChatModelCache, check_usable, merge_run, stream_reply
 from studio.limits import Limits, install
@@ -298,8 +299,8 @@ class Studio:
         """The file a data.path from a client names: the demo set, one of this visitor's uploads by its name,
         or (on the owner's own, unshared studio) a path on this machine."""
         path = (path or "").strip() if isinstance(path, str) else ""
-        if path in ("", DEMO_DATA):
-            return DEMO_DATA
+        if is_demo(path):
+            return path or DEMO_DATA
         if UPLOAD_NAME.match(path):
             stored = self._upload_folder(visitor) / path
             if stored.is_file():
@@ -310,20 +311,22 @@ class Studio:
         return path
 
     @_public_errors
-    def inspect_data(self, data: dict, model_name: str, visitor: str, page: int = 0) -> dict:
-        """Everything the Data tab shows: format, preview, rendered sample, lengths, bad rows, split. On a shared
-        studio it runs in a sandboxed child with bounded memory and time (studio/sandbox.py)."""
-        from studio import inspection, sandbox
+    def inspect_data(self, data: dict, model_name: str, visitor: str, page: int = 0, stage: str = "sft") -> dict:
+        """Everything the Data tab shows for the rows `stage` reads: format, preview, rendered sample, lengths, bad
+        rows, split. On a shared studio it runs in a sandboxed child with bounded memory and time
+        (studio/sandbox.py)."""
+        from studio import inspection, sandbox, stages
+        kind = stages.get(stage or "sft").data_kind
         data = dict(data) if isinstance(data, dict) else {}
         data["path"] = self.check_data_allowed(data.get("path", DEMO_DATA), visitor)
         model = {"name_or_path": self.check_model_allowed(model_name)}
         cfg = from_dict({"data": data, "model": model})
         if self.limits is None:
             return inspection.inspect(cfg.data, self.tokenizer_for(model["name_or_path"]), page,
-                                      self.policy.max_upload_bytes)
+                                      self.policy.max_upload_bytes, kind)
         return sandbox.call("studio.inspection:inspect_standalone",
                             {"data": to_dict(cfg)["data"], "model": model, "page": int(page or 0),
-                             "max_bytes": self.policy.max_upload_bytes},
+                             "max_bytes": self.policy.max_upload_bytes, "kind": kind},
                             seconds=self.limits.check_seconds, memory_mb=self.limits.check_memory_mb,
                             what="The data check")
 
@@ -335,11 +338,33 @@ class Studio:
         cfg.data.path = self.check_data_allowed(cfg.data.path, visitor)
         if cfg.data.eval_path:
             cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, visitor)
+        self._check_stage_inputs(cfg, visitor)
         if self.limits is not None:  # no run holds the one training slot for ever
             t = cfg.training
             t.time_limit_minutes = min(t.time_limit_minutes or self.limits.run_minutes, self.limits.run_minutes)
         run = launcher.start(cfg, owner=owner_key(visitor) if self.policy.share else "").run
         return {"run_id": run.id, "message": f"Started run {run.id}."}
+
+    def _check_stage_inputs(self, cfg, visitor: str) -> None:
+        """Runs a config names (to start from, as a reward) are this visitor's own finished ones; a reward of
+        one's own code is not run on a shared studio."""
+        if cfg.model.start_from:
+            start = self._run(cfg.model.start_from, visitor)
+            if start.id not in self.finished_runs(visitor):
+                raise StudioError(f"Run {start.id} has not finished with a saved adapter, so nothing can start from it.")
+            if start.stored_status().stage == "reward":
+                raise StudioError(f"Run {start.id} is a reward model; a run can start only from one that writes "
+                                  "replies. Use it as a GRPO reward (grpo.reward_run) instead.")
+        if cfg.stage == "grpo":
+            grpo = cfg.settings_of("grpo")
+            if grpo.reward_run:
+                reward_run = self._run(grpo.reward_run, visitor)
+                if reward_run.stored_status().stage != "reward":
+                    raise StudioError(f"grpo.reward_run {reward_run.id!r} is not a reward-model run.")
+            if grpo.reward_code and self.policy.share:
+                raise StudioError("A reward written as Python code runs that code, so it is not allowed on a shared "
+                                  "link. Use the built-in rewards (format, answer, length, JSON, words, a reward "
+                                  "model).")
 
     def stop(self, visitor: str) -> str:
         run = launcher.active_run()
@@ -384,7 +409,7 @@ class Studio:
         progress = Progress.of(run.id, status, metrics)
         return {"run_id": run.id, "status": status.to_json(), "metrics": [m.to_json() for m in metrics],
                 "progress": {**progress.__dict__, "state": progress.state.value, "fraction": progress.fraction},
-                "active": status.state in ACTIVE, "series": _series(status.stage)}
+                "active": status.state in ACTIVE, "series": _series(status.stage), "samples": run.latest_samples()}
 
     def _public_status(self, status: RunStatus) -> RunStatus:
         if self.policy.share:
@@ -406,7 +431,7 @@ class Studio:
             config = to_dict(run.config())
             if self.policy.share:  # a visitor's file by the name they know it by, not where the server keeps it
                 for key in ("path", "eval_path"):
-                    if config["data"][key] not in ("", DEMO_DATA):
+                    if not is_demo(config["data"][key]):
                         config["data"][key] = Path(config["data"][key]).name
         except StudioError as err:
             config = {"unreadable": self.public(str(err))}
@@ -414,9 +439,11 @@ class Studio:
         return {"config": config, "status": status.to_json(), "metrics": [m.to_json() for m in run.metrics()],
                 "series": _series(status.stage)}
 
-    def finished_runs(self, visitor: str) -> list[str]:
+    def finished_runs(self, visitor: str, writes_replies: bool = False) -> list[str]:
+        """This visitor's finished runs with a saved adapter; `writes_replies`: leave out reward models."""
         return [r.id for r in list_runs() if self._sees(r, visitor) and r.has_adapter()
-                and r.stored_status().state.value == "completed"]
+                and r.stored_status().state.value == "completed"
+                and not (writes_replies and r.stored_status().stage == "reward")]
 
     # --- chat ---
     @_public_errors
@@ -499,8 +526,8 @@ def _idle(message: str) -> dict:
             "active": False}
 
 
-def _series(stage: str) -> list[tuple[str, str]]:
-    """What the page plots for a run of `stage`: its live metrics, (key, label) pairs."""
+def _series(stage: str) -> list[tuple[str, str, str]]:
+    """What the page plots for a run of `stage`: its live metrics, (key, label, chart) triples."""
     from studio import stages
     found = stages.registry().get(stage)
-    return [(m.key, m.label) for m in found.live_metrics] if found else []
+    return [(m.key, m.label, m.chart) for m in found.live_metrics] if found else []

@@ -196,6 +196,26 @@ def test_the_page_events_called_directly_with_forged_values_refuse_too(shared):
     assert run_id in [r["id"] for r in root.predict(api_name="/list_runs")]
 
 
+def test_reward_code_and_other_visitors_runs_are_refused_as_stage_inputs(shared):
+    _, _, run_id = alices_run(shared)
+    marker = shared.home.parent / "reward-code-ran"
+    code = shared.home.parent / "reward.py"
+    code.write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                    "def reward(prompts, completions, **_):\n    return [1.0] * len(completions)\n")
+    bob = visitor(shared, "bob")
+    grpo = {"name": "mine", "stage": "grpo", "model": {"name_or_path": "studio-tests/tiny"},
+            "data": {"path": "demo-grpo"}}
+    with pytest.raises(Exception, match="not allowed on a shared link"):
+        bob.predict({**grpo, "grpo": {"reward_code": str(code)}}, api_name="/start_training")
+    with pytest.raises(Exception, match="No run called 'alices' here"):
+        bob.predict({**grpo, "grpo": {"reward_run": run_id}}, api_name="/start_training")
+    with pytest.raises(Exception, match="No run called 'alices' here"):
+        bob.predict({**grpo, "model": {"name_or_path": "studio-tests/tiny", "start_from": run_id}},
+                    api_name="/start_training")
+    assert not marker.exists()
+    assert not [p for p in (shared.home / "runs").iterdir() if p.name.startswith("mine")]
+
+
 def test_paths_and_dotdot_in_every_name_field_are_refused(shared):
     bob = visitor(shared, "bob")
     before = files_under(shared.home)

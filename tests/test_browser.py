@@ -127,6 +127,31 @@ def test_newcomer_tour_of_every_tab(page):
     page.locator("#export-files").get_by_text("browser-run-adapter").wait_for()
     page.screenshot(path=shots() / "5-export.png", full_page=True)
 
+    # 6. Preferences: DPO from its preset, starting from the run above; its data is a pair shown side by side,
+    # its plot the stage's own curves.
+    tab(page, "3 · Train")
+    page.locator("#train-preset input").click()
+    page.get_by_role("option", name="demo-dpo").click()
+    page.get_by_role("button", name="Load preset").click()
+    tab(page, "2 · Data")
+    page.locator("#data-source").get_by_text("demo-dpo").wait_for()  # the stage changed, and the demo set with it
+    page.locator("#data-check").click()
+    page.locator("#data-summary").get_by_text("preference format").wait_for()
+    assert "Certainly!" in page.locator("#data-sample").inner_text()
+    assert "<|im_start|>" in page.locator("#data-sample-rejected").inner_text()
+    tab(page, "3 · Train")
+    page.locator("#train-start-from input").click()
+    page.get_by_role("option", name="browser-run (sft)").click()
+    set_number(page, "training-max-steps", 2)
+    set_number(page, "training-batch-size", 2)
+    set_number(page, "training-eval-steps", 2)
+    page.locator("#train-name").locator("textarea, input").first.fill("browser-dpo")
+    page.locator("#train-start").click()
+    page.locator("#train-status").get_by_text("browser-dpo").wait_for()
+    page.locator("#train-status").get_by_text("completed").wait_for()
+    page.locator("#train-stage-plot").get_by_text("reward margin").first.wait_for()
+    page.screenshot(path=shots() / "6-dpo.png", full_page=True)
+
 
 def test_quick_demo_starts_and_stop_saves(page):
     page.locator("#quick-demo").click()

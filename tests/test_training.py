@@ -112,7 +112,7 @@ def test_torn_checkpoint_is_skipped_on_resume(tiny_model):
     assert run.last_checkpoint().name == "checkpoint-2"
 
 
-@pytest.mark.parametrize("method", ["dora", "rslora", "full", "prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["dora", "rslora", "full", "prompt_tuning", "prefix_tuning", "adalora", "ia3"])
 def test_other_methods_train_and_save(tiny_model, method):
     from studio.inference import load_chat_model, reply
     extra = {"target_modules": ["attention"]} if method == "dora" else {}
@@ -372,3 +372,23 @@ def test_expandable_segments_on_for_gpu_runs_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
     apply._use_expandable_segments()
     assert calls == ["expandable_segments:True"]
+
+
+def test_adalora_moves_its_rank_budget_and_its_adapter_reloads_as_trained(tiny_model):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    run = new_run(tiny_config(tiny_model, method={"method": "adalora", "rank": 4},
+                              training={"max_steps": 20, "save_steps": 100, "eval_steps": 100}))
+    assert train_here(run).state is State.COMPLETED
+    saved = {k: v for k, v in load_file(run.adapter_dir / "adapter_model.safetensors").items() if "lora_E" in k}
+    kept = [int((v != 0).sum()) for v in saved.values()]
+    # It starts at rank 6 everywhere and ends with a budget of 4 per layer on average, spread unevenly.
+    assert kept and sum(kept) <= 4 * len(kept), kept
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run.adapter_dir))
+    loaded = {n: p for n, p in reloaded.named_parameters() if "lora_E" in n}
+    assert sorted(int((p != 0).sum()) for p in loaded.values()) == sorted(kept)
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
+        assert not torch.allclose(reloaded.eval()(ids).logits, base, atol=1e-3)

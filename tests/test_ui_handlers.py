@@ -22,6 +22,32 @@ def test_model_and_data_handlers_without_a_page(tiny_model):
     shown = data_tab.check(studio, {"path": "demo", "max_length": 64}, str(tiny_model), 1)
     assert "95 usable of 95 rows" in shown["summary"] and len(shown["preview"]) == 10
     assert any(label == "trained" for _, label in shown["sample"])
+    assert shown["sample_rejected"] is None
+
+
+def test_a_preference_stage_through_the_handlers(tiny_model):
+    """DPO from the tabs' handlers: the pair shown side by side, the stage's own curves while it trains."""
+    from studio.ui import data_tab, train_tab
+    studio = Studio()
+    path, source = data_tab.demo_for("dpo")
+    assert path == "demo-dpo" and "demo-dpo" in source
+    shown = data_tab.check(studio, {"path": path, "max_length": 128}, str(tiny_model), 1, None, "dpo")
+    assert "preference format" in shown["summary"]
+    assert {"prompt", "chosen", "rejected"} <= set(shown["preview"].columns)
+    chosen = "".join(text for text, label in shown["sample"] if label == "trained")
+    rejected = "".join(text for text, label in shown["sample_rejected"] if label == "trained")
+    assert chosen.startswith("Certainly!") and not rejected.startswith("Certainly!") and rejected in chosen
+    # The same file read for supervised fine-tuning is refused, naming the stages that read it.
+    with pytest.raises(Exception, match="DPO"):
+        data_tab.check(studio, {"path": path, "max_length": 128}, str(tiny_model), 1, None, "sft")
+    cfg = {"name": "prefer", "stage": "dpo", "model": {"name_or_path": str(tiny_model)},
+           "data": {"path": path, "max_length": 128},
+           "training": {"max_steps": 4, "batch_size": 2, "save_steps": 100, "eval_steps": 2}}
+    train_tab.start_run(studio, cfg, None)
+    wait_until(lambda: "completed" in train_tab.tick(studio, "prefer")[0])
+    _, _, plot, _, stage_plot, samples, _ = train_tab.tick(studio, "prefer")
+    assert "training loss" in set(plot["series"])
+    assert {"reward margin (chosen - rejected)", "chosen beats rejected (share)"} <= set(stage_plot["value"]["series"])
 
 
 def test_train_handlers_follow_a_run_without_a_page(tiny_model):
@@ -34,7 +60,7 @@ def test_train_handlers_follow_a_run_without_a_page(tiny_model):
     assert started[-1] == "handled" and "handled" in started[0]
     assert train_tab.reattach(studio, None)[-1] == "handled"  # a page opened now follows the live run
     wait_until(lambda: "loss" in train_tab.tick(studio, "handled")[3])
-    status, progress, plot, log, timer = train_tab.tick(studio, "handled")
+    status, progress, plot, log, stage_plot, samples, timer = train_tab.tick(studio, "handled")
     assert "running" in status and "Training with padded rows, SDPA attention" in progress
     assert set(plot["series"]) == {"training loss", "held-out loss"} and "loss" in log
     train_tab.stop_run(studio, None)

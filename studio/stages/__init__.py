@@ -29,6 +29,7 @@ DATA_KINDS = ("conversations", "preference_pairs", "feedback", "prompts", "none"
 class LiveMetric:
     key: str  # the MetricRecord field or extra name
     label: str  # the plot's series name
+    chart: str = "loss"  # "loss": beside the losses; "stage": the stage's own plot below them
 
 
 @dataclass(frozen=True)

@@ -103,3 +103,13 @@ class MarkCompleteCheckpoints(TrainerCallback):
         folder = self.run.checkpoints_dir / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             (folder / COMPLETE_MARKER).write_text(str(time.time()), encoding="utf-8")
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA moves its rank budget between layers from the gradients of each step; the Trainer does not call
+    it, so it happens here, after the backward and before the optimizer clears the gradients."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        base = getattr(model, "base_model", None)
+        if base is not None and hasattr(base, "update_and_allocate"):
+            base.update_and_allocate(state.global_step)

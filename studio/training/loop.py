@@ -46,6 +46,11 @@ class Prepared:
     device: str
     dtype: object
     plan: SpeedPlan
+    row_factor: int = 1  # training rows a row of data becomes (GRPO: the replies written to each prompt)
+
+    @property
+    def rows(self) -> int:
+        return len(self.train.rows) * self.row_factor
 
 
 @dataclass
@@ -56,6 +61,8 @@ class Recipe:
     encode: Callable
     build: Callable
     live_metric_keys: tuple[str, ...] = ()
+    head: str = "causal_lm"  # "score": the model gets a one-number head (a reward model)
+    row_factor: int = 1  # see Prepared.row_factor
 
 
 def train(job: Job, recipe: Recipe) -> Outcome:
@@ -107,10 +114,13 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
         guard = NonFiniteLossGuard()
         callbacks = [RunLogger(run, elapsed_before, recipe.live_metric_keys), stopper, guard,
                      MarkCompleteCheckpoints(run), *apply.trainer_callbacks(prep.plan)]
+        if cfg.method.method == "adalora":
+            from studio.training.callbacks import AdaLoraBudget
+            callbacks.append(AdaLoraBudget())
         trainer = recipe.build(prep, job, arguments(prep, run, attempt), callbacks)
         if job.stop_requested():
             raise StoppedBeforeStart
-        total, _, _ = steps_plan(cfg, len(prep.train.rows), attempt)
+        total, _, _ = steps_plan(cfg, prep.rows, attempt)
         if checkpoint is not None and checkpoint_step(checkpoint) >= total:
             # Cut off after its last checkpoint (while saving the adapter, say): the training is done, and the
             # Trainer would train one step past the end. The adapter is that checkpoint's weights.
@@ -149,7 +159,10 @@ def prepare(job: Job, recipe: Recipe) -> Prepared:
     quantization = quantization_for(cfg.method.method)
     if quantization and device != "cuda":
         models.bitsandbytes_config(quantization)  # raises the plain-language "needs an NVIDIA GPU" message
-    location = models.resolve(cfg.model.name_or_path, cfg.model.revision)
+    from studio.inference import base_location
+    location = base_location(cfg.model)
+    if cfg.model.start_from:
+        run.update_status(message=f"Starting from run {cfg.model.start_from}; loading data and model.")
     tokenizer = models.load_tokenizer(cfg.model, location)
     train_rows, eval_rows = recipe.encode(job, tokenizer)
     if job.stop_requested():
@@ -162,21 +175,24 @@ def prepare(job: Job, recipe: Recipe) -> Prepared:
     from transformers import set_seed
     set_seed(cfg.training.seed)
     model = models.load_model(location, dtype=dtype, device=device, quantization=quantization,
-                              **apply.model_load_options(plan))
-    model = add_adapters(model, cfg, quantization, plan, dtype)
+                              head=recipe.head, pad_token_id=tokenizer.pad_token_id, **apply.model_load_options(plan))
+    total, _, _ = steps_plan(cfg, len(train_rows.rows) * recipe.row_factor)
+    model = add_adapters(model, cfg, quantization, plan, dtype, head=recipe.head, total_steps=total)
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    run.update_status(message="Model loaded; training.", plan_summary=plan.summary(), plan_reasons=plan.reasons,
+    loaded = f"Model loaded (run {cfg.model.start_from}'s result)" if cfg.model.start_from else "Model loaded"
+    run.update_status(message=f"{loaded}; training.", plan_summary=plan.summary(), plan_reasons=plan.reasons,
                       plan=plan.as_dict())
-    return Prepared(cfg, tokenizer, model, train_rows, eval_rows, device, dtype, plan)
+    return Prepared(cfg, tokenizer, model, train_rows, eval_rows, device, dtype, plan, recipe.row_factor)
 
 
-def add_adapters(model, cfg: RunConfig, quantization: str | None, plan: SpeedPlan, dtype=None):
+def add_adapters(model, cfg: RunConfig, quantization: str | None, plan: SpeedPlan, dtype=None,
+                 head: str = "causal_lm", total_steps: int = 0):
     """PEFT's adapters for the configured method (the model itself for full fine-tuning), with the plan's
     changes before and after wrapping."""
     from peft import get_peft_model
     apply.adapt_base_model(model, plan)
-    peft_config = peft_config_for(cfg.method, models.linear_layer_names(model))
+    peft_config = peft_config_for(cfg.method, models.linear_layer_names(model), head, total_steps)
     if peft_config is None:
         return model  # full fine-tuning trains the model itself
     if quantization:
@@ -199,7 +215,7 @@ def steps_plan(cfg: RunConfig, n_rows: int, attempt: Attempt | None = None) -> t
 def arguments(prep: Prepared, run: Run, attempt: Attempt) -> dict:
     """The trainer arguments every trainer-based stage shares (TrainingArguments' names)."""
     cfg, t = prep.cfg, prep.cfg.training
-    _, eval_every, save_every = steps_plan(cfg, len(prep.train.rows), attempt)
+    _, eval_every, save_every = steps_plan(cfg, prep.rows, attempt)
     has_eval = bool(prep.eval.rows)
     bf16 = str(prep.dtype) == "torch.bfloat16"
     fp16 = str(prep.dtype) == "torch.float16"
@@ -212,7 +228,7 @@ def arguments(prep: Prepared, run: Run, attempt: Attempt) -> dict:
         save_strategy="steps", save_steps=save_every, save_total_limit=2, seed=t.seed, data_seed=t.seed,
         bf16=bf16, fp16=fp16, report_to="none", disable_tqdm=True, save_only_model=False, logging_first_step=True,
         logging_nan_inf_filter=False,  # the default filter hides NaN losses from the logs, and so from our guard
-        **apply.trainer_options(prep.plan, prep.device, attempt.batch_size, cfg.data.max_length))
+        **apply.trainer_options(prep.plan, prep.device, attempt.batch_size, cfg.data.max_length, cfg.stage))
 
 
 def save_result(prep: Prepared, trainer, run: Run) -> None:

@@ -31,9 +31,11 @@ def register(studio) -> list:
         return {"data_path": studio.store_upload(file["path"], visitor(request), remove_source=True)}
 
     @friendly
-    def inspect_data(data: dict, model: str = "bundled", page: int = 0, request: gr.Request = None) -> dict:
-        """Read and check data settings ({path, format, columns, max_length, ...}): format, preview, lengths."""
-        return studio.inspect_data(data, model, visitor(request), page=page)
+    def inspect_data(data: dict, model: str = "bundled", page: int = 0, stage: str = "sft",
+                     request: gr.Request = None) -> dict:
+        """Read and check data settings ({path, format, columns, max_length, ...}) for the rows `stage` reads
+        (sft, dpo, kto, grpo...): format, preview, lengths."""
+        return studio.inspect_data(data, model, visitor(request), page=page, stage=stage)
 
     @friendly
     def start_training(config: dict, request: gr.Request) -> dict:

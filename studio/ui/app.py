@@ -26,6 +26,7 @@ def form_config(studio, values: dict, model, data, train) -> dict:
     cfg["method"]["target_modules"] = train_tab.targets_from(values[train.target_pick], values[train.layers])
     cfg["name"] = (values[train.name] or "").strip()
     cfg["stage"] = values[train.stage] or "sft"
+    cfg["model"]["start_from"] = values[train.start_from] or ""
     return cfg
 
 
@@ -43,7 +44,7 @@ def build_app(studio) -> gr.Blocks:
             with gr.Tab("1 · Model", id="model", elem_id="tab-model"):
                 model = model_tab.build(studio)
             with gr.Tab("2 · Data", id="data", elem_id="tab-data"):
-                data = data_tab.build(studio, model.picker)
+                data = data_tab.build(studio, model.picker, gr.State("sft"))
             with gr.Tab("3 · Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(studio)
             with gr.Tab("4 · Chat", id="chat", elem_id="tab-chat") as chat_item:
@@ -51,10 +52,13 @@ def build_app(studio) -> gr.Blocks:
             with gr.Tab("5 · Export", id="export", elem_id="tab-export") as export_item:
                 export = export_tab.build(studio)
 
-        start_inputs = {model.picker, train.name, train.stage, train.target_pick, train.layers, *data.inputs,
+        start_inputs = {model.picker, train.name, train.stage, train.start_from, train.target_pick, train.layers, *data.inputs,
                         *train.form.fields.values()}
         live = [*train.live_outputs, train.timer, train.watched]
         train_tab.wire_start(studio, train, start_inputs, lambda values: form_config(studio, values, model, data, train))
+        train.stage.change(lambda stage: stage, train.stage, data.stage).then(
+            data_tab.follow_stage, [train.stage, data.data_path], [data.data_path, data.source])
+        train.stage.change(bind(train_tab.start_points, studio), None, train.start_from)
         train.target_pick.change(train_tab.on_target_pick, [train.target_pick, model.layer_names], train.layers)
         model.layer_names.change(train_tab.on_target_pick, [train.target_pick, model.layer_names], train.layers)
         # A model preset's method and training settings go into the Train tab's form, where they can be seen
@@ -75,9 +79,10 @@ def build_app(studio) -> gr.Blocks:
         quick.click(demo_fill, None, {*form_targets, model.picker, data.data_path, data.source, tabs}).then(
             demo_start, start_inputs, live)
         chat_item.select(bind(chat_tab.finished_runs, studio), None, chat.run_pick)
-        export_item.select(bind(chat_tab.finished_runs, studio), None, export.run_pick)
+        export_item.select(bind(export_tab.finished_runs, studio), None, export.run_pick)
         app.load(bind(chat_tab.finished_runs, studio), None, chat.run_pick).then(
-            bind(chat_tab.finished_runs, studio), None, export.run_pick)
+            bind(export_tab.finished_runs, studio), None, export.run_pick).then(
+            bind(train_tab.start_points, studio), None, train.start_from)
         endpoints = api.register(studio)
         app.load(bind(train_tab.reattach, studio), train.watched, live).then(
             bind(train_tab.runs_table, studio), None, [train.runs_table, train.run_pick]).then(

@@ -71,7 +71,8 @@ def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_histo
 
 
 def finished_runs(studio, request: gr.Request = None) -> gr.Dropdown:
-    return gr.Dropdown(choices=studio.finished_runs(visitor(request)))
+    """Runs to chat with: finished ones that write replies (a reward model scores them instead)."""
+    return gr.Dropdown(choices=studio.finished_runs(visitor(request), writes_replies=True))
 
 
 def _text(content) -> str:

@@ -28,17 +28,18 @@ def data_settings(form_values: dict, path: str, prompt_col: str, reply_col: str,
 
 
 @friendly
-def check(studio, data: dict, model: str, page: int, request: gr.Request = None) -> dict:
-    """What the tab shows for the data settings: summary text, preview, sample, histogram, bad rows, columns."""
-    d = studio.inspect_data(data, model or BUNDLED_MODEL, visitor(request), page=int(page or 1) - 1)
+def check(studio, data: dict, model: str, page: int, request: gr.Request = None, stage: str = "sft") -> dict:
+    """What the tab shows for the data settings, read as the rows `stage` trains on: summary text, preview,
+    sample (and a pair's rejected reply), histogram, bad rows, columns."""
+    d = studio.inspect_data(data, model or BUNDLED_MODEL, visitor(request), page=int(page or 1) - 1, stage=stage)
     over = d["over_max_length"]
     policy = "cut to fit" if d["too_long"] == "truncate" else "dropped"
     text = (f"**{d['summary']}**  \n{d['split']}.  \n{d['trained_tokens']:,} tokens to learn from. "
             f"{over} rows are longer than max length {d['max_length']} and will be {policy}. "
             f"Page {d['page'] + 1} of {d['pages']}.")
     return {"summary": text, "preview": pd.DataFrame(d["preview"]), "sample": d["sample"],
-            "histogram": histogram(d["lengths"]), "columns": [NONE, *d["columns"]],
-            "bad": pd.DataFrame(d["bad_rows"] or [{"row": "-", "reason": "none"}])}
+            "sample_rejected": d.get("sample_rejected"), "histogram": histogram(d["lengths"]),
+            "columns": [NONE, *d["columns"]], "bad": pd.DataFrame(d["bad_rows"] or [{"row": "-", "reason": "none"}])}
 
 
 @friendly
@@ -50,17 +51,39 @@ def uploaded(studio, file: str | None, request: gr.Request = None) -> tuple[str,
     return stored, f"Using: **{stored}**"
 
 
-def build(studio, model_picker=None) -> SimpleNamespace:
-    gr.Markdown("### 2. Give it examples\nUpload .jsonl, .json, .csv or .parquet in any common format (alpaca, "
-                "sharegpt, messages, prompt/completion, text), or use the demo set.")
+DEMO_BY_KIND = {"conversations": DEMO_DATA, "preference_pairs": "demo-dpo", "feedback": "demo-dpo",
+                "prompts": "demo-grpo"}
+
+
+def demo_for(stage: str) -> tuple[str, str]:
+    """The demo data set for the rows `stage` reads, and the source line."""
+    from studio import stages
+    name = DEMO_BY_KIND[stages.get(stage or "sft").data_kind]
+    return name, f"Using: **{'demo set' if name == DEMO_DATA else name + ' demo set'}**"
+
+
+def follow_stage(stage: str, path: str) -> tuple:
+    """When the stage to train changes while a demo set is in use, the demo set for that stage's rows; a file
+    of the person's own stays (the check then says whether that stage can read it)."""
+    from studio.data import is_demo
+    return demo_for(stage) if is_demo(path) else (gr.skip(), gr.skip())
+
+
+def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
+    """`stage`: the component holding the stage to train (its kind of rows decides how the file is read)."""
+    gr.Markdown("### 2. Give it examples\nUpload .jsonl, .json, .csv or .parquet in any common format: "
+                "conversations (alpaca, sharegpt, messages, prompt/completion, text) for supervised fine-tuning; "
+                "pairs of a chosen and a rejected reply for DPO, ORPO, SimPO or a reward model; replies labelled good "
+                "or bad for KTO; prompts (with an optional reference answer) for GRPO. Or use the demo set.")
     form = Form()
     data_path = gr.State(DEMO_DATA)
     model_picker = model_picker if model_picker is not None else gr.State(BUNDLED_MODEL)
+    stage = stage if stage is not None else gr.State("sft")
     with gr.Row():
         upload = gr.File(label=f"Upload data (up to {studio.policy.max_upload_mb} MB)", file_count="single",
                          file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="data-upload", scale=2)
         with gr.Column(scale=1):
-            use_demo = gr.Button("Use the demo set (pirate talk)", elem_id="data-demo")
+            use_demo = gr.Button("Use the demo set for what you train", elem_id="data-demo")
             source = gr.Markdown(DEMO_SOURCE, elem_id="data-source")
     with gr.Row():
         form.field("data", "format", label="Format")
@@ -79,15 +102,20 @@ def build(studio, model_picker=None) -> SimpleNamespace:
     with gr.Row():
         with gr.Column():
             page = gr.Number(value=1, precision=0, minimum=1, label="Preview page", elem_id="data-page")
-            preview = gr.Dataframe(label="Conversations, as the studio understood them", wrap=True,
+            preview = gr.Dataframe(label="Rows, as the studio understood them", wrap=True,
                                    interactive=False, elem_id="data-preview")
         with gr.Column():
-            sample = gr.HighlightedText(label="First row of the page, exactly as the model sees it "
-                                              "(green: learned, grey: context only)",
-                                        color_map={"trained": "green", "masked": "lightgray"}, combine_adjacent=True,
-                                        show_legend=True, elem_id="data-sample")
             chart = gr.BarPlot(x="tokens", y="rows", label="Token lengths", elem_id="data-histogram",
-                               x_title="tokens per conversation", y_title="rows", sort=None)
+                               x_title="tokens per row", y_title="rows", sort=None)
+    # A pair's two replies side by side, each after the same prompt, as the model sees them.
+    with gr.Row():
+        sample = gr.HighlightedText(label="First row of the page, exactly as the model sees it "
+                                          "(green: learned, grey: context only; for a pair, its chosen reply)",
+                                    color_map={"trained": "green", "masked": "lightgray"}, combine_adjacent=True,
+                                    show_legend=True, elem_id="data-sample")
+        sample_rejected = gr.HighlightedText(label="Its rejected reply (the one to prefer less)",
+                                             color_map={"trained": "red", "masked": "lightgray"},
+                                             combine_adjacent=True, visible=False, elem_id="data-sample-rejected")
     bad = gr.Dataframe(label="Rows that will not be trained, and why", interactive=False, elem_id="data-bad")
 
     def current(values: dict) -> dict:
@@ -95,22 +123,23 @@ def build(studio, model_picker=None) -> SimpleNamespace:
                              values[reply_col], values[system_col])
 
     def on_check(values: dict, request: gr.Request):
-        d = check(studio, current(values), values[model_picker], values[page], request)
+        d = check(studio, current(values), values[model_picker], values[page], request, values[stage])
         columns = gr.Dropdown(choices=d["columns"])
+        rejected = d["sample_rejected"]
         return {summary: d["summary"], preview: d["preview"], sample: d["sample"], chart: d["histogram"],
-                bad: d["bad"], prompt_col: columns, reply_col: columns, system_col: columns}
+                bad: d["bad"], prompt_col: columns, reply_col: columns, system_col: columns,
+                sample_rejected: gr.HighlightedText(value=rejected, visible=rejected is not None)}
 
-    inputs = {data_path, model_picker, page, prompt_col, reply_col, system_col, *form.fields.values()}
-    outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col]
+    inputs = {data_path, model_picker, stage, page, prompt_col, reply_col, system_col, *form.fields.values()}
+    outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col, sample_rejected]
     upload.upload(bind(uploaded, studio), upload, [data_path, source]).then(
         on_check, inputs, outputs, concurrency_id="data")
-    use_demo.click(lambda: (DEMO_DATA, DEMO_SOURCE), None, [data_path, source]).then(
-        on_check, inputs, outputs, concurrency_id="data")
+    use_demo.click(demo_for, stage, [data_path, source]).then(on_check, inputs, outputs, concurrency_id="data")
     inspect_btn.click(on_check, inputs, outputs, concurrency_id="data")
     page.submit(on_check, inputs, outputs, concurrency_id="data")
     return SimpleNamespace(form=form, data_path=data_path, prompt_col=prompt_col, reply_col=reply_col,
                            system_col=system_col, current=current, inputs=inputs, outputs=outputs,
-                           use_demo=use_demo, source=source)
+                           use_demo=use_demo, source=source, stage=stage, check=on_check)
 
 
 def histogram(lengths: list[int]) -> pd.DataFrame:

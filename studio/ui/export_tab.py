@@ -9,8 +9,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.ui.chat_tab import finished_runs
 from studio.ui.common import bind, friendly, run_alone, visitor
+
+
+def finished_runs(studio, request: gr.Request = None) -> gr.Dropdown:
+    return gr.Dropdown(choices=studio.finished_runs(visitor(request)))
 
 
 @friendly

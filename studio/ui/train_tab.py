@@ -19,21 +19,35 @@ from studio.records import duration, format_loss
 from studio.ui.common import Form, bind, friendly, run_alone, visitor
 
 ALL_LINEAR, ATTENTION, CHOOSE = "All linear layers (best quality)", "Attention only (lighter)", "Choose layers"
+NOTHING = ("Nothing: the model chosen on the Model tab", "")
 # Plots start from None: an empty DataFrame makes Gradio fix the colour encoding wrongly for good.
 PLOT_EMPTY = None
 SERIES_COLOURS = {"training loss": "#4f46e5", "held-out loss": "#f59e0b"}
+LOSS_SERIES = (("loss", "training loss", "loss"), ("eval_loss", "held-out loss", "loss"))
+
+
+def _hidden():
+    return gr.update(value=None, visible=False)
+
+
 IDLE = ("No run is training.", "", PLOT_EMPTY, "")
 
 
 # --- what the page shows, from a snapshot (studio.snapshot) ---
 def show(snap: dict) -> tuple:
-    """(status line, progress bar and plan, plot data, log text) for one snapshot."""
+    """(status line, progress bar and plan, loss plot, log text, the stage's plot, its sample replies) for one
+    snapshot; the last two are hidden for stages that have none."""
     if not snap["run_id"]:
-        return IDLE
+        return (*IDLE, _hidden(), _hidden())
     st = snap["status"]
     message = f"**{snap['run_id']}**: {st.get('state', 'idle')}. {html.escape(st.get('message', ''))}"
-    return (message, progress_html(snap.get("progress")), plot_frame(snap["metrics"], snap.get("series")),
-            log_text(snap["metrics"]))
+    series = snap.get("series") or LOSS_SERIES
+    stage_plot = plot_frame(snap["metrics"], series, chart="stage")
+    samples = snap.get("samples") or []
+    return (message, progress_html(snap.get("progress")), plot_frame(snap["metrics"], series),
+            log_text(snap["metrics"]),
+            gr.update(value=stage_plot, visible=stage_plot is not None) if stage_plot is not None else _hidden(),
+            gr.update(value=pd.DataFrame(samples[::-1]), visible=True) if samples else _hidden())  # newest first
 
 
 def progress_html(progress: dict | None) -> str:
@@ -48,17 +62,19 @@ def progress_html(progress: dict | None) -> str:
             f"<div>Step {step} of {total} ({100 * step / total:.0f}%){left}{speed}</div>{plan}</div>")
 
 
-def plot_frame(metrics: list[dict], series: list | None = None) -> pd.DataFrame | None:
-    """The plot's data: one line per live metric of the run's stage, (metric key, label) pairs."""
-    series = series or (("loss", "training loss"), ("eval_loss", "held-out loss"))
-    rows = [{"step": m["step"], "loss": m[key], "series": name} for m in metrics for key, name in series
+def plot_frame(metrics: list[dict], series=LOSS_SERIES, chart: str = "loss") -> pd.DataFrame | None:
+    """A plot's data: one line per live metric of the run's stage drawn on `chart`, from (key, label, chart)
+    triples. The value column is named 'loss' on either plot (the plots' y field)."""
+    picked = [(key, name) for key, name, *where in series if (where[0] if where else "loss") == chart]
+    rows = [{"step": m["step"], "loss": m[key], "series": name} for m in metrics for key, name in picked
             if isinstance(m.get(key), (int, float))]
     if not rows:
         return None
-    # Gradio fixes the plot's series from the first data it gets; a blank point keeps 'held-out loss'
-    # in the legend until the first evaluation arrives (a line skips points with no value).
-    for _, name in series:
-        if not any(r["series"] == name for r in rows):
+    # Gradio fixes the plot's series from the first data it gets; a blank point keeps a series (held-out
+    # loss, say) in the legend until its first value arrives (a line skips points with no value).
+    seen = {r["series"] for r in rows}
+    for key, name in picked:
+        if name not in seen and (chart == "loss" or any(key in m for m in metrics)):
             rows.append({"step": rows[0]["step"], "loss": float("nan"), "series": name})
     return pd.DataFrame(rows)
 
@@ -99,7 +115,7 @@ def reattach(studio, run_id: str | None, request: gr.Request = None) -> tuple:
     """On page load: follow the live run if there is one (closing the tab never stops training)."""
     run_id = studio.active_run_id(visitor(request)) or run_id
     if run_id is None:
-        return (*IDLE, gr.Timer(active=False), None)
+        return (*IDLE, _hidden(), _hidden(), gr.Timer(active=False), None)
     return (*tick(studio, run_id, request), run_id)
 
 
@@ -120,6 +136,13 @@ def delete_run(studio, run_id: str, request: gr.Request = None) -> tuple:
     return runs_table(studio, request)
 
 
+def start_points(studio, request: gr.Request = None) -> gr.Dropdown:
+    """The runs a new run may start from: this visitor's finished ones that write replies."""
+    rows = [r for r in studio.runs_table(visitor(request)) if r["state"] == "completed" and r["has_adapter"]
+            and r.get("stage") != "reward"]
+    return gr.Dropdown(choices=[NOTHING, *[(f"{r['id']} ({r.get('stage') or 'sft'})", r["id"]) for r in rows]])
+
+
 @friendly
 def runs_table(studio, request: gr.Request = None) -> tuple:
     rows = studio.runs_table(visitor(request))
@@ -136,7 +159,7 @@ def open_run(studio, run_id: str, request: gr.Request = None) -> tuple:
     d = studio.run_detail(run_id, visitor(request))
     st = d["status"]
     text = f"**{run_id}**: {st.get('state')}. {html.escape(st.get('message', ''))}"
-    return text, yaml.safe_dump(d["config"], sort_keys=False), plot_frame(d["metrics"], d.get("series"))
+    return text, yaml.safe_dump(d["config"], sort_keys=False), plot_frame(d["metrics"], d.get("series") or LOSS_SERIES)
 
 
 @friendly
@@ -189,6 +212,9 @@ def build(studio) -> SimpleNamespace:
         name = gr.Textbox(form.initial.get("name", ""), label="Run name", scale=2, elem_id="train-name",
                           info="Optional; letters, digits, '.', '_', '-'. A number is added if the name is taken.")
     stage_pick, stage_boxes = _stage_fields(form)
+    start_from = gr.Dropdown([NOTHING], value="", label="Start from", elem_id="train-start-from",
+                             info="Build on a finished run of yours, e.g. DPO after supervised fine-tuning, or "
+                                  "start from the model chosen on the Model tab.")
     with gr.Row():
         form.field("method", "method", label="Method")
         form.field("method", "rank", label="LoRA rank")
@@ -232,6 +258,11 @@ def build(studio) -> SimpleNamespace:
     progress = gr.HTML("", elem_id="train-progress")
     plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", label="Loss (lower is better)",
                        color_map=SERIES_COLOURS, elem_id="train-plot", height=320, x_title="step", y_title="loss")
+    stage_plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", visible=False, height=280,
+                             label="What this stage learns (rewards, margins, accuracy)", elem_id="train-stage-plot",
+                             x_title="step", y_title="value")
+    samples = gr.Dataframe(label="Replies written at the last evaluation, with their rewards", visible=False,
+                           interactive=False, wrap=True, elem_id="train-samples")
     log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True, elem_id="train-log")
     timer = gr.Timer(2.0, active=False)
     watched = gr.State(None)
@@ -264,7 +295,7 @@ def build(studio) -> SimpleNamespace:
             updates[stage_pick] = cfg["stage"]
         return updates
 
-    live_outputs = [status, progress, plot, log]
+    live_outputs = [status, progress, plot, log, stage_plot, samples]
     if stage_boxes:
         stage_pick.change(lambda picked: [gr.Accordion(visible=name == picked) for name in stage_boxes], stage_pick,
                           list(stage_boxes.values()))
@@ -276,7 +307,8 @@ def build(studio) -> SimpleNamespace:
     refresh.click(bind(runs_table, studio), None, [table, run_pick])
     delete.click(bind(delete_run, studio), run_pick, [table, run_pick])
     run_pick.change(bind(open_run, studio), run_pick, [run_status, run_config, run_plot])
-    return SimpleNamespace(form=form, name=name, stage=stage_pick, target_pick=target_pick, layers=layers, start=start, stop=stop,
+    return SimpleNamespace(form=form, name=name, stage=stage_pick, start_from=start_from, target_pick=target_pick,
+                           layers=layers, start=start, stop=stop,
                            status=status, progress=progress, plot=plot, log=log, timer=timer, watched=watched,
                            live_outputs=live_outputs, save_preset=save_preset, save_name=save_name, preset=preset,
                            runs_table=table, run_pick=run_pick, fill_from=fill_from)

@@ -114,10 +114,13 @@ def adapt_peft_model(model, plan: SpeedPlan, dtype=None) -> None:
         fuse_lora_layers(model, pack_4bit=plan.pack_4bit_siblings)
 
 
-def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: int) -> dict:
-    """Arguments for TRL's config (SFTConfig and its siblings) that the plan decides."""
-    options = {"packing": plan.packing, "use_liger_kernel": plan.liger,
-               "dataloader_num_workers": plan.data_workers, "use_cpu": device == "cpu"}
+def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: int, stage: str = "sft") -> dict:
+    """Arguments for TRL's config (SFTConfig and its siblings) that the plan decides. Packing and the studio's
+    own token count belong to supervised fine-tuning; the other stages get what every Trainer takes."""
+    options = {"use_liger_kernel": plan.liger, "dataloader_num_workers": plan.data_workers,
+               "use_cpu": device == "cpu"}
+    if stage == "sft":
+        options["packing"] = plan.packing
     if plan.plain:
         options["gradient_checkpointing"] = plan.gradient_checkpointing
         options["include_num_input_tokens_seen"] = "non_padding"  # for the tokens/s shown; it waits on the GPU
@@ -130,8 +133,16 @@ def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: i
             # Flex attention is compiled for fixed shapes: pad each packed batch to one length (bins are nearly
             # full, so little is wasted) instead of recompiling for every new total length.
             options["pad_to_multiple_of"] = batch_size * max_length
-    # The studio's trainer counts the tokens seen on the host; the Trainer's own count waits on the GPU.
-    options["include_num_input_tokens_seen"] = "no"
+    if stage in ("dpo", "kto"):
+        # The reference (the start, adapter off) never changes: its log-probabilities are worked out once for
+        # every row before training, instead of a second forward pass in every step. With LoRA that pass is half
+        # the cost of a training step; the precomputation costs the same forward once, plus a hash of the whole
+        # model that TRL names its cache by (bench/NOTES.md: it pays from the second epoch on).
+        options["precompute_ref_log_probs"] = True
+    # The studio's trainer counts the tokens seen on the host; the Trainer's own count waits on the GPU. TRL's
+    # other trainers count them themselves where they can. GRPO's batches are prompts the Trainer cannot count (it
+    # warns at every step); GRPO's trainer counts prompt and reply tokens itself.
+    options["include_num_input_tokens_seen"] = "no" if stage in ("sft", "grpo") else "non_padding"
     # Batches come from pinned memory and are copied to the GPU without waiting: a plain copy makes the host
     # wait for the GPU to finish the previous step first.
     options["dataloader_pin_memory"] = device == "cuda"

@@ -9,10 +9,12 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
 - Attention: packed rows need a kernel that keeps documents apart without a dense mask. flash-attn
   has no wheel for most users, so PyTorch's own kernels are used: FlashAttention-2's variable-length
   kernel on GPUs that run it (varlen_attention.py: one call each way, no mask), else flex attention
-  (block-sparse document masks).
+  (block-sparse document masks). DPO's rows are padded on the right, so they need no mask either: the same
+  kernel runs on them as plain causal attention.
 - Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, on
   GPUs), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only);
-  without Liger, PyTorch's own fused RMSNorm (kernels.py).
+  without Liger, PyTorch's own fused RMSNorm (kernels.py). Neither for GRPO: its steps are mostly generation,
+  where launching Liger's Triton kernels costs the host more than they save (the fused norm is unmeasured there).
   The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
 - Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
   process the GPU sat idle while each batch was built.
@@ -38,6 +40,13 @@ FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # th
 VARLEN_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 VARLEN_ATTENTION = "packed_varlen"  # varlen_attention.NAME (not imported here: that module needs torch)
 VARLEN_NEEDS = "an Ampere or newer NVIDIA GPU, bf16 or fp16, and a model without sliding windows"
+# Sequences each row of a stage's batch becomes in the forward that keeps activations (memory estimate).
+SEQUENCES_PER_ROW = {"dpo": 2, "orpo": 2, "simpo": 2, "reward": 2}
+# Stages whose trainer pads every sequence on the right and starts it at position 0 (TRL's DPO collator): causal
+# attention there needs no padding mask, since a real token never looks at a later padding position.
+UNMASKED_STAGES = ("dpo",)
+# Stages whose steps are mostly generation, one token per forward pass (bench/NOTES.md, GRPO on the H200).
+GENERATING_STAGES = ("grpo",)
 # How the progress line names each attention kernel (the plan keeps transformers' implementation names).
 ATTENTION_NAMES = {VARLEN_ATTENTION: "variable-length flash", "flex_attention": "flex", "sdpa": "SDPA",
                    "eager": "eager"}
@@ -133,14 +142,18 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
     t, method, device = cfg.training, cfg.method.method, machine.device
     reasons = []
     prompt_learning = method in ("prompt_tuning", "prefix_tuning")
-    if t.packing == "auto":
+    if cfg.stage != "sft":
+        packing = False  # pairs, feedback and generated completions are batched by their trainers
+        reasons.append(f"packing: off ({cfg.stage} batches its own rows)")
+    elif t.packing == "auto":
         packing = device == "cuda" and not prompt_learning
         reasons.append("packing: on for GPUs (no compute on padding)" if packing else
                        "packing: off (CPU rows are short, or prompt/prefix tuning)")
     else:
         packing = t.packing == "on"
     varlen_ok = machine.varlen_ok
-    if t.attention == VARLEN_ATTENTION and not (packing and varlen_ok):  # varlen_ok is False off NVIDIA GPUs
+    unmasked = cfg.stage in UNMASKED_STAGES and not prompt_learning  # prompt learning puts tokens before the rows
+    if t.attention == VARLEN_ATTENTION and not ((packing or unmasked) and varlen_ok):  # varlen_ok: NVIDIA GPUs only
         # Asked for where it cannot run (a CPU, an older GPU, unpacked rows): say so and use what can.
         attention = "flex_attention" if packing and device == "cuda" else "sdpa"
         reasons.append(f"attention: {attention}, not {VARLEN_ATTENTION} "
@@ -155,6 +168,12 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
         why_not = "it does not cover this model's attention" if varlen_ok else f"it needs {VARLEN_NEEDS}"
         reasons.append("attention: flex (keeps packed documents apart without a dense mask; not the variable-length "
                        f"flash kernel: {why_not})")
+    elif unmasked and device == "cuda" and varlen_ok and machine.model_type in VARLEN_MODEL_TYPES:
+        # Unpacked rows reach varlen_attention's plain causal path: FlashAttention on the padded batch, where SDPA
+        # with the padding mask falls back to a slower kernel (bench/NOTES.md: DPO on the H200).
+        attention = VARLEN_ATTENTION
+        reasons.append(f"attention: flash without a padding mask ({cfg.stage} pads its rows on the right, so causal "
+                       "attention never reaches padding from a real token)")
     else:
         attention = "sdpa"
     # Liger's kernels are Triton (NVIDIA GPUs) and cover certain architectures: 'on' cannot force them
@@ -164,18 +183,39 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
     if t.fused_kernels == "on" and not liger:
         reasons.append("Liger kernels: not used (they need an NVIDIA GPU, pip install liger-kernel, and a "
                        f"supported architecture: {', '.join(LIGER_MODEL_TYPES)})")
+    # In generation each forward pass is one token per reply: the host's cost of launching a kernel outweighs the
+    # GPU work it saves, and Triton kernels cost the host more to launch than PyTorch's own. Measured, Liger made
+    # GRPO's generation slower than it saved in its training passes; 'on' still asks for the fused kernels.
+    generates = cfg.stage in GENERATING_STAGES and t.fused_kernels != "on"
+    if liger and generates:
+        liger = False
+        reasons.append(f"Liger kernels: off for {cfg.stage} (its steps are mostly generation, one token at a time, "
+                       "where they cost more than they save)")
     # Fused LoRA removes GPU memory passes; on the CPU it measured no faster (bench/NOTES.md), so 'auto' keeps
     # PEFT's own forward there.
     fused_lora = method in ("lora", "rslora", "qlora") and (
         t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
-    fused_norm = (not liger and t.fused_kernels != "off" and device == "cuda" and machine.fused_rms_norm
-                  and machine.model_type in FUSED_NORM_MODEL_TYPES)
+    fused_norm = (not liger and not generates and t.fused_kernels != "off" and device == "cuda"
+                  and machine.fused_rms_norm and machine.model_type in FUSED_NORM_MODEL_TYPES)  # not measured there
     workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_norm=fused_norm,
                      data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
                      memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0)
     _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib)
     return plan
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    """The most tokens one micro-batch puts through the model with gradients, for the memory estimate. A row of
+    supervised fine-tuning is one sequence of up to data.max_length; a preference pair is two, its chosen and its
+    rejected reply each after the prompt (DPO, ORPO, SimPO and reward models run both in one batch); a GRPO row is a
+    completion, the prompt plus up to max_completion_length generated tokens, in whole groups of num_generations."""
+    t = cfg.training
+    if cfg.stage == "grpo":
+        s = cfg.settings_of("grpo")
+        completions = -(-t.batch_size // s.num_generations) * s.num_generations  # as the GRPO stage rounds it
+        return completions * (cfg.data.max_length + s.max_completion_length)
+    return t.batch_size * cfg.data.max_length * SEQUENCES_PER_ROW.get(cfg.stage, 1)
 
 
 def memory_budget_gib(cfg: RunConfig, free_gib: float | None) -> float | None:
@@ -202,7 +242,7 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
         reasons.append("checkpointing: " + ("on" if plan.gradient_checkpointing else "off") +
                        " (the model's size is unknown, so memory could not be estimated)")
         return
-    tokens = t.batch_size * cfg.data.max_length
+    tokens = tokens_per_step(cfg)
     checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger)
     plan.memory_estimate_gib = round(peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger), 1)
     plan.memory_budget_gib = round(budget, 1)
