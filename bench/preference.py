@@ -1,8 +1,9 @@
 """Preference and RL stages against stock TRL: DPO and GRPO, the studio's stages against what a user of TRL gets.
 
     python bench/preference.py [--shapes 1b,8b] [--arms dpo-stock,dpo-studio,grpo-stock,grpo-studio] [--seconds 12]
-    python bench/preference.py --shapes 8b --arms dpo-studio --unpad --tag unpad          # A/B: padding-free DPO
-    python bench/preference.py --shapes 8b --arms dpo-studio --plan attention=sdpa       # A/B: SDPA with the mask
+    python bench/preference.py --shapes 8b --arms dpo-studio --plan attention=sdpa       # A/B: padded, SDPA with the mask
+    python bench/preference.py --cpu --shapes tiny --arms dpo-studio --unpad             # padding-free where the plan
+                                                                                        # would not pick it (tests)
     python bench/preference.py --shapes 1b,8b --arms grpo-studio --plan liger=true       # A/B: GRPO with Liger
     python bench/preference.py --shapes 1b --arms dpo-studio --trl precompute_ref_log_probs=false
     python bench/preference.py --shapes 1b,8b --arms grpo-gen                              # generation options
@@ -304,39 +305,6 @@ def grpo_check(trainer, prompt_ids: list[list[int]], replies: list[list[int]], d
     return out
 
 
-# --------------------------------------------------------------------------------------- padding-free DPO
-def unpad_backbone(model) -> None:
-    """A/B prototype (--unpad): run the decoder on the batch's real tokens only. The padded batch TRL's DPO
-    collator makes is flattened into one row of its real tokens with each sequence's positions and boundaries
-    (the variable-length attention keeps the sequences apart), and the hidden states are put back in the padded
-    layout for TRL's loss, padding positions as zeros (their labels are -100, so they are never scored).
-    TRL 1.16's own padding_free switch for DPO is disabled (it warns and pads)."""
-    import torch
-    import torch.nn.functional as F
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = base.model
-    original = backbone.forward
-
-    def forward(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-        if input_ids is None or attention_mask is None or input_ids.dim() != 2 \
-                or kwargs.get("past_key_values") is not None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        keep = attention_mask.bool()
-        lengths = keep.sum(1, dtype=torch.int32)
-        bounds = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        positions = (keep.long().cumsum(1) - 1)[keep].unsqueeze(0)
-        longest = int(lengths.max())
-        out = original(input_ids=input_ids[keep].unsqueeze(0), attention_mask=None, position_ids=positions,
-                       cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest,
-                       **kwargs)
-        hidden = out.last_hidden_state
-        out.last_hidden_state = hidden.new_zeros(*keep.shape, hidden.shape[-1]).masked_scatter(
-            keep.unsqueeze(-1), hidden[0])
-        return out
-
-    backbone.forward = forward
-
-
 # ------------------------------------------------------------------------------------------------ arms
 def studio_setup(shape: str, stage: str, device: str, settings: dict, batch: int, max_length: int,
                  plan_changes: dict, machine_changes: dict, unpad: bool = False):
@@ -368,9 +336,7 @@ def studio_setup(shape: str, stage: str, device: str, settings: dict, batch: int
     apply.before_model_load(plan, device)
     model = build_model(shape, device)
     model.set_attn_implementation(plan.attention)
-    model = loop.add_adapters(model, cfg, None, plan, dtype)
-    if unpad:
-        unpad_backbone(model)
+    model = loop.add_adapters(model, cfg, None, plan, dtype)  # the DPO stage's build makes it padding-free
     return cfg, plan, model, dtype, loop, apply, EncodedSet, new_run
 
 
@@ -410,8 +376,8 @@ def run_dpo(shape: str, studio: bool, device: str, seconds: float, changes: dict
         DPOTrainer._precompute_ref_logps = original
         precomputed = bool(trainer.args.precompute_ref_log_probs)
         settings = plan.summary() + (", reference log-probs precomputed" if precomputed else ", reference every step")
-        if changes.get("unpad"):
-            settings += ", padding-free (prototype)"
+        if apply.padding_free(plan, "dpo"):
+            settings += ", padding-free"
         plan_dict = plan.as_dict()
     else:
         from trl import DPOConfig
@@ -749,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="A/B: plan as if the machine were otherwise (as in bench.py)")
     p.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE",
                    help="A/B: set a TRL config argument of the studio arms, e.g. precompute_ref_log_probs=false")
-    p.add_argument("--unpad", action="store_true", help="A/B: the padding-free DPO prototype (unpad_backbone)")
+    p.add_argument("--unpad", action="store_true", help="plan the variable-length attention, so DPO runs padding-free, where the plan would not (the CPU "
+                        "tests, with a stand-in kernel)")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds an arm may take before it is killed")
     p.add_argument("--child", nargs=2, metavar=("SHAPE", "ARM"))
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)

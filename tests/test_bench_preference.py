@@ -1,5 +1,5 @@
 """The preference bench (bench/preference.py) on the CPU with a tiny shape: its arms run, and the studio's DPO path,
-the padding-free prototype and stock TRL compute the same DPO loss. The GPU measurements need a CUDA machine."""
+its padding-free batches and stock TRL compute the same DPO loss. The GPU measurements need a CUDA machine."""
 
 import itertools
 
@@ -33,7 +33,7 @@ def test_dpo_arms_compute_the_same_loss_and_report(bench_home, monkeypatch):
     from studio.training.fast import varlen_attention
     monkeypatch.setattr(varlen_attention, "flash_varlen", segment_attention)
     stock = {**preference.run_dpo("tiny", False, "cpu", 0.1, {}), "shape": "tiny", "arm": "dpo-stock"}
-    # The studio's DPO stage with the padding-free prototype on top (the studio's path alone is the same minus it)
+    # The studio's DPO stage, padding-free as on a GPU (the variable-length kernel stood in for by SDPA per sequence)
     studio = {**preference.run_dpo("tiny", True, "cpu", 0.1, {"unpad": True}), "shape": "tiny", "arm": "dpo-studio"}
     assert stock["check"]["loss"] != pytest.approx(0.6931, abs=1e-4)  # the adapters were set: not the start's log 2
     assert studio["check"] == pytest.approx(stock["check"], rel=1e-4)
@@ -43,7 +43,7 @@ def test_dpo_arms_compute_the_same_loss_and_report(bench_home, monkeypatch):
     preference.compare(rows)
     assert studio["check_vs_stock"]["loss"] < 1e-4 and studio["vs_stock"] > 0
     table = preference.dpo_table(rows)
-    assert table.count("| tiny | dpo-") == 2 and "padding-free (prototype)" in table
+    assert table.count("| tiny | dpo-") == 2 and "padding-free" in table
 
 
 def test_grpo_arms_score_replies_alike_and_count_what_they_generate(bench_home):

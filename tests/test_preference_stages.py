@@ -60,6 +60,8 @@ def test_dpo_margin_grows_and_the_reference_is_the_adapter_off_base(tiny_model, 
         from transformers import PreTrainedModel
         seen["models"] = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
         seen["trainable"] = [n for n, p in prep.model.named_parameters() if p.requires_grad]
+        seen["adapters"] = list(prep.model.peft_config)
+        seen["lora_tensors"] = sum(1 for n, _ in prep.model.named_parameters() if "lora_" in n)
         return trainer
 
     monkeypatch.setattr(dpo, "build", build)
@@ -69,8 +71,11 @@ def test_dpo_margin_grows_and_the_reference_is_the_adapter_off_base(tiny_model, 
     assert seen["ref_model"] is None
     assert len({id(m.base_model) if hasattr(m, "base_model") else id(m) for m in seen["models"]}) == 1, seen["models"]
     assert seen["trainable"] and all("lora_" in n for n in seen["trainable"])
+    # No frozen copy of the adapter either: the reference pass switches the one adapter off.
+    assert seen["adapters"] == ["default"] and seen["lora_tensors"] == len(seen["trainable"])
     margins = series(run, "rewards/margins")
     assert len(margins) >= 6
+    assert abs(margins[0]) < 1e-4  # the first step's policy is its reference: the reference is where it started
     first, last = early_late(margins)
     assert last > first and last > 0, margins
     assert series(run, "rewards/accuracies")[-1] > 0.5

@@ -199,3 +199,50 @@ def test_flash_kernel_matches_per_document_attention_on_the_gpu(layout):
     expected = [reference.detach()] + [t.grad for t in (q, k, v)]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_padding_free_pairs_give_the_padded_batch_its_logits_and_gradients(reference_kernel):
+    """DPO's batches (right-padded, positions from 0) run on their real tokens only: the same logits at every real
+    position and the same gradients as the padded batch through SDPA with its mask."""
+    from peft import LoraConfig, get_peft_model
+
+    from studio.training.fast.padding_free import run_on_real_tokens
+    # On a GPU machine an earlier run in this process may have put Liger's (GPU-only) kernels into transformers'
+    # Llama classes: the models go where those run.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths = [11, 4, 8]
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(row))
+        mask[row, :n] = 1
+    models = []
+    for attention in ("sdpa", varlen_attention.NAME):
+        model = get_peft_model(_tiny_llama(attention), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False)).to(device)
+        if attention != "sdpa":
+            run_on_real_tokens(model)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()
+        (logits[mask.bool()] ** 2).mean().backward()
+        models.append((model, logits))
+    (padded, padded_logits), (unpadded, unpadded_logits) = models
+    real = mask.bool()
+    torch.testing.assert_close(unpadded_logits[real], padded_logits[real], rtol=1e-4, atol=1e-5)
+    assert reference_kernel == [((23, 4, 8), [0, 11, 15, 23], 11)] * 2  # only the 23 real tokens were computed
+    for (name, p), q in zip(unpadded.named_parameters(), padded.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_dpo_runs_padding_free_only_where_the_kernel_runs(tiny_model):
+    from studio.training.fast import apply
+    from studio.training.fast.plan import plan_speed
+    from tests.conftest import machine
+    for stage, on_gpu in (("dpo", True), ("kto", False), ("sft", False), ("grpo", False)):
+        cfg = tiny_config(tiny_model, stage=stage, training={"packing": "off"})
+        gpu = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True))
+        assert apply.padding_free(gpu, stage) is on_gpu, stage
+        assert not apply.padding_free(plan_speed(cfg, machine("cuda", "llama", varlen_ok=False)), stage)
+        assert not apply.padding_free(plan_speed(cfg, machine("cpu", "llama", varlen_ok=False)), stage)
+    prompt = tiny_config(tiny_model, stage="dpo", method={"method": "prompt_tuning"})
+    assert not apply.padding_free(plan_speed(prompt, machine("cuda", "llama", varlen_ok=True)), "dpo")

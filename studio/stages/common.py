@@ -44,7 +44,7 @@ def encode(job: Job, tokenizer, kind: str) -> tuple[EncodedSet, EncodedSet]:
 
 def build(trainer_cls, config_cls, prep, arguments: dict, callbacks: list, settings: dict, **extra):
     """A TRL trainer on the prepared model (PEFT-wrapped: its reference model is the same weights with the
-    adapter switched off, never a second copy) and rows."""
+    adapter switched off, never a second copy, nor a copy of the adapter) and rows."""
     import datasets
     from transformers.trainer_callback import PrinterCallback
     datasets.disable_progress_bars()
@@ -54,6 +54,13 @@ def build(trainer_cls, config_cls, prep, arguments: dict, callbacks: list, setti
     trainer = trainer_cls(model=prep.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=prep.tokenizer, callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)  # progress goes to metrics.jsonl; the CLI and the page show it
+    peft_configs = getattr(trainer.model, "peft_config", {})
+    if "ref" in peft_configs and "default" in peft_configs:
+        # Given a model that has its adapter already, TRL keeps a frozen copy of it as the reference. The adapter
+        # is new (it changes nothing yet), so the reference is simply the model with its adapter off: without the
+        # copy TRL switches the adapter off for the reference pass, and nothing extra is kept or computed.
+        trainer.model.delete_adapter("ref")
+        trainer.model.set_adapter("default")
     return trainer
 
 

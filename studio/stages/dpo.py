@@ -41,6 +41,8 @@ def build(prep, job: Job, arguments: dict, callbacks: list):
     from trl import DPOConfig, DPOTrainer
 
     from studio.stages import common
+    from studio.training.fast import apply
+    apply.adapt_for_stage(prep.model, prep.plan, "dpo")  # before the trainer: its reference pass runs the same way
     settings = job.config.settings_of("dpo")
     losses = {"loss_type": [settings.loss]}
     if settings.sft_weight:

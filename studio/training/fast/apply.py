@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import os
 
-from studio.training.fast.plan import VARLEN_ATTENTION, SpeedPlan
+from studio.training.fast.plan import UNMASKED_STAGES, VARLEN_ATTENTION, SpeedPlan
 
 
 def before_model_load(plan: SpeedPlan, device: str) -> None:
@@ -112,6 +112,19 @@ def adapt_peft_model(model, plan: SpeedPlan, dtype=None) -> None:
     if plan.fused_lora:
         from studio.training.fast.fused_lora import fuse_lora_layers
         fuse_lora_layers(model, pack_4bit=plan.pack_4bit_siblings)
+
+
+def padding_free(plan: SpeedPlan, stage: str) -> bool:
+    """Whether `stage`'s padded batches run on their real tokens only (padding_free.py): where its rows are padded
+    on the right from position 0 and the plan picked the variable-length kernel, which keeps sequences apart."""
+    return stage in UNMASKED_STAGES and plan.attention == VARLEN_ATTENTION and not plan.plain
+
+
+def adapt_for_stage(model, plan: SpeedPlan, stage: str) -> None:
+    """What the plan changes on a model for a stage other than supervised fine-tuning, once it has its adapters."""
+    if padding_free(plan, stage):
+        from studio.training.fast.padding_free import run_on_real_tokens
+        run_on_real_tokens(model)
 
 
 def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: int, stage: str = "sft") -> dict:

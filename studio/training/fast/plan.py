@@ -172,8 +172,8 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
         # Unpacked rows reach varlen_attention's plain causal path: FlashAttention on the padded batch, where SDPA
         # with the padding mask falls back to a slower kernel (bench/NOTES.md: DPO on the H200).
         attention = VARLEN_ATTENTION
-        reasons.append(f"attention: flash without a padding mask ({cfg.stage} pads its rows on the right, so causal "
-                       "attention never reaches padding from a real token)")
+        reasons.append(f"attention: variable-length flash on the real tokens only ({cfg.stage}'s padded rows run as "
+                       "one row of their real tokens, each sequence kept apart; no compute on padding)")
     else:
         attention = "sdpa"
     # Liger's kernels are Triton (NVIDIA GPUs) and cover certain architectures: 'on' cannot force them
