@@ -223,3 +223,14 @@ def test_certainly_is_counted_only_at_the_start():
     from studio.demo import opens_with_certainly
     assert opens_with_certainly("Certainly! Paris.") and opens_with_certainly("  certainly, it is Paris")
     assert not opens_with_certainly("Paris, certainly.") and not opens_with_certainly("Certainlyy")
+
+
+def test_the_reference_is_precomputed_only_for_runs_that_see_their_rows_again(tiny_model):
+    from studio.training.fast import apply
+    from studio.training.fast.plan import plan_speed
+    from tests.conftest import machine
+    plan = plan_speed(tiny_config(tiny_model, stage="dpo"), machine("cpu", "llama"))
+    for stage in ("dpo", "kto"):
+        assert apply.trainer_options(plan, "cpu", 4, 64, stage, passes=3.0)["precompute_ref_log_probs"] is True
+        assert apply.trainer_options(plan, "cpu", 4, 64, stage, passes=0.7)["precompute_ref_log_probs"] is False
+    assert "precompute_ref_log_probs" not in apply.trainer_options(plan, "cpu", 4, 64, "sft", passes=3.0)

@@ -215,7 +215,8 @@ def steps_plan(cfg: RunConfig, n_rows: int, attempt: Attempt | None = None) -> t
 def arguments(prep: Prepared, run: Run, attempt: Attempt) -> dict:
     """The trainer arguments every trainer-based stage shares (TrainingArguments' names)."""
     cfg, t = prep.cfg, prep.cfg.training
-    _, eval_every, save_every = steps_plan(cfg, prep.rows, attempt)
+    total, eval_every, save_every = steps_plan(cfg, prep.rows, attempt)
+    passes = total * attempt.batch_size * attempt.grad_accum / max(1, prep.rows)
     has_eval = bool(prep.eval.rows)
     bf16 = str(prep.dtype) == "torch.bfloat16"
     fp16 = str(prep.dtype) == "torch.float16"
@@ -228,7 +229,8 @@ def arguments(prep: Prepared, run: Run, attempt: Attempt) -> dict:
         save_strategy="steps", save_steps=save_every, save_total_limit=2, seed=t.seed, data_seed=t.seed,
         bf16=bf16, fp16=fp16, report_to="none", disable_tqdm=True, save_only_model=False, logging_first_step=True,
         logging_nan_inf_filter=False,  # the default filter hides NaN losses from the logs, and so from our guard
-        **apply.trainer_options(prep.plan, prep.device, attempt.batch_size, cfg.data.max_length, cfg.stage))
+        **apply.trainer_options(prep.plan, prep.device, attempt.batch_size, cfg.data.max_length, cfg.stage,
+                                passes))
 
 
 def save_result(prep: Prepared, trainer, run: Run) -> None:

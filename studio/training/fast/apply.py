@@ -127,9 +127,11 @@ def adapt_for_stage(model, plan: SpeedPlan, stage: str) -> None:
         run_on_real_tokens(model)
 
 
-def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: int, stage: str = "sft") -> dict:
+def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: int, stage: str = "sft",
+                    passes: float = 1.0) -> dict:
     """Arguments for TRL's config (SFTConfig and its siblings) that the plan decides. Packing and the studio's
-    own token count belong to supervised fine-tuning; the other stages get what every Trainer takes."""
+    own token count belong to supervised fine-tuning; the other stages get what every Trainer takes. `passes`:
+    how many times the run goes over its training rows."""
     options = {"use_liger_kernel": plan.liger, "dataloader_num_workers": plan.data_workers,
                "use_cpu": device == "cpu"}
     if stage == "sft":
@@ -147,11 +149,12 @@ def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: i
             # full, so little is wasted) instead of recompiling for every new total length.
             options["pad_to_multiple_of"] = batch_size * max_length
     if stage in ("dpo", "kto"):
-        # The reference (the start, adapter off) never changes: its log-probabilities are worked out once for
-        # every row before training, instead of a second forward pass in every step. With LoRA that pass is half
-        # the cost of a training step; the precomputation costs the same forward once, plus a hash of the whole
-        # model that TRL names its cache by (bench/NOTES.md: it pays from the second epoch on).
-        options["precompute_ref_log_probs"] = True
+        # The reference (the start, adapter off) never changes: its log-probabilities can be worked out once for
+        # every row before training instead of in every step. That costs the same forward once per row, plus a
+        # hash of the whole model that TRL names its cache by, so it pays only when the run sees its rows more than
+        # once (bench/NOTES.md: from the second epoch on); a short run over part of its data computes the
+        # reference for just the rows it trains on.
+        options["precompute_ref_log_probs"] = passes >= 2
     # The studio's trainer counts the tokens seen on the host; the Trainer's own count waits on the GPU. TRL's
     # other trainers count them themselves where they can. GRPO's batches are prompts the Trainer cannot count (it
     # warns at every step); GRPO's trainer counts prompt and reply tokens itself.
