@@ -69,6 +69,13 @@ def test_train_handlers_follow_a_run_without_a_page(tiny_model):
     assert list(table["id"]) == ["handled"] and list(table["state"]) == ["completed"]
     text, settings, _ = train_tab.open_run(studio, "handled")
     assert "Stopped by you" in text and "max_steps: 100000" in settings
+    # The Chat and Export pickers start on the newest finished run; a pick still listed is kept.
+    from studio.ui import chat_tab, export_tab
+    for tab in (chat_tab, export_tab):
+        picker = tab.finished_runs(studio, None)
+        assert picker.choices == [("handled", "handled")] and picker.value == "handled"
+        assert tab.finished_runs(studio, "handled").value == "handled"
+        assert tab.finished_runs(studio, "gone-since").value == "handled"
 
 
 def test_each_tab_serves_alone():

@@ -17,6 +17,7 @@ from studio.config import setting
 from studio.stages import Job, LiveMetric, Stage
 
 SAMPLES_KEPT = 8
+SAMPLE_CHARS = 2000
 # Evaluating writes num_generations replies to every held-out prompt: on a CPU 20 prompts took longer than 8
 # training steps. The first few prompts keep the held-out curve and cost little.
 EVAL_PROMPTS = 8
@@ -70,8 +71,9 @@ class _Recorder:
         def scored(prompts, completions, **columns):
             from studio.rewards import text_of
             values = reward.function(prompts=prompts, completions=completions, **columns)
-            rows = [{"prompt": text_of(p[-1:] if isinstance(p, list) else p), "reply": text_of(c)}
-                    for p, c in zip(prompts, completions)]
+            # The page shows these on every refresh: long replies are cut (the rewards saw them whole).
+            rows = [{"prompt": text_of(p[-1:] if isinstance(p, list) else p)[:SAMPLE_CHARS],
+                     "reply": text_of(c)[:SAMPLE_CHARS]} for p, c in zip(prompts, completions)]
             for row, value in zip(rows, values):
                 row[reward.name] = None if value is None or (isinstance(value, float) and math.isnan(value)) \
                     else round(float(value), 3)

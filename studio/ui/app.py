@@ -78,10 +78,10 @@ def build_app(studio) -> gr.Blocks:
             return train_tab.start_run(studio, form_config(studio, values, model, data, train), request)
         quick.click(demo_fill, None, {*form_targets, model.picker, data.data_path, data.source, tabs}).then(
             demo_start, start_inputs, live)
-        chat_item.select(bind(chat_tab.finished_runs, studio), None, chat.run_pick)
-        export_item.select(bind(export_tab.finished_runs, studio), None, export.run_pick)
-        app.load(bind(chat_tab.finished_runs, studio), None, chat.run_pick).then(
-            bind(export_tab.finished_runs, studio), None, export.run_pick).then(
+        chat_item.select(bind(chat_tab.finished_runs, studio), chat.run_pick, chat.run_pick)
+        export_item.select(bind(export_tab.finished_runs, studio), export.run_pick, export.run_pick)
+        app.load(bind(chat_tab.finished_runs, studio), chat.run_pick, chat.run_pick).then(
+            bind(export_tab.finished_runs, studio), export.run_pick, export.run_pick).then(
             bind(train_tab.start_points, studio), None, train.start_from)
         endpoints = api.register(studio)
         app.load(bind(train_tab.reattach, studio), train.watched, live).then(

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.ui.common import bind, friendly, run_alone, visitor
+from studio.ui.common import bind, friendly, run_alone, run_picker, visitor
 
 
 def build(studio) -> SimpleNamespace:
@@ -45,7 +45,7 @@ def build(studio) -> SimpleNamespace:
     send.click(bind(respond, studio), inputs, outputs, concurrency_id="chat")
     prompt.submit(bind(respond, studio), inputs, outputs, concurrency_id="chat")
     clear.click(lambda: ([], []), None, [base_chat, tuned_chat])
-    refresh.click(bind(finished_runs, studio), None, run_pick)
+    refresh.click(bind(finished_runs, studio), run_pick, run_pick)
     return SimpleNamespace(run_pick=run_pick, refresh=refresh, prompt=prompt, send=send,
                            base_chat=base_chat, tuned_chat=tuned_chat)
 
@@ -70,9 +70,9 @@ def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_histo
     yield "", base_history, tuned_history
 
 
-def finished_runs(studio, request: gr.Request = None) -> gr.Dropdown:
+def finished_runs(studio, current: str | None = None, request: gr.Request = None) -> gr.Dropdown:
     """Runs to chat with: finished ones that write replies (a reward model scores them instead)."""
-    return gr.Dropdown(choices=studio.finished_runs(visitor(request), writes_replies=True))
+    return run_picker(studio.finished_runs(visitor(request), writes_replies=True), current)
 
 
 def _text(content) -> str:

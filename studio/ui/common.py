@@ -130,3 +130,10 @@ def run_alone(build, title: str) -> None:
         build(studio)
     port = int(os.environ.get("STUDIO_PORT", 7860))
     page.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port, ssr_mode=False)
+
+
+def run_picker(choices: list[str], current: str | None) -> gr.Dropdown:
+    """A run picker's choices, newest first, keeping the person's pick while it is still there; else the newest,
+    so a page with one finished run needs no picking."""
+    value = current if current in choices else (choices[0] if choices else None)
+    return gr.Dropdown(choices=choices, value=value)

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.ui.common import bind, friendly, run_alone, visitor
+from studio.ui.common import bind, friendly, run_alone, run_picker, visitor
 
 
-def finished_runs(studio, request: gr.Request = None) -> gr.Dropdown:
-    return gr.Dropdown(choices=studio.finished_runs(visitor(request)))
+def finished_runs(studio, current: str | None = None, request: gr.Request = None) -> gr.Dropdown:
+    return run_picker(studio.finished_runs(visitor(request)), current)
 
 
 @friendly
@@ -56,7 +56,7 @@ def build(studio) -> SimpleNamespace:
     zip_adapter.click(make_adapter, [run_pick, files], files, concurrency_id="export")
     zip_merged.click(make_merged, [run_pick, files], files, concurrency_id="export")
     run_pick.change(bind(snippets, studio), run_pick, [adapter_code, merged_code])
-    refresh.click(bind(finished_runs, studio), None, run_pick)
+    refresh.click(bind(finished_runs, studio), run_pick, run_pick)
     return SimpleNamespace(run_pick=run_pick, refresh=refresh, files=files)
 
 
