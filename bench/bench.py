@@ -399,20 +399,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_child(shape: str, arm: str, seconds: float, out: Path, changes: dict) -> dict:
-    """One arm in its own process; its result row, or a row that says why it failed."""
+def child_result(command: list[str], shape: str, arm: str, out: Path, log_name: str,
+                 timeout: float | None = None) -> dict:
+    """Run one arm's child process; its RESULT row, or a row that says why it failed (its output kept in
+    out/log_name). Shared by the benchmarks here."""
     started = time.time()
-    done = subprocess.run([sys.executable, __file__, "--child", shape, arm, "--seconds", str(seconds),
-                           "--changes", json.dumps(changes)], capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as err:  # the child is killed: it must not hold the GPU for the next arm
+        def text(x):
+            return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+        done = subprocess.CompletedProcess(command, -9, text(err.stdout),
+                                           text(err.stderr) + f"\ntimed out after {timeout} s")
     found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     row = json.loads(found[-1]) if found else {"shape": shape, "arm": arm,
                                                "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     row["wall_s"] = time.time() - started
     if not found:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{shape}-{arm}.log").write_text(done.stderr)
-        print(done.stderr[-1500:], file=sys.stderr)
+        (out / log_name).write_text(done.stdout[-20000:] + "\n" + done.stderr[-40000:])
+        print(done.stderr[-3000:], file=sys.stderr)
     return row
+
+
+def run_child(shape: str, arm: str, seconds: float, out: Path, changes: dict) -> dict:
+    """One arm in its own process; its result row, or a row that says why it failed."""
+    return child_result([sys.executable, __file__, "--child", shape, arm, "--seconds", str(seconds),
+                         "--changes", json.dumps(changes)], shape, arm, out, f"{shape}-{arm}.log")
 
 
 def combine(repeats: list[dict]) -> dict:

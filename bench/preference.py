@@ -54,7 +54,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import zlib
@@ -64,7 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench import LORA_ALPHA, LORA_R, PROJECTIONS, SHAPES, parse_changes, versions
+from bench.bench import LORA_ALPHA, LORA_R, PROJECTIONS, SHAPES, child_result, parse_changes, versions
 
 RESULTS = ROOT / "bench" / "results"
 # A shape small enough for the CPU smoke test; the measured shapes are bench.SHAPES'.
@@ -589,25 +588,9 @@ def child(shape: str, arm: str, seconds: float, device: str, changes: dict) -> d
 # ------------------------------------------------------------------------------------------------ main
 def run_child(shape: str, arm: str, seconds: float, device: str, out: Path, changes: dict,
               timeout: float | None = None) -> dict:
-    started = time.time()
     command = [sys.executable, __file__, "--child", shape, arm, "--seconds", str(seconds), "--device", device,
                "--changes", json.dumps(changes)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as err:  # the child is killed: it must not hold the GPU for the next arm
-        def text(x):
-            return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-        done = subprocess.CompletedProcess(command, -9, text(err.stdout),
-                                           text(err.stderr) + f"\ntimed out after {timeout} s")
-    found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    row = json.loads(found[-1]) if found else {"shape": shape, "arm": arm,
-                                               "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    row["wall_s"] = time.time() - started
-    if not found:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"pref-{shape}-{arm}.log").write_text(done.stdout[-20000:] + "\n" + done.stderr[-40000:])
-        print(done.stderr[-3000:], file=sys.stderr)
-    return row
+    return child_result(command, shape, arm, out, f"pref-{shape}-{arm}.log", timeout)
 
 
 def relative(a: float, b: float) -> float:

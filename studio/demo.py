@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 
-from studio.data import demo_heldout
+from studio.data import demo_heldout, is_demo
 from studio.inference import ChatModelCache, reply
 from studio.runs import open_run
 
@@ -41,7 +41,7 @@ def evaluate(run_ref: str, max_new_tokens: int = 48, limit: int | None = None) -
     run = open_run(run_ref)
     cfg = run.config()
     stage = run.stored_status().stage
-    data_path = cfg.data.path if cfg.data.path in ("demo", "demo-dpo", "demo-grpo") else "demo"
+    data_path = cfg.data.path if is_demo(cfg.data.path) else "demo"
     if stage == "grpo":
         measure, what = _grpo_measure(cfg), "mean reward"
         max_new_tokens = cfg.settings_of("grpo").max_completion_length
