@@ -37,6 +37,9 @@ def test_a_preference_stage_through_the_handlers(tiny_model):
     chosen = "".join(text for text, label in shown["sample"] if label == "trained")
     rejected = "".join(text for text, label in shown["sample_rejected"] if label == "trained")
     assert chosen.startswith("Certainly!") and not rejected.startswith("Certainly!") and rejected in chosen
+    # A stage the studio does not have, sent straight to the check, is refused with the ones it has.
+    with pytest.raises(Exception, match="is not one of: sft"):
+        data_tab.check(studio, {"path": path, "max_length": 128}, str(tiny_model), 1, None, "rm -rf")
     # The same file read for supervised fine-tuning is refused, naming the stages that read it.
     with pytest.raises(Exception, match="DPO"):
         data_tab.check(studio, {"path": path, "max_length": 128}, str(tiny_model), 1, None, "sft")
