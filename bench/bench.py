@@ -30,6 +30,11 @@ a matmul over the whole vocabulary for every position), not the embedding lookup
 checkpointing is not counted. MFU = FLOPs / (seconds * 989.4e12), and also against the measured bf16
 matmul peak of the card.
 
+Several GPUs: --gpus N runs each studio arm twice, on one GPU and on N under torchrun (the launcher's own
+path: studio/distributed.py), with --strategy auto|ddp|fsdp (auto: the studio's choice, recorded). Tokens/s
+are every GPU's together, MFU is per GPU, peak memory is the first GPU's, and the scaling efficiency is
+tokens/s on N GPUs / (N x tokens/s on one). NCCL's NVLink multicast stays off in every process.
+
 CPU mode: python bench/bench.py --cpu   (the bundled model: studio path vs TRL defaults, as a ratio)
 """
 
@@ -147,6 +152,8 @@ class Timer:
     def __init__(self, seconds: float, warmup: int = 5):
         import torch
         from transformers import TrainerCallback
+
+        from studio.distributed import agree_any, total
         self.torch, self.seconds, self.warmup = torch, seconds, warmup
         self.start = self.tokens0 = None
         self.steps = 0
@@ -173,12 +180,13 @@ class Timer:
                     now = time.perf_counter()
                     timer.step_s.append(now - timer.last)  # host-side: where the host is the bottleneck, its spread
                     timer.last = now
-                    if now - timer.start >= timer.seconds:
+                    # Every process decides together (several GPUs): they stop at the same step.
+                    if agree_any(now - timer.start >= timer.seconds)[0]:
                         gc.callbacks.remove(timer.on_gc)
                         timer.torch.cuda.synchronize()
                         steps = sorted(timer.step_s)
                         timer.result = {"seconds": time.perf_counter() - timer.start, "steps": timer.steps,
-                                        "tokens": state.num_input_tokens_seen - timer.tokens0,
+                                        "tokens": total(state.num_input_tokens_seen - timer.tokens0),
                                         "step_s_median": steps[len(steps) // 2], "step_s_max": steps[-1],
                                         "step_s_min": steps[0], "gc_runs": timer.gc_runs,
                                         "gc_s": round(timer.gc_s, 4)}
@@ -241,7 +249,7 @@ def parse_changes(items: list[str]) -> dict:
     return changes
 
 
-def studio_config(shape: str, arm: str, location: Path):
+def studio_config(shape: str, arm: str, location: Path, strategy: str = "auto"):
     from studio.config import from_dict
     method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
     return from_dict({"name": f"bench-{shape}-{arm}", "model": {"name_or_path": str(location)},
@@ -251,7 +259,8 @@ def studio_config(shape: str, arm: str, location: Path):
                       "training": {"batch_size": STUDIO_ROWS[(shape, arm)], "learning_rate": 1e-4 if method != "full"
                                    else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
                                    "logging_steps": 100000, "precision": "bf16",
-                                   "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0)}})
+                                   "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0)},
+                      "devices": {"strategy": strategy}})
 
 
 def studio_plan(cfg, location: Path, plan_changes: dict, machine_changes: dict):
@@ -268,7 +277,7 @@ def studio_plan(cfg, location: Path, plan_changes: dict, machine_changes: dict):
 
 
 def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tuple = (), plan_changes: dict | None = None,
-               machine_changes: dict | None = None) -> dict:
+               machine_changes: dict | None = None, strategy: str = "auto") -> dict:
     import torch
 
     from studio import models
@@ -283,7 +292,7 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
     quantization = quantization_for(method)
     location = model_folder(shape, with_weights=quantization is not None)
-    cfg = studio_config(shape, arm, location)
+    cfg = studio_config(shape, arm, location, strategy)
     plan = studio_plan(cfg, location, plan_changes or {}, machine_changes or {})
     apply.before_model_load(plan, "cuda")
     if quantization:
@@ -300,6 +309,7 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     arguments = loop.arguments(prep, run, Attempt(cfg.training.batch_size, 1))
     trainer = sft.build(prep, Job(run, cfg, False, lambda: False), arguments,
                         [timer.callback, *extra_callbacks, *apply.trainer_callbacks(plan)])
+    apply.distribute(trainer, plan)
     check = loss_check(trainer, model, docs[:8])
     trainer.train()
     changes = {**(machine_changes or {}), **(plan_changes or {})}
@@ -353,14 +363,21 @@ def matmul_peak() -> float:
 
 def child(shape: str, arm: str, seconds: float, changes: dict) -> dict:
     import torch
+
+    from studio.distributed import world
+    where = world()
+    if where.distributed:
+        torch.cuda.set_device(where.local_rank)
     docs = make_documents()
     lengths = [len(d) for d in docs]
     sum_sq_per_token = sum(L * L for L in lengths) / sum(lengths)
     result = run_stock(shape, docs, seconds) if arm == "stock" else run_studio(
-        shape, arm, docs, seconds, plan_changes=changes.get("plan"), machine_changes=changes.get("machine"))
+        shape, arm, docs, seconds, plan_changes=changes.get("plan"), machine_changes=changes.get("machine"),
+        strategy=changes.get("strategy", "auto"))
     tokens, secs = result["tokens"], result["seconds"]
     total = flops(shape, result["method"], tokens, sum_sq_per_token)
-    return {**result, "shape": shape, "arm": arm, "tokens_per_s": tokens / secs, "mfu": total / secs / PEAK_DATASHEET,
+    return {**result, "shape": shape, "arm": arm, "gpus": where.size, "tokens_per_s": tokens / secs,
+            "mfu": total / secs / PEAK_DATASHEET / where.size,
             "achieved_tflops": total / secs / 1e12, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             # The allocator's side: what it held from the driver, and how often it had to give cached blocks
             # back and retry (each time a device-wide synchronisation) because a limit was reached.
@@ -422,10 +439,39 @@ def child_result(command: list[str], shape: str, arm: str, out: Path, log_name: 
     return row
 
 
-def run_child(shape: str, arm: str, seconds: float, out: Path, changes: dict) -> dict:
-    """One arm in its own process; its result row, or a row that says why it failed."""
-    return child_result([sys.executable, __file__, "--child", shape, arm, "--seconds", str(seconds),
-                         "--changes", json.dumps(changes)], shape, arm, out, f"{shape}-{arm}.log")
+def run_child(shape: str, arm: str, seconds: float, out: Path, changes: dict, gpus: int = 1) -> dict:
+    """One arm in its own process (on several GPUs, one per GPU under torchrun); its result row, or a row that
+    says why it failed."""
+    launch = [sys.executable]
+    if gpus > 1:
+        os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+    return child_result([*launch, __file__, "--child", shape, arm, "--seconds", str(seconds),
+                         "--changes", json.dumps(changes)], shape, arm, out,
+                        f"{shape}-{arm}{f'-{gpus}gpus' if gpus > 1 else ''}.log")
+
+
+def scaling(one: dict, many: dict) -> dict:
+    """The several-GPU row with its scaling efficiency against the same arm on one GPU."""
+    row = dict(many)
+    if "error" not in one and "error" not in many:
+        row["one_gpu_tokens_per_s"] = one["tokens_per_s"]
+        row["scaling"] = many["tokens_per_s"] / (many["gpus"] * one["tokens_per_s"])
+    return row
+
+
+def scaling_table(rows: list[dict]) -> str:
+    lines = ["| shape | arm | GPUs | strategy | tokens/s (all GPUs) | one GPU | scaling | MFU per GPU | peak GiB (GPU 0) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['arm']} | {r.get('gpus', '?')} | failed: {r['error'][:100]} | | | | | |")
+            continue
+        strategy = (r.get("plan") or {}).get("strategy") or "-"
+        lines.append(f"| {r['shape']} | {r['arm']} | {r['gpus']} | {strategy} | {r['tokens_per_s']:,.0f} | "
+                     f"{r.get('one_gpu_tokens_per_s', 0):,.0f} | {100 * r.get('scaling', 0):.1f}% | "
+                     f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+    return "\n".join(lines)
 
 
 def combine(repeats: list[dict]) -> dict:
@@ -467,6 +513,10 @@ def main() -> int:
                         "pack_4bit_siblings=false (repeatable)")
     p.add_argument("--machine", action="append", default=[], metavar="FIELD=VALUE",
                    help="A/B: plan as if the machine were otherwise, e.g. liger_installed=false (repeatable)")
+    p.add_argument("--gpus", type=int, default=1, help="also run each studio arm on this many GPUs (torchrun) and "
+                                                       "report the scaling efficiency against one")
+    p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"),
+                   help="with --gpus: how the GPUs share the work (devices.strategy)")
     p.add_argument("--changes", default="{}", help=argparse.SUPPRESS)  # parent -> child
     args = p.parse_args()
     if args.cpu:
@@ -475,7 +525,9 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(child(*args.child, args.seconds, json.loads(args.changes))), flush=True)
         return 0
-    changes = {"plan": parse_changes(args.plan), "machine": parse_changes(args.machine)}
+    changes = {"plan": parse_changes(args.plan), "machine": parse_changes(args.machine), "strategy": args.strategy}
+    if args.gpus > 1:
+        return several_gpus(args, changes)
     import torch
     device = torch.cuda.get_device_name(0)
     peak = matmul_peak()
@@ -498,6 +550,34 @@ def main() -> int:
     (out / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = (f"{device}; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s; {meta['versions']}\n\n{table(rows)}\n"
             + "".join(f"\n{line}" for line in qlora_ratios(rows)) + "\n")
+    (out / f"gpu-{stamp}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def several_gpus(args, changes: dict) -> int:
+    """--gpus N: each studio arm on one GPU, then on N; tokens/s, MFU per GPU, scaling efficiency."""
+    import torch
+    device = torch.cuda.get_device_name(0)
+    found = torch.cuda.device_count()
+    if found < args.gpus:
+        print(f"--gpus {args.gpus}: this machine has {found} GPU(s)", file=sys.stderr)
+        return 2
+    rows = []
+    for shape in args.shapes.split(","):
+        for arm in args.arms.split(","):
+            if arm == "stock" or (arm == "studio-full" and shape != "1b" and args.strategy != "fsdp"):
+                continue
+            one = run_child(shape, arm, args.seconds, Path(args.out), changes)
+            many = run_child(shape, arm, args.seconds, Path(args.out), changes, gpus=args.gpus)
+            rows.append(scaling(one, many))
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M") + f"-{args.gpus}gpus" + (f"-{args.tag}" if args.tag else "")
+    meta = {"device": device, "gpus": args.gpus, "versions": versions(), "seconds": args.seconds, "changes": changes}
+    (out / f"gpu-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = f"{args.gpus} x {device}; {meta['versions']}\n\n{scaling_table(rows)}\n"
     (out / f"gpu-{stamp}.md").write_text(text)
     print(text)
     return 0

@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set training.epochs=1 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="print only the run folder")
+    t.add_argument("--gpus", help="GPUs to train on: 'all', a count such as 2, or numbers such as 0,1 "
+                                  "(devices.gpus; on a machine without GPUs, a count of CPU processes)")
+    t.add_argument("--nodes", type=int, help="machines training this run together (devices.nodes); run the same "
+                                             "command on each, with its own --node-rank")
+    t.add_argument("--node-rank", type=int, help="this machine's number among them, from 0 (devices.node_rank)")
+    t.add_argument("--master", metavar="HOST:PORT", help="machine 0's address and a free port, the same on every "
+                                                         "machine (devices.master)")
 
     r = sub.add_parser("resume", help="resume an interrupted or stopped run from its last checkpoint")
     r.add_argument("run")
@@ -111,7 +118,10 @@ def _dispatch(args) -> int:
     if args.command == "train":
         from studio import launcher
         from studio.presets import load_run_config
-        return _follow(launcher.start(load_run_config(args.config, args.overrides)), quiet=args.quiet)
+        overrides = [*args.overrides, *(f"devices.{name}={value}" for name, value in (
+            ("gpus", args.gpus), ("nodes", args.nodes), ("node_rank", args.node_rank), ("master", args.master))
+            if value is not None)]
+        return _follow(launcher.start(load_run_config(args.config, overrides)), quiet=args.quiet)
     if args.command == "resume":
         from studio import launcher
         return _follow(launcher.resume(args.run), quiet=False)

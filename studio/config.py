@@ -1,4 +1,4 @@
-"""What a run is made of: four small dataclasses (model, data, method, training) inside ``RunConfig``.
+"""What a run is made of: small dataclasses (model, data, method, training, devices) inside ``RunConfig``.
 
 Every field carries plain-language help (shown next to the setting in the UI and by
 ``studio train --help-config``) and, where the values are a closed set, its choices. Checks that
@@ -175,6 +175,25 @@ class TrainingConfig:
 
 
 @dataclass
+class DevicesConfig:
+    gpus: str = setting(
+        "", "Which GPUs to train on: empty for one, 'all', a count such as 2, or the GPUs' numbers such as 0,1. With "
+        "several, each trains on its share of every batch (batch_size is per GPU, so the effective batch grows with "
+        "them). On a machine without GPUs a count starts that many CPU processes, to try a set-up.")
+    strategy: str = setting(
+        "auto", "How several GPUs share the work. 'ddp': each holds the whole model and they average their "
+        "gradients (fastest when the model fits one GPU); 'fsdp': the weights, gradients and optimizer state are "
+        "split across them (FSDP2), for models that do not fit one; 'auto' picks by the memory estimate.",
+        choices=("auto", "ddp", "fsdp"))
+    nodes: int = setting(1, "How many machines train this run together (each runs the same command with its own "
+                            "node_rank).", minimum=1, maximum=1024)
+    node_rank: int = setting(0, "This machine's number among them, from 0; machine 0 keeps the run's records and "
+                                "the adapter.", minimum=0, maximum=1023)
+    master: str = setting("", "With several machines: the first machine's address and a free port, e.g. "
+                              "10.0.0.1:29500, the same on every machine.")
+
+
+@dataclass
 class RunConfig:
     name: str = setting("", "A name for the run (letters, digits, '.', '_', '-'). Empty: one is made from the time.")
     stage: str = setting("sft", "What the run does: 'sft' (supervised fine-tuning on example conversations) or "
@@ -183,6 +202,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     stage_settings: dict = field(default_factory=dict, metadata={
         "help": "The settings of stages that have their own (studio/stages/), by stage name, e.g. "
                 "{dpo: {beta: 0.1}}; written in YAML as a section named after the stage."})
@@ -200,7 +220,7 @@ class RunConfig:
         from studio import stages
         stages.get(self.stage if isinstance(self.stage, str) else repr(self.stage))
         self.settings_of(self.stage)
-        for section in (self, self.model, self.data, self.method, self.training,
+        for section in (self, self.model, self.data, self.method, self.training, self.devices,
                         *(s for s in self.stage_settings.values() if s is not None)):
             _check_fields(section)
         if self.training.max_steps == 0:
@@ -213,10 +233,22 @@ class RunConfig:
             raise StudioError("method.target_modules is empty: pick 'all-linear', 'attention' or some layer names.")
         if self.training.packing == "on" and self.method.method in ("prompt_tuning", "prefix_tuning"):
             raise StudioError("training.packing cannot be combined with prompt or prefix tuning; turn packing off.")
+        self._check_devices()
         return self
 
+    def _check_devices(self) -> None:
+        from studio.distributed import parse_gpus, split_master
+        d = self.devices
+        parse_gpus(d.gpus)
+        if d.node_rank >= d.nodes:
+            raise StudioError(f"devices.node_rank = {d.node_rank} with devices.nodes = {d.nodes}: machines are "
+                              f"numbered from 0 to {d.nodes - 1}.")
+        if d.nodes > 1:
+            split_master(d.master)
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "training": TrainingConfig}
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "training": TrainingConfig,
+            "devices": DevicesConfig}
 
 
 def _check_fields(obj: Any) -> None:

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from studio import slot
+from studio import distributed, slot
 from studio.config import RunConfig
 from studio.errors import StudioError
 from studio.records import ACTIVE, RESUMABLE, ErrorKind, State
@@ -49,6 +49,7 @@ def start(cfg: RunConfig, owner: str = "") -> Launched:
     """Start a new run of `cfg` in a worker; BusyError at once if any run trains anywhere on this machine.
     `owner`: who started it, on a shared page."""
     cfg.validate()
+    distributed.placement(cfg.devices)  # GPUs this machine lacks are refused before anything is made
     claim = slot.claim(slot.STARTING)  # named once its folder exists: the id is made unique then
     try:
         run = new_run(cfg, owner)
@@ -85,20 +86,52 @@ def resume(ref: str) -> Launched:
 
 def _spawn(run: Run, claim: slot.Claim, resume: bool) -> Launched:
     arguments = [str(run.path), *(["--resume"] if resume else [])]
+    cfg = run.config()
+    where = distributed.placement(cfg.devices)
+    distributed.clear_ranks(run.path)
     with open(run.log_file, "ab") as log:
-        log.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')}{' (resume)' if resume else ''}\n".encode())
-    process = _hand_to_spare(arguments, run, claim)
+        log.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')}{' (resume)' if resume else ''}"
+                  f"{f' ({where.per_node} processes on this machine)' if where.distributed else ''}\n".encode())
+    if where.distributed:
+        _check_world_size(run, where, resume)
+        # torchrun's agent starts the run's processes and watches them; it holds the slot's lock meanwhile.
+        command, changes = distributed.launch_command(sys.executable, run.path, resume, cfg.devices, where)
+        with open(run.log_file, "ab") as log:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True, pass_fds=(claim.fd,),
+                                       env={**_worker_environment(), **changes})
+    else:
+        # A GPU picked by number needs a worker that sees only it; the spare was started seeing them all.
+        process = _hand_to_spare(arguments, run, claim) if where.gpu_indices is None else None
     if process is None:
+        env = _worker_environment()
+        if where.gpu_indices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, where.gpu_indices))
         with open(run.log_file, "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "studio.training.worker", *arguments],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, pass_fds=(claim.fd,), env=_worker_environment())
+                                       start_new_session=True, pass_fds=(claim.fd,), env=env)
     claim.hand_over(process.pid)
     launched = Launched(run, process)
     with _launched_lock:
         _launched.append(launched)
     threading.Thread(target=_watch, args=(launched,), name=f"watch-{run.id}", daemon=True).start()
     return launched
+
+
+def _check_world_size(run: Run, where: distributed.Placement, resume: bool) -> None:
+    """Record how many processes the run trains on; a resume on another number is allowed for DDP (the effective
+    batch changes, and the status says so) and refused for FSDP2 (its checkpoint is split per process)."""
+    before = run.stored_status().processes
+    if resume and before and before != where.processes:
+        plan = run.stored_status().plan or {}
+        if plan.get("strategy") == "fsdp":
+            raise StudioError(f"Run {run.id} trained on {before} processes with FSDP2, whose checkpoints are split "
+                              f"per process; resume it on {before} (devices.gpus), not {where.processes}.")
+        run.update_status(message=f"Resuming on {where.processes} processes where it trained on {before}: each step "
+                                  f"now takes {where.processes} batches instead of {before}, so the steps left and "
+                                  "the schedule differ from the first plan.")
+    run.update_status(processes=where.processes)
 
 
 def _worker_environment() -> dict:
@@ -275,7 +308,21 @@ def stop(run: Run | None = None, grace_s: float | None = None) -> str:
 def _end_if_still_running(run: Run, holder: slot.Holder) -> None:
     if slot.is_running(holder.pid, holder.started) and (slot.holder() or slot.Holder("", 0)).pid == holder.pid:
         os.kill(holder.pid, signal.SIGKILL)
+        end_ranks(run)
         # Its watcher (if this process started it) or the next reconcile records it as interrupted.
+
+
+def end_ranks(run: Run) -> None:
+    """Kill what is left of a distributed run's processes on this machine (each also dies with torchrun's agent,
+    where the system allows it: distributed.end_with_parent)."""
+    for pid in distributed.rank_pids(run.path).values():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"studio.training.worker" not in fh.read():
+                    continue  # the pid was reused by something else
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def started_here() -> list[Launched]:

@@ -177,9 +177,11 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None):
 
 
 def load_model(location: str, dtype=None, device: str = "cpu", quantization: str | None = None,
-               attention: str | None = None, head: str = "causal_lm", pad_token_id: int | None = None):
+               attention: str | None = None, head: str = "causal_lm", pad_token_id: int | None = None,
+               sharded: bool = False):
     """Load a causal LM, or with head='score' the same model with a one-number score head (a reward model).
-    ``quantization`` is '4bit' or '8bit' (bitsandbytes, CUDA only) or None."""
+    ``quantization`` is '4bit' or '8bit' (bitsandbytes, CUDA only) or None. `sharded`: FSDP2 will split the
+    weights across GPUs (4-bit weights are then stored in the compute type, which FSDP can split)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     kwargs: dict = {"trust_remote_code": False, "dtype": dtype or torch.float32}
@@ -188,8 +190,8 @@ def load_model(location: str, dtype=None, device: str = "cpu", quantization: str
     if attention:
         kwargs["attn_implementation"] = attention
     if quantization:
-        kwargs["quantization_config"] = bitsandbytes_config(quantization, dtype)
-        kwargs["device_map"] = {"": 0}
+        kwargs["quantization_config"] = bitsandbytes_config(quantization, dtype, sharded)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # this process's GPU (one per process)
     loader = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
     try:
         model = loader.from_pretrained(location, **kwargs)
@@ -202,7 +204,7 @@ def load_model(location: str, dtype=None, device: str = "cpu", quantization: str
     return model
 
 
-def bitsandbytes_config(quantization: str, compute_dtype=None):
+def bitsandbytes_config(quantization: str, compute_dtype=None, sharded: bool = False):
     import torch
     if not torch.cuda.is_available():
         raise StudioError("QLoRA and 8-bit LoRA need an NVIDIA GPU (bitsandbytes), and none was found. Use "
@@ -213,8 +215,9 @@ def bitsandbytes_config(quantization: str, compute_dtype=None):
         raise StudioError("QLoRA and 8-bit LoRA need the bitsandbytes package: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
     if quantization == "4bit":
+        extra = {"bnb_4bit_quant_storage": compute_dtype or torch.bfloat16} if sharded else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16)
+                                  bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16, **extra)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 

@@ -74,6 +74,7 @@ class RunStatus:
     updated: float = 0.0
     elapsed_s: float = 0.0
     worker_pid: int = 0
+    processes: int = 0  # how many processes train the run (several GPUs or machines); 0: not started yet
 
     @property
     def active(self) -> bool:

@@ -64,6 +64,7 @@ def write_atomic(path: Path, text: str) -> None:
 @dataclass
 class Run:
     path: Path
+    keeps_records = True  # False for the processes of a run that must not write its folder (PeerRun)
 
     @property
     def id(self) -> str:
@@ -226,6 +227,34 @@ class Run:
                 "total_steps": status.total_steps, "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None, "has_adapter": self.has_adapter(),
                 "model": status.model, "method": status.method, "stage": status.stage}
+
+
+class PeerRun(Run):
+    """The run folder as the other processes of a distributed run see it (studio/distributed.py): they read it
+    like the first process does, and what they would write is left to the one that keeps the records."""
+    keeps_records = False
+
+    def write_config(self, cfg: RunConfig) -> None:
+        pass
+
+    def update_status(self, **changes) -> RunStatus:
+        """The status as it would be, not written: the process's own outcome (its exit code comes from it)."""
+        status = self.stored_status()
+        for name, value in changes.items():
+            setattr(status, name, value)
+        return status
+
+    def append_metrics(self, record: MetricRecord) -> None:
+        pass
+
+    def truncate_metrics_after(self, step: int) -> None:
+        pass
+
+    def write_json(self, name: str, data: dict) -> None:
+        pass
+
+    def clear_stop_request(self) -> None:
+        pass
 
 
 def started_on(cfg: RunConfig) -> str:

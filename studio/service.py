@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio import launcher, models
+from studio import distributed, launcher, models
 from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, from_dict, to_dict
 from studio.data import is_demo
 from studio.errors import StudioError
@@ -339,11 +339,24 @@ class Studio:
         if cfg.data.eval_path:
             cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, visitor)
         self._check_stage_inputs(cfg, visitor)
+        if self.policy.share:
+            self._check_devices_shared(cfg)
         if self.limits is not None:  # no run holds the one training slot for ever
             t = cfg.training
             t.time_limit_minutes = min(t.time_limit_minutes or self.limits.run_minutes, self.limits.run_minutes)
         run = launcher.start(cfg, owner=owner_key(visitor) if self.policy.share else "").run
         return {"run_id": run.id, "message": f"Started run {run.id}."}
+
+    @staticmethod
+    def _check_devices_shared(cfg) -> None:
+        """A visitor may pick among this machine's GPUs, never make it reach other machines (devices.master) or
+        start a crowd of CPU processes."""
+        d = cfg.devices
+        if d.nodes != 1 or d.node_rank != 0 or d.master.strip():
+            raise StudioError("Training across several machines is not available on a shared link.")
+        if distributed.placement(d).distributed and not distributed.detect_gpus():
+            raise StudioError("Several training processes without GPUs are not available on a shared link; leave "
+                              "devices.gpus empty.")
 
     def _check_stage_inputs(self, cfg, visitor: str) -> None:
         """Runs a config names (to start from, as a reward) are this visitor's own finished ones; a reward of
@@ -388,6 +401,33 @@ class Studio:
         shutil.rmtree(run.path, ignore_errors=True)
         self.chat_cache.clear()
         return f"Deleted run {run.id}."
+
+    # --- GPUs ---
+    def gpus(self) -> list[distributed.Gpu]:
+        """This machine's GPUs with their free memory now (nvidia-smi; no GPU memory is taken to ask)."""
+        return distributed.detect_gpus()
+
+    @_public_errors
+    def device_plan(self, cfg_dict: dict) -> str:
+        """In words, for the Train tab: how a run of these settings would share the chosen GPUs, why, and the
+        memory it would need on each, from the same planner the run uses."""
+        from studio.training.fast.plan import Machine, plan_speed
+        cfg = from_dict(cfg_dict, source="the form")
+        gpus = self.gpus()
+        where = distributed.placement(cfg.devices, gpus)
+        chosen = [g for g in gpus if where.gpu_indices is None or g.index in where.gpu_indices][:where.per_node]
+        if not where.distributed:
+            return "One GPU: the run trains on " + (chosen[0].label() if chosen else "this machine") + "."
+        self.describe_model(cfg.model.name_or_path)  # reads the model's sizes once (no weights)
+        with self._lock:
+            info = self._infos.get(self.check_model_allowed(cfg.model.name_or_path))
+        machine = Machine(device="cuda", model_type="", shape=info.shape if info else None,
+                          free_gib=min(g.free_gib for g in chosen) if chosen else None, processes=where.processes)
+        plan = plan_speed(cfg, machine)
+        why = next((r.split(": ", 1)[1] for r in plan.reasons if r.startswith("strategy:")), "")
+        memory = (f" About {plan.memory_estimate_gib:.1f} GiB on each GPU." if plan.memory_estimate_gib else "")
+        return (f"{where.processes} GPUs, {'FSDP2' if plan.strategy == 'fsdp' else 'DDP'}: {why}.{memory} Each GPU "
+                f"takes {cfg.training.batch_size} rows a step, {cfg.training.batch_size * where.processes} in all.")
 
     def active_run_id(self, visitor: str) -> str | None:
         """The run training now, if this visitor may see it."""

@@ -50,8 +50,7 @@ def test_picking_a_model_preset_puts_every_setting_into_the_run(path, page):
     assert settings and "label" not in settings
     # What the page does when the preset is picked: fill the Train tab's form; then what Start reads.
     updates = train.fill_from({k: v for k, v in settings.items() if k in ("method", "training")})
-    components = {model.picker, train.name, train.stage, train.start_from, train.target_pick, train.layers, *data.inputs,
-                  *train.form.fields.values()}
+    components = {model.picker, *data.inputs, *train.inputs}
     values = {c: updates.get(c, c.value) for c in components}
     values = {c: (v.value if isinstance(v, gr.components.Component) else v) for c, v in values.items()}
     values[model.picker] = name

@@ -44,6 +44,7 @@ class Stage:
     demo_preset: str = ""  # presets/<name>.yaml: its one-click demo
     trains: bool = True  # takes the one training slot (a GPU); an export job might not
     produces: tuple[str, ...] = ("adapter",)  # what the run folder holds when it is done
+    picker: bool = True  # offered in the Train tab's "What to train" (an evaluation has a tab of its own)
 
 
 class StageFailed(Exception):

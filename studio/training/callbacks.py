@@ -70,8 +70,12 @@ class StopOnRequest(TrainerCallback):
         self.started = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.timed_out = bool(self.time_limit_s) and time.monotonic() - self.started > self.time_limit_s
-        if self.timed_out or self.stop_requested():
+        from studio.distributed import agree_any
+        timed_out = bool(self.time_limit_s) and time.monotonic() - self.started > self.time_limit_s
+        # Every process of a run stops at the same step, whichever of them heard the Stop (only the first machine
+        # sees the page's stop request; a signal reaches one machine's processes).
+        self.timed_out, stop = agree_any(timed_out, self.stop_requested())
+        if self.timed_out or stop:
             control.should_training_stop = True
             control.should_save = False
             self.stopped_at = state.global_step
@@ -101,7 +105,7 @@ class MarkCompleteCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = self.run.checkpoints_dir / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if self.run.keeps_records and folder.is_dir():
             (folder / COMPLETE_MARKER).write_text(str(time.time()), encoding="utf-8")
 
 

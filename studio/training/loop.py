@@ -118,6 +118,7 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
             from studio.training.callbacks import AdaLoraBudget
             callbacks.append(AdaLoraBudget())
         trainer = recipe.build(prep, job, arguments(prep, run, attempt), callbacks)
+        apply.distribute(trainer, prep.plan)
         if job.stop_requested():
             raise StoppedBeforeStart
         total, _, _ = steps_plan(cfg, prep.rows, attempt)
@@ -175,7 +176,8 @@ def prepare(job: Job, recipe: Recipe) -> Prepared:
     from transformers import set_seed
     set_seed(cfg.training.seed)
     model = models.load_model(location, dtype=dtype, device=device, quantization=quantization,
-                              head=recipe.head, pad_token_id=tokenizer.pad_token_id, **apply.model_load_options(plan))
+                              head=recipe.head, pad_token_id=tokenizer.pad_token_id, sharded=plan.strategy == "fsdp",
+                              **apply.model_load_options(plan))
     total, _, _ = steps_plan(cfg, len(train_rows.rows) * recipe.row_factor)
     model = add_adapters(model, cfg, quantization, plan, dtype, head=recipe.head, total_steps=total)
     if device == "cpu":
@@ -202,11 +204,15 @@ def add_adapters(model, cfg: RunConfig, quantization: str | None, plan: SpeedPla
     return model
 
 
-def steps_plan(cfg: RunConfig, n_rows: int, attempt: Attempt | None = None) -> tuple[int, int, int]:
-    """(total optimizer steps, eval every, save every) with 'about five times per run' defaults."""
+def steps_plan(cfg: RunConfig, n_rows: int, attempt: Attempt | None = None,
+               processes: int | None = None) -> tuple[int, int, int]:
+    """(total optimizer steps, eval every, save every) with 'about five times per run' defaults. Each of the run's
+    `processes` (default: this worker's world) takes its own batch in every step."""
+    from studio.distributed import world
     t = cfg.training
     batch, accum = (attempt.batch_size, attempt.grad_accum) if attempt else (t.batch_size, t.grad_accum)
-    per_epoch = max(1, math.ceil(n_rows / (batch * accum)))
+    processes = world().size if processes is None else processes
+    per_epoch = max(1, math.ceil(n_rows / (batch * accum * processes)))
     total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(per_epoch * t.epochs))
     every = max(1, total // 5)
     return total, t.eval_steps or every, t.save_steps or every
@@ -229,15 +235,28 @@ def arguments(prep: Prepared, run: Run, attempt: Attempt) -> dict:
         save_strategy="steps", save_steps=save_every, save_total_limit=2, seed=t.seed, data_seed=t.seed,
         bf16=bf16, fp16=fp16, report_to="none", disable_tqdm=True, save_only_model=False, logging_first_step=True,
         logging_nan_inf_filter=False,  # the default filter hides NaN losses from the logs, and so from our guard
+        # Several machines each keep their own run folder: each saves its checkpoints there, to resume from.
+        save_on_each_node=cfg.devices.nodes > 1,
         **apply.trainer_options(prep.plan, prep.device, attempt.batch_size, cfg.data.max_length, cfg.stage,
                                 passes))
 
 
 def save_result(prep: Prepared, trainer, run: Run) -> None:
-    """Write the adapter (or full model) plus tokenizer to adapter/, replacing any older one whole."""
+    """Write the adapter (or full model) plus tokenizer to adapter/, replacing any older one whole. Under FSDP2
+    every process hands in its share of the weights first; the process keeping the run folder writes them."""
+    state = None
+    if prep.plan.strategy == "fsdp":
+        # The whole weights gathered from every process's share, in host memory on the first process only.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.keeps_records:
+        return
     tmp = run.path / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
+    if state is not None:
+        trainer.model.save_pretrained(str(tmp), state_dict=state)
+    else:
+        trainer.model.save_pretrained(str(tmp))
     prep.tokenizer.save_pretrained(str(tmp))  # the chat template used in training travels with the adapter
     shutil.rmtree(run.adapter_dir, ignore_errors=True)
     os.replace(tmp, run.adapter_dir)

@@ -60,14 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     signals.install()
     _quiet_libraries()
     try:
+        from studio.distributed import world
         from studio.records import State
-        from studio.runs import Run
+        from studio.runs import PeerRun, Run
     except BaseException as err:  # noqa: BLE001 - the studio itself cannot be imported: say so in the folder
         _write_bare_failure(run_dir, err)
         return 1
-    run = Run(run_dir)
+    where = world()
+    if where.distributed:
+        _join_world(run_dir, where)
+    run = Run(run_dir) if where.keeps_records else PeerRun(run_dir)
     status = execute(run, resume, lambda: signals.count > 0 or run.stop_requested())
     return 0 if status.state is State.COMPLETED else 1
+
+
+def _join_world(run_dir: Path, where) -> None:
+    """One process of a distributed run (torchrun set its rank): it ends with torchrun's agent, leaves its pid for
+    whoever must end it, and trains on its own GPU."""
+    from studio import distributed
+    distributed.end_with_parent()
+    distributed.note_rank(run_dir, where)
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.set_device(where.local_rank)
 
 
 def _wait_as_spare(fd: int) -> list[str] | None:
@@ -123,6 +138,54 @@ def execute(run, resume: bool = False, stop_requested=None):
 
 
 def _record_failure(run, err: BaseException):
+    from studio.distributed import world
+    where = world()
+    if not where.distributed:
+        return _record_failure_of_one(run, err)
+    from studio import distributed
+    if not isinstance(err, KeyboardInterrupt):
+        distributed.note_rank_failure(run.path, where, _plain_error(err))
+    if not run.keeps_records:
+        return run.stored_status()
+    if not _lost_a_peer(err):
+        return _record_failure_of_one(run, err)
+    # A process that fails takes the others down with it, each with an error about the lost connection: the
+    # message to show is the one of the process that failed first. Give it a moment to write its file.
+    from studio.records import ErrorKind, State
+    deadline = time.time() + 5
+    others = []
+    while not others and time.time() < deadline:
+        others = [f for f in distributed.rank_failures(run.path) if f.get("rank") != where.rank]
+        time.sleep(0.2)
+    if others:
+        first = others[0]
+        return run.update_status(
+            state=State.FAILED, error_kind=ErrorKind.CRASH, error=str(first.get("message", ""))[:500],
+            message=f"Process {first.get('rank')} of {where.size} failed: {str(first.get('message', ''))[:400]} The "
+                    "other processes stopped with it." + _resume_hint(run))
+    return run.update_status(
+        state=State.FAILED, error_kind=ErrorKind.WORKER_DIED, error=_plain_error(err)[:500],
+        message=f"Another process of this run ({where.size} in all) ended without a word: it was killed, ran out "
+                "of memory, or its machine went away. The others stopped with it." + _resume_hint(run))
+
+
+def _plain_error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def _lost_a_peer(err: BaseException) -> bool:
+    """The error a process gets when another process of its run went away in the middle of a collective."""
+    text = f"{type(err).__name__} {err}".lower()
+    return any(word in text for word in ("connection closed", "connection reset", "broken pipe", "peer",
+                                         "distbackenderror", "nccl error", "gloo", "timed out", "timeout"))
+
+
+def _resume_hint(run) -> str:
+    checkpoint = run.last_checkpoint()
+    return f" It can resume from {checkpoint.name}." if checkpoint else " No checkpoint was saved; start it again."
+
+
+def _record_failure_of_one(run, err: BaseException):
     from studio.errors import StudioError
     from studio.records import ErrorKind, State
     from studio.stages import StageFailed

@@ -27,6 +27,7 @@ def form_config(studio, values: dict, model, data, train) -> dict:
     cfg["name"] = (values[train.name] or "").strip()
     cfg["stage"] = values[train.stage] or "sft"
     cfg["model"]["start_from"] = values[train.start_from] or ""
+    cfg.setdefault("devices", {})["gpus"] = train_tab.gpus_setting(values[train.gpu_pick])
     return cfg
 
 
@@ -52,14 +53,16 @@ def build_app(studio) -> gr.Blocks:
             with gr.Tab("5 · Export", id="export", elem_id="tab-export") as export_item:
                 export = export_tab.build(studio)
 
-        start_inputs = {model.picker, train.name, train.stage, train.start_from, train.target_pick, train.layers, *data.inputs,
-                        *train.form.fields.values()}
+        start_inputs = {model.picker, *data.inputs, *train.inputs}
         live = [*train.live_outputs, train.timer, train.watched]
         train_tab.wire_start(studio, train, start_inputs, lambda values: form_config(studio, values, model, data, train))
         train.stage.change(lambda stage: stage, train.stage, data.stage).then(
             data_tab.follow_stage, [train.stage, data.data_path], [data.data_path, data.source])
         train.stage.change(bind(train_tab.start_points, studio), None, train.start_from)
         train.target_pick.change(train_tab.on_target_pick, [train.target_pick, model.layer_names], train.layers)
+        for changed in (train.gpu_pick, train.form.fields["devices.strategy"], train.form.fields["method.method"]):
+            changed.change(lambda values: train_tab.device_plan(studio, form_config(studio, values, model, data, train)),
+                           start_inputs, train.device_plan, show_progress="hidden")
         model.layer_names.change(train_tab.on_target_pick, [train.target_pick, model.layer_names], train.layers)
         # A model preset's method and training settings go into the Train tab's form, where they can be seen
         # and changed before Start.

@@ -181,6 +181,23 @@ def save_settings(studio, cfg_dict: dict, preset_name: str) -> gr.Dropdown:
     return gr.Dropdown(choices=list(run_presets()), value=path.stem)
 
 
+def gpus_setting(picked: list[str] | None) -> str:
+    """devices.gpus from the ticked GPUs: empty for none or the first alone, else their numbers ('2,' for GPU 2
+    alone: a bare number would be a count)."""
+    picked = sorted({int(p) for p in picked or []})
+    if not picked or picked == [0]:
+        return ""
+    return ",".join(map(str, picked)) + ("," if len(picked) == 1 else "")
+
+
+@friendly
+def device_plan(studio, cfg_dict: dict) -> str:
+    """How the ticked GPUs would share the run, why, and the memory on each (nothing to say for one GPU)."""
+    if not cfg_dict.get("devices", {}).get("gpus"):
+        return ""
+    return studio.device_plan(cfg_dict)
+
+
 def target_pick_for(targets: list[str]) -> str:
     return ALL_LINEAR if targets == ["all-linear"] else ATTENTION if targets == ["attention"] else CHOOSE
 
@@ -248,6 +265,17 @@ def build(studio) -> SimpleNamespace:
             form.field("training", "save_steps", label="Checkpoint every")
             form.field("training", "logging_steps", label="Log every")
             form.field("training", "oom_retry", label="Retry smaller if out of memory")
+    gpus = studio.gpus()
+    # Only a machine with several GPUs has a choice to make here; with one (or none) the run simply uses it.
+    with gr.Accordion("GPUs", open=True, visible=len(gpus) > 1, elem_id="train-gpus-box"):
+        with gr.Row():
+            gpu_pick = gr.CheckboxGroup([(g.label(), str(g.index)) for g in gpus],
+                                        value=[str(gpus[0].index)] if gpus else [], label="GPUs to train on",
+                                        info="Tick several to train on them together; each takes its share of every "
+                                             "step. Free memory as of when the page opened.",
+                                        elem_id="train-gpus", scale=2)
+            form.field("devices", "strategy", label="How they share the work")
+        device_plan = gr.Markdown("", elem_id="train-device-plan")
     with gr.Row():
         save_name = gr.Textbox(label="Save these settings as a preset named", scale=3, elem_id="train-save-name")
         save_preset = gr.Button("Save preset", scale=1)
@@ -307,8 +335,11 @@ def build(studio) -> SimpleNamespace:
     refresh.click(bind(runs_table, studio), None, [table, run_pick])
     delete.click(bind(delete_run, studio), run_pick, [table, run_pick])
     run_pick.change(bind(open_run, studio), run_pick, [run_status, run_config, run_plot])
+    # What Start reads from this tab (the page adds the Model and Data tabs' inputs).
+    inputs = {name, stage_pick, start_from, target_pick, layers, gpu_pick, *form.fields.values()}
     return SimpleNamespace(form=form, name=name, stage=stage_pick, start_from=start_from, target_pick=target_pick,
-                           layers=layers, start=start, stop=stop,
+                           layers=layers, start=start, stop=stop, gpu_pick=gpu_pick, device_plan=device_plan,
+                           inputs=inputs,
                            status=status, progress=progress, plot=plot, log=log, timer=timer, watched=watched,
                            live_outputs=live_outputs, save_preset=save_preset, save_name=save_name, preset=preset,
                            runs_table=table, run_pick=run_pick, fill_from=fill_from)
@@ -320,7 +351,7 @@ def _stage_fields(form: Form):
     from dataclasses import fields
 
     from studio import stages
-    registry = stages.registry()
+    registry = {name: stage for name, stage in stages.registry().items() if stage.picker}
     pick = gr.Dropdown([(s.label, s.name) for s in registry.values()], value="sft", label="What to train",
                        info=" ".join(f"{s.label}: {s.help}" for s in registry.values()), elem_id="train-stage",
                        visible=len(registry) > 1)
@@ -349,9 +380,11 @@ def wire_start(studio, train: SimpleNamespace, inputs: set, form_config) -> None
 if __name__ == "__main__":
     def _alone(studio):
         train = build(studio)
-        wire_start(studio, train, {train.name, train.target_pick, train.layers, *train.form.fields.values()},
+        wire_start(studio, train, train.inputs,
                    lambda values: {**train.form.to_dict(values), "name": values[train.name] or "",
                                    "method": {**train.form.to_dict(values)["method"],
                                               "target_modules": targets_from(values[train.target_pick],
-                                                                             values[train.layers])}})
+                                                                             values[train.layers])},
+                                   "devices": {**train.form.to_dict(values).get("devices", {}),
+                                               "gpus": gpus_setting(values[train.gpu_pick])}})
     run_alone(_alone, "Train")

@@ -133,7 +133,7 @@ def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: i
     own token count belong to supervised fine-tuning; the other stages get what every Trainer takes. `passes`:
     how many times the run goes over its training rows."""
     options = {"use_liger_kernel": plan.liger, "dataloader_num_workers": plan.data_workers,
-               "use_cpu": device == "cpu"}
+               "use_cpu": device == "cpu", **parallel_options(plan)}
     if stage == "sft":
         options["packing"] = plan.packing
     if plan.plain:
@@ -164,6 +164,36 @@ def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: i
     options["dataloader_pin_memory"] = device == "cuda"
     options["accelerator_config"] = {"non_blocking": device == "cuda"}
     return options
+
+
+def parallel_options(plan: SpeedPlan) -> dict:
+    """The Trainer's DDP or FSDP2 arguments for a run of several processes (none for one)."""
+    if plan.processes <= 1:
+        return {}
+    if plan.strategy == "fsdp":
+        # FSDP2, every decoder layer its own unit (accelerate takes the layer class from the model's
+        # _no_split_modules); weights are gathered for a layer's forward and let go after it.
+        return {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                                   "state_dict_type": "SHARDED_STATE_DICT"}}
+    # Every trainable weight takes part in every step, so DDP need not search the graph for unused ones.
+    return {"ddp_find_unused_parameters": False}
+
+
+def distribute(trainer, plan: SpeedPlan) -> None:
+    """After the trainer is built, before it prepares the model: FSDP2 for CPU processes too. Accelerate offers
+    FSDP only on accelerators and trains CPU processes with DDP; PyTorch's FSDP2 itself runs on CPU processes
+    over gloo, so the state accelerate would have set for GPUs is set here, and the same FSDP2 path is what a
+    run on CPU processes (and the tests) exercise."""
+    if plan.strategy != "fsdp" or plan.processes <= 1:
+        return
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    state = trainer.accelerator.state
+    if state.distributed_type is DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+        trainer.is_fsdp_enabled = True
+    if getattr(state, "fsdp_plugin", None) is None:
+        raise RuntimeError("FSDP2 was planned but the trainer did not set it up.")
 
 
 def trainer_class(plan: SpeedPlan):

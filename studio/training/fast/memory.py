@@ -41,16 +41,19 @@ def layer_activation_bytes(shape: ModelShape, liger: bool, value_bytes: int = 2)
     return value_bytes * values * (1.0 if liger else 1.3)
 
 
-def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_bytes: int = 2) -> float:
-    """Everything except the activations: weights, trainable state, the last hidden states."""
+def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_bytes: int = 2, shards: int = 1) -> float:
+    """Everything except the activations: weights, trainable state, the last hidden states. `shards`: the GPUs
+    FSDP splits the weights and the trainable state across (each holds its share between layers; the one layer
+    gathered at a time is small next to the rest and left out)."""
     per_weight = {"qlora": 0.5 + 4 / 64, "lora8bit": 1.1, "full": 2 * value_bytes + 8}.get(method, value_bytes)
     embeddings = shape.embedding_parameters * (per_weight if method == "full" else value_bytes)
     trainable = 16 * shape.lora_parameters(rank) if method not in ("full", "prompt_tuning", "prefix_tuning") else 0
-    return shape.layer_parameters * per_weight + embeddings + trainable + tokens * 4 * value_bytes * shape.hidden
+    held = shape.layer_parameters * per_weight + embeddings + trainable
+    return held / max(1, shards) + tokens * 4 * value_bytes * shape.hidden
 
 
 def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointed: int, liger: bool,
-             value_bytes: int = 2) -> float:
+             value_bytes: int = 2, shards: int = 1) -> float:
     """Estimated peak with `checkpointed` of the layers checkpointed (the first ones; see trainer.py).
 
     Two moments compete: the end of the forward (every layer's saved tensors, the LM head's chunk buffers)
@@ -61,15 +64,16 @@ def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointe
     end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS
     dequantised = shape.layer_parameters / max(1, shape.layers) * value_bytes if method == "qlora" else 0.0
     recompute = full_layer + dequantised if checkpointed else 0.0
-    return (fixed_bytes(shape, method, rank, tokens, value_bytes) + inputs + max(end_of_forward, recompute)) / GIB
+    fixed = fixed_bytes(shape, method, rank, tokens, value_bytes, shards)
+    return (fixed + inputs + max(end_of_forward, recompute)) / GIB
 
 
 def layers_to_checkpoint(shape: ModelShape, method: str, rank: int, tokens: int, budget_gib: float,
-                         liger: bool) -> int:
+                         liger: bool, shards: int = 1) -> int:
     """The fewest layers to checkpoint so the estimate fits in FILL x budget; all of them when even that
     does not fit (the run then relies on the out-of-memory retry with smaller batches)."""
     target = FILL * budget_gib
     for checkpointed in range(shape.layers + 1):
-        if peak_gib(shape, method, rank, tokens, checkpointed, liger) <= target:
+        if peak_gib(shape, method, rank, tokens, checkpointed, liger, shards=shards) <= target:
             return checkpointed
     return shape.layers

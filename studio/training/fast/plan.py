@@ -24,6 +24,10 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
   Each checkpointed layer runs its forward twice; on a card with room it is all waste.
 - QLoRA keeps embeddings and the LM head in bf16 (PEFT's kbit preparation upcasts them to float32,
   4 GB more on an 8B model with a 128k vocabulary).
+- Several processes (studio/distributed.py): DDP when the model and its training state fit one GPU with every
+  layer checkpointed, FSDP2 (weights, gradients and optimizer state split across the GPUs) when they do not.
+  Everything above applies per process under both: each process packs its own share of the batch, and the
+  fused LoRA and Liger kernels run inside each process's layers (under FSDP2 on the layer's gathered weights).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from studio.config import RunConfig
 from studio.shapes import ModelShape
-from studio.training.fast.memory import layers_to_checkpoint, peak_gib
+from studio.training.fast.memory import FILL, layers_to_checkpoint, peak_gib
 
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
 FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # their norm is kernels.PLAIN_RMS_NORMS
@@ -63,6 +67,7 @@ class Machine:
     fused_rms_norm: bool = False  # this torch has aten::_fused_rms_norm
     varlen_ok: bool = False  # the variable-length flash kernel runs for this model, GPU and precision
     forks: bool = True  # data-loader workers can fork (POSIX)
+    processes: int = 1  # the run's processes, on every machine together (one per GPU)
 
 
 @dataclass
@@ -88,6 +93,8 @@ class SpeedPlan:
     studio_trainer: bool = True
     pack_4bit_siblings: bool = True
     plain: bool = False  # training.speed: plain, stock TRL and PEFT
+    processes: int = 1
+    strategy: str = ""  # with several processes: "ddp" or "fsdp"
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -113,7 +120,14 @@ class SpeedPlan:
         text = ", ".join(p for p in parts if p)
         if self.memory_estimate_gib and self.memory_budget_gib:
             text += f"; about {self.memory_estimate_gib:.1f} GiB of the {self.memory_budget_gib:.1f} GiB it may use"
-        return text
+            text += " on each GPU" if self.processes > 1 else ""
+        return self.parallel_text() + text
+
+    def parallel_text(self) -> str:
+        if self.processes <= 1:
+            return ""
+        how = {"ddp": "DDP, a whole copy of the model on each", "fsdp": "FSDP2, the model split across them"}
+        return f"{self.processes} processes ({how.get(self.strategy, self.strategy)}); "
 
     def checkpointing_text(self) -> str:
         if not self.gradient_checkpointing:
@@ -129,10 +143,12 @@ def plain_plan(cfg: RunConfig, machine: Machine) -> SpeedPlan:
     k-bit preparation, SDPA attention; packing and checkpointing only where the config turns them on."""
     t = cfg.training
     packing = t.packing == "on"
-    return SpeedPlan(packing=packing, attention="sdpa" if t.attention in ("auto", VARLEN_ATTENTION) else t.attention,
+    plan = SpeedPlan(packing=packing, attention="sdpa" if t.attention in ("auto", VARLEN_ATTENTION) else t.attention,
                      liger=False, gradient_checkpointing=t.gradient_checkpointing == "on", studio_trainer=False,
                      pack_4bit_siblings=False, plain=True, layers=machine.shape.layers if machine.shape else 0,
                      reasons=["speed: plain (stock TRL and PEFT; the studio's speed plan is off)"])
+    _plan_parallel(plan, cfg, machine)
+    return plan
 
 
 def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
@@ -201,6 +217,7 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_norm=fused_norm,
                      data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
                      memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0)
+    _plan_parallel(plan, cfg, machine)
     _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib)
     return plan
 
@@ -226,6 +243,49 @@ def memory_budget_gib(cfg: RunConfig, free_gib: float | None) -> float | None:
     return limit if free_gib is None else min(limit, free_gib)
 
 
+def _plan_parallel(plan: SpeedPlan, cfg: RunConfig, machine: Machine) -> None:
+    """With several processes: DDP or FSDP2 (devices.strategy; 'auto' by the memory estimate), and why."""
+    plan.processes = machine.processes
+    if machine.processes <= 1:
+        return
+    asked, shape, t = cfg.devices.strategy, machine.shape, cfg.training
+    budget = memory_budget_gib(cfg, machine.free_gib)
+    if asked != "auto":
+        plan.strategy = asked
+        plan.reasons.append(f"strategy: {'FSDP2' if asked == 'fsdp' else 'DDP'} (as devices.strategy asks)")
+        _fit_to_strategy(plan, cfg)
+        return
+    if machine.device != "cuda":
+        plan.strategy = "ddp"
+        plan.reasons.append("strategy: DDP (CPU processes; memory is not the limit there)")
+        return
+    if shape is None or not shape.layers or not shape.hidden or budget is None:
+        plan.strategy = "ddp"
+        plan.reasons.append("strategy: DDP (the model's size is unknown, so memory could not be estimated)")
+        return
+    tokens = tokens_per_step(cfg)
+    least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, shape.layers, plan.liger)
+    if t.gradient_checkpointing == "off":
+        least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, 0, plan.liger)
+    if least <= FILL * budget:
+        plan.strategy = "ddp"
+        plan.reasons.append(f"strategy: DDP, the model and its training state fit one GPU (at least {least:.1f} GiB "
+                            f"of {budget:.1f} GiB), so each GPU keeps a whole copy and only gradients travel")
+    else:
+        plan.strategy = "fsdp"
+        plan.reasons.append(f"strategy: FSDP2, one GPU would need at least {least:.1f} GiB of its {budget:.1f} GiB: "
+                            f"weights, gradients and optimizer state are split across the {machine.processes} GPUs")
+    _fit_to_strategy(plan, cfg)
+
+
+def _fit_to_strategy(plan: SpeedPlan, cfg: RunConfig) -> None:
+    if plan.strategy == "fsdp" and cfg.method.method in ("qlora", "lora8bit") and (plan.fused_lora or
+                                                                                  plan.pack_4bit_siblings):
+        # FSDP2 splits 4-bit weights stored in the compute type; the fused path reads bitsandbytes' own packing.
+        plan.fused_lora = plan.pack_4bit_siblings = False
+        plan.reasons.append("fused LoRA: off (FSDP2 stores the 4-bit weights its own way; not checked with them)")
+
+
 def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: ModelShape | None,
                         free_gib: float | None) -> None:
     t, method, reasons = cfg.training, cfg.method.method, plan.reasons
@@ -243,8 +303,10 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
                        " (the model's size is unknown, so memory could not be estimated)")
         return
     tokens = tokens_per_step(cfg)
-    checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger)
-    plan.memory_estimate_gib = round(peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger), 1)
+    shards = plan.processes if plan.strategy == "fsdp" else 1
+    checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger, shards)
+    plan.memory_estimate_gib = round(peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
+                                              shards=shards), 1)
     plan.memory_budget_gib = round(budget, 1)
     plan.gradient_checkpointing = checkpointed > 0
     plan.uncheckpointed_layers = shape.layers - checkpointed if checkpointed else 0

@@ -18,8 +18,9 @@ def probe(cfg: RunConfig, location: str, device: str) -> Machine:
     from studio import models
     config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from studio.distributed import world
     machine = Machine(device=device, model_type=getattr(text, "model_type", ""), shape=ModelShape.from_config(text),
-                      forks=os.name == "posix")
+                      forks=os.name == "posix", processes=world().size)
     from studio.training.fast import kernels, varlen_attention
     dtype = models.pick_dtype(cfg.training.precision, device)
     capability = torch.cuda.get_device_capability() if device == "cuda" else None

@@ -71,11 +71,13 @@ class StudioSFTTrainer(SFTTrainer):
         self._parameter_count: int | None = None
         self._trainable: list | None = None
         self._walked_into_training = None  # the model whose every module the last full train() reached
+        self._tokens_not_summed = 0  # this process's tokens since the last log, not yet added up across processes
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if model.training and self._walked_into_training is model:
+        if model.training and self.model.training and self._walked_into_training is model:
             # Every module is in training mode since the last full walk; evaluation puts the top module in
-            # eval mode (model.training is then False), so the step after it walks again.
+            # eval mode (model.training is then False), so the step after it walks again. Under DDP `model` is
+            # the wrapper, which evaluation leaves alone: the model inside says whether it was put in eval mode.
             with _train_call_skipped(model):
                 return super().training_step(model, inputs, num_items_in_batch)
         self._walked_into_training = model
@@ -106,6 +108,7 @@ class StudioSFTTrainer(SFTTrainer):
         training = self.model.training
         if training and real_tokens is not None:
             self.state.num_input_tokens_seen += real_tokens
+            self._tokens_not_summed += real_tokens
         if not (training and real_tokens is not None and not return_outputs and self._plain_loss()):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._total_train_tokens += real_tokens
@@ -138,6 +141,11 @@ class StudioSFTTrainer(SFTTrainer):
         self._metric_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.accelerator.num_processes > 1:
+            # The count is every process's tokens: the others' are added here, once per log, not in every step.
+            from studio.distributed import total
+            mine, self._tokens_not_summed = self._tokens_not_summed, 0
+            self.state.num_input_tokens_seen += int(total(mine)) - mine
         if self._metric_count and self.model.training:
             # One wait for all of them, on a logging step. TRL averages what its lists hold.
             names = list(self._metric_sums)
