@@ -7,6 +7,7 @@
     python bench/preference.py --shapes 1b,8b --arms grpo-studio --plan liger=true       # A/B: GRPO with Liger
     python bench/preference.py --shapes 1b --arms dpo-studio --trl precompute_ref_log_probs=false
     python bench/preference.py --shapes 1b,8b --arms grpo-gen                              # generation options
+    python bench/preference.py --shapes 1b --arms grpo-studio --decoding off               # A/B: TRL's own generate
     python bench/preference.py --cpu --shapes tiny --seconds 1                             # CPU smoke (tests)
 
 Each (shape, arm) runs in its own process on the Llama-3.2-1B / Llama-3.1-8B shapes of bench.SHAPES, built from
@@ -20,10 +21,12 @@ config with random weights (bench.build_model), no downloads.
                stage="dpo").
   grpo-stock   trl.GRPOTrainer likewise (GRPOConfig's defaults, checkpointing on), a length reward.
   grpo-studio  studio.stages.grpo.build on the studio's set-up, with the studio's own length reward.
-  grpo-gen     not a comparison: the studio GRPO trainer's generation step timed under each generation option
-               TRL has (dynamic or static cache, transformers' continuous batching), with the studio's fused LoRA
-               path off, with the adapter merged, and with four times the completions at once. With --plan
-               liger=true, generation as it was with Liger's kernels.
+  grpo-gen     not a comparison: the studio GRPO trainer's generation step timed under each option (--gen-options):
+               TRL's generate (dynamic cache), TRL's static cache, the studio's decoding steps as CUDA graphs
+               (generation.py), and with the graphs: four times the completions at once, the adapter merged, PEFT's
+               LoRA forward; transformers' own torch.compile only when asked (its compilation did not fit an arm's
+               time). Then the greedy replies with the graphs against TRL's generate. With --plan liger=true,
+               generation with Liger's kernels.
 
 Both sides of a comparison get the same algorithm settings (DPO: sigmoid loss, beta 0.1, batch of 8 pairs,
 max_length 1024; GRPO: beta 0.04, 8 generations of up to 256 tokens per prompt, 16 completions per step); only
@@ -37,8 +40,10 @@ set of 64 prompts drawn the same way. Random weights rarely write the end token,
 Same computation: before timing, the LoRA weights of every arm are set to the same non-zero values (drawn from
 the parameter's name) and each DPO arm computes the DPO loss, reward margin and policy log-probabilities of its
 first 8 pairs; each GRPO arm the mean per-token log-probability of a fixed batch of prompts and replies and its
-KL from the reference (adapter off). The adapters are then put back to their start. The report gives the
-relative difference of each studio arm's figures to the stock arm's of the same shape.
+KL from the reference (adapter off), and the greedy replies its generation step writes to 4 prompts (32 tokens). The
+adapters are then put back to their start. The report gives the relative difference of each studio arm's figures to
+the stock arm's of the same shape, and the share of greedy tokens that are the stock arm's before the first that is
+not (in bf16 random weights give near-ties, so a different kernel alone can flip a token).
 
 Reported: DPO pairs/s and real (non-padding) tokens/s, and for arms that precompute the reference, pairs/s
 over one epoch and over three with the precomputation counted (not TRL's hash of the model that comes with it:
@@ -50,6 +55,7 @@ stock arm of the same shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -78,6 +84,8 @@ GRPO_BATCH, GENERATIONS, COMPLETION_TOKENS, BETA_GRPO, GRPO_PROMPTS = 16, 8, 256
 TINY_COMPLETION_TOKENS = 8
 LENGTH_TARGET_WORDS = 100
 ARMS = ("dpo-stock", "dpo-studio", "grpo-stock", "grpo-studio", "grpo-gen")
+# grpo-gen's options (--gen-options): the default leaves out torch.compile, whose compilation takes minutes
+GEN_OPTIONS = "dynamic,static,graphs,graphs4x,merged,peft"
 
 
 def shape_config(shape: str) -> dict:
@@ -304,6 +312,42 @@ def grpo_check(trainer, prompt_ids: list[list[int]], replies: list[list[int]], d
     return out
 
 
+GREEDY_TOKENS = 32
+
+
+def grpo_greedy(trainer, prompt_ids: list[list[int]], device: str, tokens: int = GREEDY_TOKENS) -> list[list[int]]:
+    """The replies the trainer's own generation step writes to fixed prompts with greedy decoding (no sampling),
+    with the LoRA weights of `set_lora` and the model in eval mode: what its generation computes, comparable
+    token by token across arms (`prefix_agreement`)."""
+    model = trainer.model
+    config, kwargs = trainer.generation_config, trainer.generation_kwargs
+    saved = (config.do_sample, config.max_new_tokens, dict(kwargs), model.training)
+    config.do_sample, config.max_new_tokens = False, tokens
+    kwargs.update(do_sample=False, max_new_tokens=tokens)
+    lora = set_lora(model)
+    model.eval()
+    try:
+        return [list(map(int, c)) for c in trainer._generate_single_turn(prompt_ids, None, {}, 1)[0]]
+    finally:
+        restore_lora(model, lora)
+        config.do_sample, config.max_new_tokens = saved[0], saved[1]
+        kwargs.clear()
+        kwargs.update(saved[2])
+        model.train(saved[3])
+
+
+def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of tokens the two sets of replies have in common before their first difference, row by row."""
+    def common(x, y):
+        n = 0
+        for i, j in zip(x, y):
+            if i != j:
+                break
+            n += 1
+        return n
+    return sum(common(x, y) for x, y in zip(a, b)) / max(1, sum(max(len(x), len(y)) for x, y in zip(a, b)))
+
+
 # ------------------------------------------------------------------------------------------------ arms
 def studio_setup(shape: str, stage: str, device: str, settings: dict, batch: int, max_length: int,
                  plan_changes: dict, machine_changes: dict, unpad: bool = False):
@@ -437,8 +481,10 @@ def _grpo_trainer(shape: str, studio: bool, device: str, timer: StepTimer, chang
         arguments = {**loop.arguments(prep, run, Attempt(GRPO_BATCH, 1)), **changes.get("trl", {})}
         trainer = grpo.build(prep, Job(run, cfg, False, lambda: False), arguments,
                              [*callbacks, *apply.trainer_callbacks(plan)])
+        if changes.get("decoding"):  # A/B: the generation path (grpo.trainer_class)
+            trainer.decoding = changes["decoding"]
         extra = [f"{k}={v}" for k, v in changes.get("trl", {}).items()]
-        settings = plan.summary() + (f" [{', '.join(extra)}]" if extra else "")
+        settings = plan.summary() + f", decoding: {trainer.decoding}" + (f" [{', '.join(extra)}]" if extra else "")
         plan_dict = plan.as_dict()
     else:
         from trl import GRPOConfig, GRPOTrainer
@@ -487,10 +533,14 @@ def run_grpo(shape: str, studio: bool, device: str, seconds: float, changes: dic
         return out
     trainer._generate_single_turn = timed_generation
     with_trainer_kernels(trainer)
-    check = grpo_check(trainer, *_check_batch(tok, rows, shape), device, dtype)
+    prompts, replies = _check_batch(tok, rows, shape)
+    check = grpo_check(trainer, prompts, replies, device, dtype)
+    greedy = grpo_greedy(trainer, prompts, device, GREEDY_TOKENS if shape != "tiny" else 6)
     trainer.train()
     r = timer.result
-    return {**r, "settings": settings, "plan": plan_dict, "check": check,
+    stats = getattr(trainer, "decode_stats", None)
+    return {**r, "settings": settings, "plan": plan_dict, "check": check, "greedy": greedy,
+            "decoding": getattr(trainer, "decoding", "off"), "decode_stats": stats.as_dict() if stats else None,
             "completions_per_s": r["completions"] / r["seconds"],
             "completion_tokens_per_s": r["completion_tokens"] / r["seconds"],
             "tokens_per_s": r["tokens"] / r["seconds"], "generation_share": r["generation_s"] / r["seconds"]}
@@ -498,13 +548,13 @@ def run_grpo(shape: str, studio: bool, device: str, seconds: float, changes: dic
 
 def run_grpo_generation(shape: str, device: str, changes: dict, repeats: int = 1) -> dict:
     """The studio GRPO trainer's generation step (16 completions) under each option, timed `repeats` times
-    after one untimed call each. Continuous batching goes last: on the H200 it had not finished a call within the
-    arm's time."""
+    after one untimed call each, as in training (no autocast; the model in training mode, LoRA dropout 0); then
+    greedy replies with the graphs against TRL's generate."""
     import torch
     trainer, tok, rows, dtype, settings, plan_dict = _grpo_trainer(shape, True, device, None, changes)
     with_trainer_kernels(trainer)  # generation as in training, where the Trainer has applied them
     model = trainer.model
-    model.eval()
+    model.train()
     prompts = [tok(r["prompt"])["input_ids"] for r in rows[:GRPO_BATCH // GENERATIONS]]
     prompt_ids = [ids for ids in prompts for _ in range(GENERATIONS)]  # each prompt's group, as TRL's sampler has it
 
@@ -512,7 +562,13 @@ def run_grpo_generation(shape: str, device: str, changes: dict, repeats: int = 1
         return trainer._generate_single_turn(ids, None, {}, GENERATIONS)
 
     def timed(ids=prompt_ids) -> dict:
-        generate(ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        generate(ids)  # untimed: warm-up (and, for torch.compile, the compilation)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - started
         times, tokens = [], 0
         for _ in range(repeats):
             if device == "cuda":
@@ -524,12 +580,16 @@ def run_grpo_generation(shape: str, device: str, changes: dict, repeats: int = 1
             times.append(time.perf_counter() - started)
             tokens += sum(len(c) for c in completions)
         seconds = sorted(times)[len(times) // 2]
-        return {"seconds": seconds, "completions": len(ids), "completion_tokens_per_s": tokens / sum(times)}
+        return {"seconds": seconds, "completions": len(ids), "completion_tokens_per_s": tokens / sum(times),
+                "first_call_s": first}
 
-    def option(name: str, before, after=None, ids=prompt_ids):
+    def option(name: str, before, after=None, ids=prompt_ids, autocast=False, key=""):
+        if key not in chosen:
+            return
         try:
             before()
-            results[name] = timed(ids)
+            with _autocast(device, dtype) if autocast else contextlib.nullcontext():
+                results[name] = timed(ids)
         except Exception as err:  # noqa: BLE001 - an option that fails is reported, the others still run
             results[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
         finally:
@@ -541,11 +601,8 @@ def run_grpo_generation(shape: str, device: str, changes: dict, repeats: int = 1
         trainer.generation_config.cache_implementation = value
         trainer.generation_kwargs["cache_implementation"] = value
 
-    def set_continuous(on: bool):
-        trainer.use_transformers_continuous_batching = on
-        if on and trainer.continuous_batching_config is None:
-            from transformers.generation import ContinuousBatchingConfig
-            trainer.continuous_batching_config = ContinuousBatchingConfig(max_memory_percent=0.5)
+    def decoding(mode: str):
+        trainer.decoding = mode
 
     fused = {}
 
@@ -558,15 +615,52 @@ def run_grpo_generation(shape: str, device: str, changes: dict, repeats: int = 1
         for module, forward in fused.items():
             module.forward = forward
 
+    merged = {}
+
+    def merge():  # the adapter added into the base weights, which are kept aside and put back exactly
+        for name, p in model.named_parameters():
+            if "base_layer.weight" in name:
+                merged[name] = p.detach().clone()
+        model.merge_adapter()
+
+    def unmerge():
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in merged:
+                    p.copy_(merged.pop(name))
+
+    def compiled(on: bool):  # transformers' own auto-compile of the decoding forward, which TRL turns off
+        set_cache("static" if on else None)
+        trainer.generation_config.disable_compile = not on
+
     results: dict = {}
-    with _autocast(device, dtype):
-        option("studio (dynamic cache)", lambda: None)
-        option("static cache", lambda: set_cache("static"), lambda: set_cache(None))
-        option("4x completions at once", lambda: None, ids=prompt_ids * 4)
-        option("adapter merged", model.merge_adapter, model.unmerge_adapter)
-        option("PEFT's LoRA forward (fused LoRA off)", unfuse, refuse)
-        option("continuous batching", lambda: set_continuous(True), lambda: set_continuous(False))
-    return {"settings": settings, "plan": plan_dict, "generation": results}
+    chosen = set((changes.get("gen_options") or GEN_OPTIONS).split(","))
+    # Continuous batching had not finished one call in 100 s on the H200 (bench/NOTES.md, session 8): left out.
+    option("TRL's generate (dynamic cache, eager)", lambda: decoding("off"), key="dynamic")
+    option("static cache, eager (TRL's cache_implementation=static)", lambda: set_cache("static"),
+           lambda: set_cache(None), key="static")
+    option("static cache, decoding steps as CUDA graphs (studio)", lambda: decoding("graphs"), key="graphs")
+    option("graphs, 4x completions at once", lambda: decoding("graphs"), ids=prompt_ids * 4, key="graphs4x")
+    option("graphs, adapter merged", lambda: (decoding("graphs"), merge()), unmerge, key="merged")
+    # PEFT's forward keeps the adapter in float32 and (with the plan) no longer casts its input: it runs under autocast
+    option("graphs, PEFT's LoRA forward (fused LoRA off, autocast)", lambda: (decoding("graphs"), unfuse()), refuse,
+           autocast=True, key="peft")
+    # Greedy replies, graphs against TRL's generate: the same tokens up to the first near-tie that bf16 flips
+    greedy = {}
+    for mode in ("off", "graphs"):
+        decoding(mode)
+        greedy[mode] = grpo_greedy(trainer, _check_batch(tok, rows, shape)[0], device,
+                                   GREEDY_TOKENS if shape != "tiny" else 6)
+    name = "greedy replies, graphs against TRL's generate"
+    results[name] = {"agreement": prefix_agreement(greedy["graphs"], greedy["off"])}
+    print(f"GEN {name}: {results[name]}", flush=True)
+    # Last: its compilation may not end within the arm's time
+    option("static cache + torch.compile (transformers' auto-compile, reduce-overhead)",
+           lambda: (decoding("off"), compiled(True)), lambda: compiled(False), key="compile")
+    stats = getattr(trainer, "decode_stats", None)
+    return {"settings": settings, "plan": plan_dict, "generation": results,
+            "decode_stats": stats.as_dict() if stats else None}
 
 
 def child(shape: str, arm: str, seconds: float, device: str, changes: dict) -> dict:
@@ -611,6 +705,8 @@ def compare(rows: list[dict]) -> None:
                 r["vs_stock_3_epochs"] = r["pairs_per_s_3_epochs"] / base["pairs_per_s"]
         else:
             r["vs_stock"] = r["completions_per_s"] / base["completions_per_s"]
+            if r.get("greedy") and base.get("greedy"):
+                r["greedy_vs_stock"] = prefix_agreement(r["greedy"], base["greedy"])
         r["check_vs_stock"] = {k: relative(v, base["check"][k]) for k, v in r["check"].items()}
 
 
@@ -638,38 +734,42 @@ def dpo_table(rows: list[dict]) -> str:
 
 def grpo_table(rows: list[dict]) -> str:
     lines = [("| shape | arm | settings | completions/s | completion tokens/s | real tokens/s | step s (median) | "
-              "generating | peak GiB | vs stock | log-prob / KL rel. diff to stock |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "generating | peak GiB | vs stock | log-prob / KL rel. diff to stock | greedy tokens as stock's |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["arm"].startswith("grpo") or r["arm"] == "grpo-gen":
             continue
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['arm']} | failed: {r['error'][:160]} |" + " |" * 8)
+            lines.append(f"| {r['shape']} | {r['arm']} | failed: {r['error'][:160]} |" + " |" * 9)
             continue
         diff = r.get("check_vs_stock")
+        greedy = f" {100 * r['greedy_vs_stock']:.0f}% |" if "greedy_vs_stock" in r else " - |"
         lines.append(
             f"| {r['shape']} | {r['arm']} | {r['settings']} | {r['completions_per_s']:.2f} | "
             f"{r['completion_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_s_median']:.2f} | "
             f"{100 * r['generation_share']:.0f}% | {r.get('peak_gib', 0):.1f} | {r.get('vs_stock', 1.0):.2f}x | "
-            + (f"{diff['logp_mean']:.1e} / {diff['kl_mean']:.1e} |" if diff else "- |"))
+            + (f"{diff['logp_mean']:.1e} / {diff['kl_mean']:.1e} |" if diff else "- |") + greedy)
     return "\n".join(lines)
 
 
 def generation_table(rows: list[dict]) -> str:
     lines = [("| shape | generation option (studio GRPO trainer) | s per call (median) | completions | "
-              "completion tokens/s |"), "|---|---|---|---|---|"]
+              "completion tokens/s | first call s |"), "|---|---|---|---|---|---|"]
     for r in rows:
         if r["arm"] != "grpo-gen":
             continue
         if "error" in r:
-            lines.append(f"| {r['shape']} | failed: {r['error'][:160]} | | | |")
+            lines.append(f"| {r['shape']} | failed: {r['error'][:160]} | | | | |")
             continue
         for name, g in r["generation"].items():
-            if "error" in g:
-                lines.append(f"| {r['shape']} | {name} | failed: {g['error'][:160]} | | |")
+            if "agreement" in g:
+                lines.append(f"| {r['shape']} | {name} | {100 * g['agreement']:.0f}% of tokens | | | |")
+            elif "error" in g:
+                lines.append(f"| {r['shape']} | {name} | failed: {g['error'][:160]} | | | |")
             else:
+                first = f"{g['first_call_s']:.1f}" if "first_call_s" in g else "-"
                 lines.append(f"| {r['shape']} | {name} | {g['seconds']:.2f} | {g['completions']} | "
-                             f"{g['completion_tokens_per_s']:,.0f} |")
+                             f"{g['completion_tokens_per_s']:,.0f} | {first} |")
     return "\n".join(lines)
 
 
@@ -698,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="A/B: plan as if the machine were otherwise (as in bench.py)")
     p.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE",
                    help="A/B: set a TRL config argument of the studio arms, e.g. precompute_ref_log_probs=false")
+    p.add_argument("--decoding", choices=("off", "eager", "graphs"), default=None,
+                   help="A/B: the studio GRPO arm's generation path (default: the stage's choice; graphs on a GPU)")
+    p.add_argument("--gen-options", default=None, help=f"grpo-gen's options, of {GEN_OPTIONS},compile")
     p.add_argument("--unpad", action="store_true", help="plan the variable-length attention, so DPO runs padding-free, where the plan would not (the CPU "
                         "tests, with a stand-in kernel)")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds an arm may take before it is killed")
@@ -711,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = "cpu" if args.cpu else "cuda"
     changes = {"plan": parse_changes(args.plan), "machine": parse_changes(args.machine),
-               "trl": parse_changes(args.trl), "unpad": args.unpad}
+               "trl": parse_changes(args.trl), "unpad": args.unpad, "decoding": args.decoding,
+               "gen_options": args.gen_options}
     import torch
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     rows = []

@@ -48,9 +48,15 @@ def test_dpo_arms_compute_the_same_loss_and_report(bench_home, monkeypatch):
 
 def test_grpo_arms_score_replies_alike_and_count_what_they_generate(bench_home):
     stock = {**preference.run_grpo("tiny", False, "cpu", 0.1, {}), "shape": "tiny", "arm": "grpo-stock"}
-    studio = {**preference.run_grpo("tiny", True, "cpu", 0.1, {}), "shape": "tiny", "arm": "grpo-studio"}
+    # The studio's generation through the static cache and the decoding buffers, as on a GPU but without graphs
+    studio = {**preference.run_grpo("tiny", True, "cpu", 0.1, {"decoding": "eager"}), "shape": "tiny",
+              "arm": "grpo-studio"}
     assert stock["check"]["kl_mean"] > 0  # the adapters were set: the policy is not the reference
     assert studio["check"] == pytest.approx(stock["check"], rel=1e-4)
+    assert stock["decoding"] == "off" and studio["decoding"] == "eager" and studio["decode_stats"]["replayed"] > 0
+    assert studio["greedy"] == stock["greedy"] and len(stock["greedy"]) == 4  # the same greedy replies, token for token
+    preference.compare([stock, studio])
+    assert studio["greedy_vs_stock"] == 1.0 and "| 100% |" in preference.grpo_table([stock, studio])
     for arm in (stock, studio):
         assert arm["completions"] == preference.GRPO_BATCH * arm["steps"]
         assert 0 < arm["completion_tokens"] <= arm["completions"] * preference.TINY_COMPLETION_TOKENS

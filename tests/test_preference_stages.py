@@ -145,6 +145,87 @@ def test_grpo_mean_reward_rises_and_samples_are_recorded(tiny_model, prompt_file
     assert samples and {"step", "prompt", "reply", "length"} <= set(samples[0])
 
 
+def grpo_trainer(cfg):
+    """The GRPO stage's trainer for `cfg`, set up as the worker sets it up, and what it was built from."""
+    from studio.stages import Job, common, grpo
+    from studio.training import loop
+    run = new_run(cfg)
+    job = Job(run, cfg, False, lambda: False)
+    recipe = loop.Recipe(lambda j, tok: common.encode(j, tok, "prompts"), grpo.build,
+                         row_factor=cfg.settings_of("grpo").num_generations)
+    prep = loop.prepare(job, recipe)
+    attempt = loop.Attempt(cfg.training.batch_size, cfg.training.grad_accum)
+    return grpo.build(prep, job, loop.arguments(prep, run, attempt), []), prep
+
+
+def generate(trainer, prompts, decoding, seed=0, greedy=False):
+    """The trainer's own generation step on `prompts` (two replies each), with `decoding` and a fixed seed."""
+    trainer.decoding = decoding
+    config, kwargs = trainer.generation_config, trainer.generation_kwargs
+    config.do_sample = kwargs["do_sample"] = not greedy
+    torch.manual_seed(seed)
+    try:
+        return trainer._generate_single_turn([p for p in prompts for _ in range(2)], None, {}, 2)[0]
+    finally:
+        config.do_sample = kwargs["do_sample"] = True
+
+
+@pytest.fixture(scope="module")
+def grpo_with_dropout(tiny_model, prompt_file):
+    # Dropout on the adapter and a non-zero adapter: the model is in training mode while TRL generates, so each
+    # decoding step draws dropout masks as well as the sampled token.
+    # float32 on a GPU too: TRL's generate and the static cache then compute the same logits to the last bits
+    cfg = stage_config(tiny_model, "grpo", prompt_file, method={"dropout": 0.2},
+                       grpo={"length_target_words": 3, "max_completion_length": 12, "num_generations": 4})
+    cfg.training.precision = "fp32"
+    trainer, prep = grpo_trainer(cfg)
+    chosen = trainer.decoding  # the stage's choice (the tests below switch it)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator(p.device).manual_seed(len(name)))
+    trainer.model.train()
+    prompts = [prep.tokenizer(q + " Tell me more." * i)["input_ids"] for i, q in enumerate(QUESTIONS[:4])]
+    return trainer, prep, prompts, chosen
+
+
+def test_grpo_static_cache_decoding_writes_the_replies_trl_writes(grpo_with_dropout):
+    """The studio's generation path (static cache, decoding steps through fixed buffers: what the CUDA graphs
+    replay) writes exactly the replies TRL's own generate writes from the same seed, sampled with dropout or
+    greedy, and leaves the trainer's generation settings and the model as they were."""
+    trainer, prep, prompts, chosen = grpo_with_dropout
+    assert chosen == ("graphs" if prep.device == "cuda" else "off")  # the stage's choice: graphs on GPUs
+    stock = generate(trainer, prompts, "off")
+    static = generate(trainer, prompts, "eager")
+    assert static == stock and len(stock) == 8 and len({len(p) for p in prompts}) == 4  # left padding exercised
+    assert generate(trainer, prompts, "off", seed=1) != stock  # the seed matters: these are samples
+    assert generate(trainer, prompts, "eager", greedy=True) == generate(trainer, prompts, "off", greedy=True)
+    stats = trainer.decode_stats
+    assert stats.calls == 2 and stats.replayed > 0 and stats.captured == 0 and not stats.failures
+    inner = prep.model.get_base_model()
+    assert "get_compiled_call" not in inner.__dict__ and not hasattr(inner, "_previous_max_cache_length")
+    assert trainer.generation_config.cache_implementation is None and trainer.generation_config.disable_compile
+    assert trainer.generation_kwargs["cache_implementation"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_grpo_decoding_graphs_replay_what_the_eager_steps_compute_on_the_gpu(grpo_with_dropout):
+    """On a GPU the stage generates with graphs; the replayed steps give the tokens the same steps give eagerly
+    (greedy, without dropout: dropout's random masks inside a graph come from the graph's own random offsets)."""
+    trainer, prep, prompts, chosen = grpo_with_dropout
+    assert prep.device == "cuda" and chosen == "graphs"
+    trainer.model.eval()
+    try:
+        graphs = generate(trainer, prompts, "graphs", greedy=True)
+        assert graphs == generate(trainer, prompts, "eager", greedy=True)
+    finally:
+        trainer.model.train()
+    sampled = generate(trainer, prompts, "graphs")  # dropout and sampling inside and between the replays
+    assert len(sampled) == 8 and all(0 < len(reply) <= 12 for reply in sampled)
+    stats = trainer.decode_stats
+    assert stats.captured >= 2 and stats.replayed > 0 and not stats.failures, stats
+
+
 def test_a_stage_started_from_a_finished_run_starts_from_its_weights(tiny_model, pair_file):
     from studio.inference import load_chat_model
     from studio.stages import Job
@@ -234,3 +315,15 @@ def test_the_reference_is_precomputed_only_for_runs_that_see_their_rows_again(ti
         assert apply.trainer_options(plan, "cpu", 4, 64, stage, passes=3.0)["precompute_ref_log_probs"] is True
         assert apply.trainer_options(plan, "cpu", 4, 64, stage, passes=0.7)["precompute_ref_log_probs"] is False
     assert "precompute_ref_log_probs" not in apply.trainer_options(plan, "cpu", 4, 64, "sft", passes=3.0)
+
+
+def test_the_plan_graphs_grpo_decoding_on_a_gpu_but_not_under_fsdp2(tiny_model):
+    from studio.training.fast.plan import plan_speed
+    from tests.conftest import machine
+    cfg = tiny_config(tiny_model, stage="grpo")
+    assert plan_speed(cfg, machine(free_gib=60.0)).graphed_decoding
+    assert not plan_speed(cfg, machine(device="cpu")).graphed_decoding
+    sharded = tiny_config(tiny_model, stage="grpo", devices={"strategy": "fsdp"})
+    plan = plan_speed(sharded, machine(free_gib=60.0, processes=2))
+    assert not plan.graphed_decoding and any("cannot be graphed" in r for r in plan.reasons)
+    assert not plan_speed(tiny_config(tiny_model), machine(free_gib=60.0)).graphed_decoding  # SFT generates nothing

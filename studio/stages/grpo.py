@@ -96,15 +96,42 @@ def _sample_callback(run, recorder: _Recorder, every: int):
 
     class WriteSamples(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0 and recorder.latest:
+            if state.global_step % every == 0 and recorder.latest and run.keeps_records:
                 with open(run.path / "samples.jsonl", "a", encoding="utf-8") as fh:
                     for row in recorder.latest[:SAMPLES_KEPT]:
                         fh.write(json.dumps({"step": state.global_step, **row}) + "\n")
     return WriteSamples()
 
 
+def trainer_class():
+    """TRL's GRPOTrainer, generating through `studio.training.fast.generation` where `decoding` says so (on a GPU
+    with a speed plan: each decoding step replayed as a CUDA graph, bench/NOTES.md); otherwise TRL's own path."""
+    from trl import GRPOTrainer
+
+    from studio.training.fast import generation
+
+    class StudioGRPOTrainer(GRPOTrainer):
+        # "graphs": static cache, decoding steps as CUDA graphs; "eager": the same path without graphs (tests, the
+        # CPU); "off": TRL's own generate (dynamic cache, every kernel launched from Python).
+        decoding = "off"
+        decode_stats = None
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            if self.decoding == "off" or images is not None or multimodal_fields \
+                    or generation.unsupported(self, prompt_ids) is not None:
+                return super()._generate_single_turn(*args)
+            if self.decode_stats is None:
+                self.decode_stats = generation.DecodeStats()
+            with generation.graphed_generation(self, self.decoding == "graphs", self.decode_stats):
+                return super()._generate_single_turn(*args)
+
+    return StudioGRPOTrainer
+
+
 def build(prep, job: Job, arguments: dict, callbacks: list):
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from studio import rewards
     from studio.limits import Limits
@@ -119,12 +146,17 @@ def build(prep, job: Job, arguments: dict, callbacks: list):
     from studio.training.loop import steps_plan
     _, eval_every, _ = steps_plan(job.config, prep.rows)
     prep.eval.rows = prep.eval.rows[:EVAL_PROMPTS]
-    return common.build(GRPOTrainer, GRPOConfig, prep, arguments,
-                        [*callbacks, _sample_callback(job.run, recorder, eval_every)],
-                        {"num_generations": s.num_generations, "max_completion_length": s.max_completion_length,
-                         "temperature": s.temperature, "beta": s.beta,
-                         "reward_weights": [r.weight for r in chosen]},
-                        reward_funcs=[recorder.wrap(r) for r in chosen])
+    trainer = common.build(trainer_class(), GRPOConfig, prep, arguments,
+                           [*callbacks, _sample_callback(job.run, recorder, eval_every)],
+                           {"num_generations": s.num_generations, "max_completion_length": s.max_completion_length,
+                            "temperature": s.temperature, "beta": s.beta,
+                            "reward_weights": [r.weight for r in chosen]},
+                           reward_funcs=[recorder.wrap(r) for r in chosen])
+    # Generation is most of a GRPO step, one token per forward pass, bound by the host's kernel launches: where the
+    # plan says so (a GPU), each decoding step is replayed as a CUDA graph (the same forward and sampling; a static
+    # KV cache).
+    trainer.decoding = "graphs" if prep.plan.graphed_decoding else "off"
+    return trainer
 
 
 ALL_LIVE = (*LIVE, *(LiveMetric(f"rewards/{name}/mean", f"reward: {name}", "stage") for name in PER_REWARD))

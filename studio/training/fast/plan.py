@@ -14,7 +14,10 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
 - Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, on
   GPUs), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only);
   without Liger, PyTorch's own fused RMSNorm (kernels.py). Neither for GRPO: its steps are mostly generation,
-  where launching Liger's Triton kernels costs the host more than they save (the fused norm is unmeasured there).
+  where Liger measured no faster (0.88x at 1B, 1.00x at 8B; the fused norm is unmeasured there).
+- Generation (GRPO): each decoding step replayed as one CUDA graph with a static KV cache (generation.py), since a
+  step writes one token per reply and launching its kernels from Python was the whole cost; not under FSDP2,
+  whose per-layer gathers are collectives a graph cannot hold.
   The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
 - Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
   process the GPU sat idle while each batch was built.
@@ -78,6 +81,7 @@ class SpeedPlan:
     gradient_checkpointing: bool
     fused_lora: bool = False
     fused_norm: bool = False  # PyTorch's fused RMSNorm (kernels.py), where Liger's is not used
+    graphed_decoding: bool = False  # generation's decoding steps as CUDA graphs (generation.py; GRPO on a GPU)
     data_workers: int = 0
     # With checkpointing on: how many of the last decoder layers keep their activations anyway (0: none,
     # every layer is checkpointed). Set when memory allows some but not all layers to skip recomputation.
@@ -199,14 +203,13 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
     if t.fused_kernels == "on" and not liger:
         reasons.append("Liger kernels: not used (they need an NVIDIA GPU, pip install liger-kernel, and a "
                        f"supported architecture: {', '.join(LIGER_MODEL_TYPES)})")
-    # In generation each forward pass is one token per reply: the host's cost of launching a kernel outweighs the
-    # GPU work it saves, and Triton kernels cost the host more to launch than PyTorch's own. Measured, Liger made
-    # GRPO's generation slower than it saved in its training passes; 'on' still asks for the fused kernels.
+    # In generation each forward pass is one token per reply, and its kernels are replayed as a graph: Liger's
+    # measured no faster there (bench/NOTES.md, session 9); 'on' still asks for the fused kernels.
     generates = cfg.stage in GENERATING_STAGES and t.fused_kernels != "on"
     if liger and generates:
         liger = False
         reasons.append(f"Liger kernels: off for {cfg.stage} (its steps are mostly generation, one token at a time, "
-                       "where they cost more than they save)")
+                       "where they measured no faster)")
     # Fused LoRA removes GPU memory passes; on the CPU it measured no faster (bench/NOTES.md), so 'auto' keeps
     # PEFT's own forward there.
     fused_lora = method in ("lora", "rslora", "qlora") and (
@@ -219,6 +222,10 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
                      memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0)
     _plan_parallel(plan, cfg, machine)
     _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib)
+    if cfg.stage in GENERATING_STAGES and device == "cuda":
+        plan.graphed_decoding = plan.strategy != "fsdp"
+        reasons.append("generation: each decoding step replayed as a CUDA graph (static cache)" if
+                       plan.graphed_decoding else "generation: TRL's own (FSDP2's per-layer gathers cannot be graphed)")
     return plan
 
 
