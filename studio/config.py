@@ -172,6 +172,21 @@ class TrainingConfig:
         0.0, "Most GPU memory this run may use, in GiB; 0 means whatever the GPU has free. Set it to leave room "
         "for other programs on the same GPU: the studio checkpoints more layers to stay under it, and the run "
         "cannot take more.", minimum=0.0, maximum=4096.0)
+    samples: int = setting(
+        3, "How many held-out prompts the model answers at the start and at every evaluation, so you can watch "
+        "its replies change while it trains (short replies, cheap even on a CPU). 0 turns the sample replies off.",
+        minimum=0, maximum=20)
+    sample_prompts: list = setting(
+        [], "Your own prompts for the sample replies, answered instead of held-out ones (up to 20). Empty: "
+        "use the first held-out prompts.")
+    early_stopping_patience: int = setting(
+        0, "Stop training when the held-out loss has not improved for this many evaluations in a row: the model "
+        "has stopped learning what carries over to new examples. 0: off; 2 or 3 is a good start. Needs held-out "
+        "rows.", minimum=0, maximum=1000)
+    keep_best: bool = setting(
+        False, "At the end, keep the adapter from the evaluation with the lowest held-out loss instead of the last "
+        "step's (a checkpoint is then saved at every evaluation). Guards against training too long. Needs "
+        "held-out rows.")
 
 
 @dataclass

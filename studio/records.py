@@ -75,6 +75,7 @@ class RunStatus:
     elapsed_s: float = 0.0
     worker_pid: int = 0
     processes: int = 0  # how many processes train the run (several GPUs or machines); 0: not started yet
+    advice: list[str] = field(default_factory=list)  # notes for the person about this run's set-up (small data...)
 
     @property
     def active(self) -> bool:
@@ -239,6 +240,7 @@ class Progress:
     last_loss: float | str | None
     last_eval_loss: float | str | None
     plan_summary: str
+    advice: list[str] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -257,7 +259,7 @@ class Progress:
         return cls(run_id=run_id, state=status.state, message=status.message, step=step, total_steps=total,
                    elapsed_s=elapsed, seconds_left=left, tokens_per_s=train[-1].tokens_per_s if train else None,
                    last_loss=train[-1].loss if train else None, last_eval_loss=evals[-1].eval_loss if evals else None,
-                   plan_summary=status.plan_summary)
+                   plan_summary=status.plan_summary, advice=list(status.advice))
 
 
 def duration(seconds: float) -> str:

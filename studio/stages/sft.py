@@ -24,6 +24,9 @@ def encode(job: Job, tokenizer):
         raise StudioError(f"No training rows are left after applying max_length={cfg.data.max_length} "
                           f"({train.summary()}). Raise data.max_length or shorten the prompts.")
     job.run.write_json("data.json", _data_summary(splits, train, evaluation))
+    # The sample replies answer the first held-out prompts (loop.sample_conversations): the rows as read, since the
+    # encoded ones are only token ids.
+    job.notes["held_out_examples"] = splits.eval
     return train, evaluation
 
 

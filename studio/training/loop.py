@@ -13,6 +13,7 @@ the worker turns them into the run's status.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import shutil
@@ -30,6 +31,12 @@ from studio.stages import Job, Outcome, StageFailed, StoppedBeforeStart
 from studio.training.fast import apply
 from studio.training.fast.plan import SpeedPlan, plan_speed
 
+# Under this many training rows the run is told, at its start, what so little data will do.
+SMALL_DATA_ROWS = 200
+# A run shorter than this many steps is told it may teach little.
+FEW_STEPS = 10
+# The most prompts the sample replies answer (training.samples' range; typed prompts past it are left out).
+MAX_SAMPLES = 20
 OOM_HINT = ("Out of memory. Lower training.batch_size (and raise training.grad_accum to keep the same "
             "effective batch), lower data.max_length, or use QLoRA on an NVIDIA GPU. Saved checkpoints are intact.")
 MAX_OOM_RETRIES = 3
@@ -101,6 +108,7 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
     prep = trainer = None
     try:
         prep = prepare(job, recipe)
+        run.update_status(advice=small_data_advice(cfg, len(prep.train.rows), len(prep.eval.rows), prep.rows, attempt))
         checkpoint = run.last_checkpoint() if resume else None
         if resume and checkpoint is None:
             raise StudioError(f"Run {run.id} has no complete checkpoint to resume from. Start it again instead.")
@@ -110,6 +118,7 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
             earlier = [m for m in run.metrics() if m.step <= step]
             elapsed_before = earlier[-1].elapsed_s if earlier else 0.0
             run.truncate_metrics_after(step)
+        _forget_samples_after(run, checkpoint_step(checkpoint) if checkpoint is not None else None)
         stopper = StopOnRequest(job.stop_requested, 60.0 * cfg.training.time_limit_minutes)
         guard = NonFiniteLossGuard()
         callbacks = [RunLogger(run, elapsed_before, recipe.live_metric_keys), stopper, guard,
@@ -117,6 +126,8 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
         if cfg.method.method == "adalora":
             from studio.training.callbacks import AdaLoraBudget
             callbacks.append(AdaLoraBudget())
+        early = _early_stopping(prep)
+        callbacks += [c for c in (early, _sample_replies(job, recipe, prep), _tensorboard(run)) if c is not None]
         trainer = recipe.build(prep, job, arguments(prep, run, attempt), callbacks)
         apply.distribute(trainer, prep.plan)
         if job.stop_requested():
@@ -125,10 +136,14 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
         if checkpoint is not None and checkpoint_step(checkpoint) >= total:
             # Cut off after its last checkpoint (while saving the adapter, say): the training is done, and the
             # Trainer would train one step past the end. The adapter is that checkpoint's weights.
-            trainer._load_from_checkpoint(str(checkpoint))
+            kept = _best_of_checkpoint(run, checkpoint) if cfg.training.keep_best and prep.eval.rows else None
+            trainer._load_from_checkpoint(str(kept[0] if kept else checkpoint))
             save_result(prep, trainer, run)
             step = checkpoint_step(checkpoint)
             run.update_status(step=step, total_steps=total)
+            if kept:
+                return Outcome(f"Finished {step} steps; {_kept_words(checkpoint_step(kept[0]), kept[1])}.", False,
+                               step)
             return Outcome(f"Finished {step} steps; the adapter is saved (from the last checkpoint).", False, step)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if guard.bad_step is not None:
@@ -136,19 +151,166 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
                                  f"The loss became NaN or infinite at step {guard.bad_step}, so training stopped. "
                                  "Lower training.learning_rate (e.g. by 10x) and start again. This adapter is not "
                                  "saved, merged or exported.")
+        kept = keep_best(trainer, run) if cfg.training.keep_best and prep.eval.rows else None
         save_result(prep, trainer, run)
         step = trainer.state.global_step
+        saved = _kept_words(*kept) if kept else "the adapter from that step is saved"
         if stopper.timed_out:
             return Outcome(f"Stopped at step {step}: the run's time limit of {cfg.training.time_limit_minutes} "
-                           "minutes passed. The adapter from that step is saved; resume to train on.", True, step)
+                           f"minutes passed. {saved[0].upper()}{saved[1:]}; resume to train on.", True, step)
         if stopper.stopped_at is not None:
-            return Outcome(f"Stopped by you at step {step}; the adapter from that step is saved.", True, step)
-        return Outcome(f"Finished {step} steps; the adapter is saved.", False, step)
+            return Outcome(f"Stopped by you at step {step}; {saved}.", True, step)
+        if early is not None and early.stopped_at is not None:
+            return Outcome(_early_stop_words(early, step, kept), True, step)
+        return Outcome(f"Finished {step} steps; {_kept_words(*kept) if kept else 'the adapter is saved'}.", False, step)
     finally:
         if prep is not None:
             apply.finish(prep.plan)
         del prep, trainer
         _release_memory()
+
+
+def _early_stopping(prep: Prepared):
+    """The early-stopping callback when it is asked for and there is a held-out loss to watch."""
+    from studio.training.callbacks import StopWhenHeldOutLossStalls
+    patience = prep.cfg.training.early_stopping_patience
+    return StopWhenHeldOutLossStalls(patience) if patience and prep.eval.rows else None
+
+
+def _sample_replies(job: Job, recipe: Recipe, prep: Prepared):
+    """The sample-replies callback for a stage that writes replies, when there are prompts to answer. GRPO keeps
+    its own samples (its replies with their rewards), so it gets none."""
+    from studio.training.callbacks import SampleReplies
+    cfg = prep.cfg
+    if recipe.head != "causal_lm" or cfg.stage == "grpo" or cfg.training.samples == 0:
+        return None
+    conversations = sample_conversations(cfg, job.notes.get("held_out_examples", []))
+    return SampleReplies(job.run, prep.tokenizer, conversations, cfg.data.max_length) if conversations else None
+
+
+def sample_conversations(cfg: RunConfig, held_out: list[dict]) -> list[list[dict]]:
+    """What the sample replies answer: the prompts typed in (up to MAX_SAMPLES, with the data's system prompt as
+    training saw it), or else the first `training.samples` held-out conversations up to their last reply."""
+    t = cfg.training
+    if t.samples == 0:
+        return []
+    if t.sample_prompts:
+        system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+        return [[*system, {"role": "user", "content": p}] for p in t.sample_prompts[:MAX_SAMPLES] if p.strip()]
+    prompts = []
+    for example in held_out:
+        messages = example.get("messages") or []  # plain-text rows have no prompt to answer
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is not None and any(m.get("role") == "user" for m in messages[:last]):
+            prompts.append([dict(m) for m in messages[:last]])
+        if len(prompts) == t.samples:
+            break
+    return prompts
+
+
+def _forget_samples_after(run: Run, step: int | None) -> None:
+    """samples.jsonl as of where training starts: on resume, rows past the checkpoint's step are written again;
+    on a fresh start (an out-of-memory retry without a checkpoint) none of the old rows stand."""
+    path = run.path / "samples.jsonl"
+    if not run.keeps_records or not path.is_file():
+        return
+    from studio.runs import write_atomic
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if step is not None and isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
+
+
+def _tensorboard(run: Run):
+    from studio.training.callbacks import tensorboard_callback
+    return tensorboard_callback(run)
+
+
+def keep_best(trainer, run: Run) -> tuple[int, float] | None:
+    """training.keep_best: put the weights with the lowest held-out loss into the trainer's model, from their
+    checkpoint (or as they are when the last step was the best); (that step, its loss), or None when no held-out
+    loss was measured. Every process decides from the same log history and checkpoints, so all load the same."""
+    state = trainer.state
+    candidates = [(loss, step) for step, loss in _held_out_losses(state.log_history)
+                  if step == state.global_step or (run.checkpoints_dir / f"checkpoint-{step}").is_dir()]
+    if not candidates:
+        return None
+    loss, step = min(candidates)
+    if step != state.global_step:
+        trainer._load_from_checkpoint(str(run.checkpoints_dir / f"checkpoint-{step}"))
+    return step, loss
+
+
+def _best_of_checkpoint(run: Run, checkpoint) -> tuple[object, float] | None:
+    """(the checkpoint with the lowest held-out loss, that loss) as the trainer state saved in `checkpoint`
+    recorded them; None when it recorded none."""
+    try:
+        history = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])
+    except (OSError, ValueError):
+        return None
+    candidates = [(loss, step) for step, loss in _held_out_losses(history)
+                  if (run.checkpoints_dir / f"checkpoint-{step}").is_dir()]
+    if not candidates:
+        return None
+    loss, step = min(candidates)
+    return run.checkpoints_dir / f"checkpoint-{step}", loss
+
+
+def _held_out_losses(log_history: list[dict]) -> list[tuple[int, float]]:
+    return [(h["step"], float(h["eval_loss"])) for h in log_history
+            if isinstance(h.get("eval_loss"), (int, float)) and math.isfinite(h["eval_loss"]) and "step" in h]
+
+
+def _kept_words(step: int, loss: float) -> str:
+    return f"the adapter kept is the one from step {step}, where the held-out loss was lowest ({loss:.4f})"
+
+
+def _early_stop_words(early, step: int, kept: tuple[int, float] | None) -> str:
+    known = early.best_loss is not None and not kept  # keep_best's words name the best step themselves
+    best = f" (lowest {early.best_loss:.4f} at step {early.best_step})" if known else ""
+    saved = _kept_words(*kept) if kept else f"the adapter from step {step} is saved"
+    return (f"Stopped early at step {step}: the held-out loss had not improved for {early.patience} evaluations in "
+            f"a row{best}, so more training would likely only memorise the training rows. {saved[0].upper()}"
+            f"{saved[1:]}.")
+
+
+def small_data_advice(cfg: RunConfig, train_rows: int, eval_rows: int, n_rows: int, attempt: Attempt) -> list[str]:
+    """Notes for a person at the start of a run, in plain words: what a small training set will do, a run too
+    short to teach much, and overfitting guards that have no held-out rows to watch. `n_rows`: the rows the step
+    plan counts (train_rows times the replies per prompt for GRPO)."""
+    t = cfg.training
+    notes = []
+    total, _, _ = steps_plan(cfg, n_rows, attempt)
+    per_epoch = steps_per_epoch(cfg, n_rows, attempt)
+    if train_rows < SMALL_DATA_ROWS:
+        batch = attempt.batch_size * attempt.grad_accum * _processes()
+        per_step = f", {batch} per step" if n_rows == train_rows else ""
+        notes.append(f"{train_rows} training rows{per_step}: each pass over them (an epoch) is {per_epoch} "
+                     f"step{'s' if per_epoch != 1 else ''}, {total} step{'s' if total != 1 else ''} in all. With so "
+                     "few rows the model can learn them by heart instead of the habit behind them: watch the "
+                     "held-out loss, and if it starts rising while the training loss keeps falling, train for "
+                     "fewer epochs or turn on early stopping or 'keep best'. More varied rows help most.")
+        if eval_rows == 0:
+            notes.append("No rows are held out, so nothing shows whether the model learns the habit or memorises "
+                         "the rows: set a held-out share (e.g. 0.1) or a held-out file on the Data tab.")
+    if total < FEW_STEPS:
+        more = (f"raise Max steps to {FEW_STEPS} or more" if t.max_steps > 0 else
+                f"raise Epochs to {math.ceil(FEW_STEPS / per_epoch)} (about {FEW_STEPS} steps or more)")
+        notes.append(f"{total} step{'s' if total != 1 else ''} may teach the model little: {more}, or add rows.")
+    if eval_rows == 0 and (t.early_stopping_patience or t.keep_best):
+        notes.append("Early stopping and 'keep best' compare held-out losses, and this run has no held-out rows, so "
+                     "they are off for it.")
+    return notes
+
+
+def _processes() -> int:
+    from studio.distributed import world
+    return world().size
 
 
 def prepare(job: Job, recipe: Recipe) -> Prepared:
@@ -208,14 +370,22 @@ def steps_plan(cfg: RunConfig, n_rows: int, attempt: Attempt | None = None,
                processes: int | None = None) -> tuple[int, int, int]:
     """(total optimizer steps, eval every, save every) with 'about five times per run' defaults. Each of the run's
     `processes` (default: this worker's world) takes its own batch in every step."""
-    from studio.distributed import world
     t = cfg.training
-    batch, accum = (attempt.batch_size, attempt.grad_accum) if attempt else (t.batch_size, t.grad_accum)
-    processes = world().size if processes is None else processes
-    per_epoch = max(1, math.ceil(n_rows / (batch * accum * processes)))
+    per_epoch = steps_per_epoch(cfg, n_rows, attempt, processes)
     total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(per_epoch * t.epochs))
     every = max(1, total // 5)
-    return total, t.eval_steps or every, t.save_steps or every
+    eval_every = t.eval_steps or every
+    # keep_best picks among the evaluations: each needs its checkpoint to pick from.
+    return total, eval_every, eval_every if t.keep_best else (t.save_steps or every)
+
+
+def steps_per_epoch(cfg: RunConfig, n_rows: int, attempt: Attempt | None = None, processes: int | None = None) -> int:
+    """Optimizer steps in one pass over `n_rows` rows: each of the run's `processes` (default: this worker's
+    world) takes its own batch in every step."""
+    t = cfg.training
+    batch, accum = (attempt.batch_size, attempt.grad_accum) if attempt else (t.batch_size, t.grad_accum)
+    processes = _processes() if processes is None else processes
+    return max(1, math.ceil(n_rows / (batch * accum * processes)))
 
 
 def arguments(prep: Prepared, run: Run, attempt: Attempt) -> dict:
@@ -235,6 +405,9 @@ def arguments(prep: Prepared, run: Run, attempt: Attempt) -> dict:
         save_strategy="steps", save_steps=save_every, save_total_limit=2, seed=t.seed, data_seed=t.seed,
         bf16=bf16, fp16=fp16, report_to="none", disable_tqdm=True, save_only_model=False, logging_first_step=True,
         logging_nan_inf_filter=False,  # the default filter hides NaN losses from the logs, and so from our guard
+        # keep_best: the Trainer tracks the lowest held-out loss, and its checkpoint clean-up never deletes that
+        # checkpoint (save_total_limit keeps it besides the latest); keep_best() loads it at the end.
+        **(dict(metric_for_best_model="eval_loss", greater_is_better=False) if t.keep_best and has_eval else {}),
         # Several machines each keep their own run folder: each saves its checkpoints there, to resume from.
         save_on_each_node=cfg.devices.nodes > 1,
         **apply.trainer_options(prep.plan, prep.device, attempt.batch_size, cfg.data.max_length, cfg.stage,

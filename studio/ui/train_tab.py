@@ -24,6 +24,8 @@ NOTHING = ("Nothing: the model chosen on the Model tab", "")
 PLOT_EMPTY = None
 SERIES_COLOURS = {"training loss": "#4f46e5", "held-out loss": "#f59e0b"}
 LOSS_SERIES = (("loss", "training loss", "loss"), ("eval_loss", "held-out loss", "loss"))
+SAMPLES_BY_STEP = "Replies to the same prompts as training goes: the starting model's (base), then at each evaluation"
+SAMPLES_WITH_REWARDS = "Replies written at the last evaluation, with their rewards"
 
 
 def _hidden():
@@ -43,14 +45,26 @@ def show(snap: dict) -> tuple:
     message = f"**{snap['run_id']}**: {st.get('state', 'idle')}. {html.escape(st.get('message', ''))}"
     series = snap.get("series") or LOSS_SERIES
     stage_plot = plot_frame(snap["metrics"], series, chart="stage")
-    samples = snap.get("samples") or []
-    return (message, progress_html(snap.get("progress")), plot_frame(snap["metrics"], series),
+    return (message, progress_html(snap.get("progress"), snap.get("warnings")), plot_frame(snap["metrics"], series),
             log_text(snap["metrics"]),
             gr.update(value=stage_plot, visible=stage_plot is not None) if stage_plot is not None else _hidden(),
-            gr.update(value=pd.DataFrame(samples[::-1]), visible=True) if samples else _hidden())  # newest first
+            samples_table(snap))
 
 
-def progress_html(progress: dict | None) -> str:
+def samples_table(snap: dict):
+    """The sample replies: for most stages one row per prompt with the starting model's reply and one column per
+    evaluation, newest last; for GRPO the last evaluation's replies with their rewards, newest first."""
+    samples = snap.get("samples") or []
+    if not samples:
+        return _hidden()
+    if snap.get("samples_layout") == "by step":
+        return gr.update(value=pd.DataFrame(samples), visible=True, label=SAMPLES_BY_STEP)
+    return gr.update(value=pd.DataFrame(samples[::-1]), visible=True, label=SAMPLES_WITH_REWARDS)
+
+
+def progress_html(progress: dict | None, warnings: list[str] | None = None) -> str:
+    """The progress bar with its step, time left and speed; under it the run's notes (what a small training set
+    will do...) and warnings (held-out loss rising...), each in plain words."""
     if not progress or not progress.get("total_steps"):
         return ""
     step, total = progress["step"], progress["total_steps"]
@@ -58,8 +72,11 @@ def progress_html(progress: dict | None) -> str:
     speed = f", {progress['tokens_per_s']:,.0f} tokens/s" if progress.get("tokens_per_s") is not None else ""
     plan = (f"<div class='studio-plan'>Training with {html.escape(progress['plan_summary'])}.</div>"
             if progress.get("plan_summary") else "")
+    notes = "".join(f"<div class='studio-advice'>{html.escape(text)}</div>" for text in progress.get("advice") or [])
+    alarms = "".join(f"<div class='studio-warning' style='color:#b45309'><b>Warning:</b> {html.escape(text)}</div>"
+                     for text in warnings or [])
     return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"
-            f"<div>Step {step} of {total} ({100 * step / total:.0f}%){left}{speed}</div>{plan}</div>")
+            f"<div>Step {step} of {total} ({100 * step / total:.0f}%){left}{speed}</div>{alarms}{notes}{plan}</div>")
 
 
 def plot_frame(metrics: list[dict], series=LOSS_SERIES, chart: str = "loss") -> pd.DataFrame | None:
@@ -265,6 +282,13 @@ def build(studio) -> SimpleNamespace:
             form.field("training", "save_steps", label="Checkpoint every")
             form.field("training", "logging_steps", label="Log every")
             form.field("training", "oom_retry", label="Retry smaller if out of memory")
+    with gr.Accordion("Sample replies and overfitting guards", open=False, elem_id="train-guards"):
+        with gr.Row():
+            form.field("training", "samples", label="Sample replies")
+            _sample_prompts_field(form)
+        with gr.Row():
+            form.field("training", "early_stopping_patience", label="Early stopping (evaluations without improvement)")
+            form.field("training", "keep_best", label="Keep the best adapter")
     gpus = studio.gpus()
     # Only a machine with several GPUs has a choice to make here; with one (or none) the run simply uses it.
     with gr.Accordion("GPUs", open=True, visible=len(gpus) > 1, elem_id="train-gpus-box"):
@@ -289,7 +313,7 @@ def build(studio) -> SimpleNamespace:
     stage_plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", visible=False, height=280,
                              label="What this stage learns (rewards, margins, accuracy)", elem_id="train-stage-plot",
                              x_title="step", y_title="value")
-    samples = gr.Dataframe(label="Replies written at the last evaluation, with their rewards", visible=False,
+    samples = gr.Dataframe(label=SAMPLES_WITH_REWARDS, visible=False,
                            interactive=False, wrap=True, elem_id="train-samples")
     log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True, elem_id="train-log")
     timer = gr.Timer(2.0, active=False)
@@ -343,6 +367,18 @@ def build(studio) -> SimpleNamespace:
                            status=status, progress=progress, plot=plot, log=log, timer=timer, watched=watched,
                            live_outputs=live_outputs, save_preset=save_preset, save_name=save_name, preset=preset,
                            runs_table=table, run_pick=run_pick, fill_from=fill_from)
+
+
+def _sample_prompts_field(form: Form) -> gr.Dropdown:
+    """training.sample_prompts as a list a person builds one prompt at a time (type, press Enter): a prompt may
+    hold commas, which a text box read as a comma-separated list would split."""
+    from studio.config import field_info
+    info = field_info("training", "sample_prompts")
+    value = list(form.initial.get("training", {}).get("sample_prompts") or [])
+    return form.add("training.sample_prompts", gr.Dropdown(
+        choices=value, value=value, multiselect=True, allow_custom_value=True, interactive=True, scale=3,
+        label="Your own sample prompts (type one, press Enter)", info=info["help"],
+        elem_id="training-sample-prompts"))
 
 
 def _stage_fields(form: Form):
