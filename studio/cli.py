@@ -56,6 +56,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--master", metavar="HOST:PORT", help="machine 0's address and a free port, the same on every "
                                                          "machine (devices.master)")
 
+    e = sub.add_parser("eval", help="a run against its base (or another run): measures, loss, a forgetting check")
+    e.add_argument("run", help="the finished run to evaluate")
+    e.add_argument("--data", default="", help="a file of conversations (default: the run's held-out rows)")
+    e.add_argument("--against", default="", help="another finished run to compare with (default: the base)")
+    e.add_argument("--metrics", default="auto", help="comma-separated measures, or auto (default)")
+    e.add_argument("--regex", default="", help="a pattern good answers match (the regex measure)")
+    e.add_argument("--max-rows", type=int, default=100)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--no-forgetting", action="store_true", help="skip the general-questions check")
+    e.add_argument("--judge", default="", help="a model or run that grades the answers against --rubric")
+    e.add_argument("--rubric", default="")
+    e.add_argument("--benchmark", default="", help="an lm-eval task (needs lm-eval and its data offline)")
+
+    tb = sub.add_parser("tensorboard", help="open a run's TensorBoard logs")
+    tb.add_argument("run")
+    tb.add_argument("--port", type=int, default=6006)
+
     r = sub.add_parser("resume", help="resume an interrupted or stopped run from its last checkpoint")
     r.add_argument("run")
 
@@ -122,6 +139,10 @@ def _dispatch(args) -> int:
             ("gpus", args.gpus), ("nodes", args.nodes), ("node_rank", args.node_rank), ("master", args.master))
             if value is not None)]
         return _follow(launcher.start(load_run_config(args.config, overrides)), quiet=args.quiet)
+    if args.command == "eval":
+        return _evaluate(args)
+    if args.command == "tensorboard":
+        return _tensorboard(args)
     if args.command == "resume":
         from studio import launcher
         return _follow(launcher.resume(args.run), quiet=False)
@@ -172,6 +193,7 @@ class _Shown:
     def __init__(self):
         self.records = 0
         self.plan = False
+        self.message = ""
 
 
 def _print_progress(run, shown: _Shown, quiet: bool) -> None:
@@ -180,6 +202,9 @@ def _print_progress(run, shown: _Shown, quiet: bool) -> None:
     if quiet:
         return
     status = run.stored_status()
+    if status.stage == "evaluate" and status.message != shown.message:
+        print(status.message, file=sys.stderr)
+        shown.message = status.message
     if status.plan_summary and not shown.plan:
         print(f"Training with {status.plan_summary}.", file=sys.stderr)
         shown.plan = True
@@ -190,6 +215,40 @@ def _print_progress(run, shown: _Shown, quiet: bool) -> None:
         elif r.is_evaluation:
             print(f"step {r.step}  eval loss {fmt(r.eval_loss)}", file=sys.stderr)
     shown.records = len(records)
+
+
+def _evaluate(args) -> int:
+    from studio import launcher
+    from studio.stages.evaluate import config_for
+    cfg = config_for(args.run, data=args.data, against=args.against, metrics=args.metrics, regex=args.regex,
+                     max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, forgetting=not args.no_forgetting,
+                     judge=args.judge, rubric=args.rubric, benchmark=args.benchmark)
+    launched = launcher.start(cfg)
+    code = _follow(launched, quiet=False)
+    page = launched.run.path / "report.html"
+    if page.is_file():
+        print(f"The report: {page}", file=sys.stderr)
+    return code
+
+
+def _tensorboard(args) -> int:
+    import shutil
+    import subprocess
+
+    from studio.runs import open_run
+    run = open_run(args.run)
+    logs = run.path / "tensorboard"
+    if not logs.is_dir():
+        print(f"Run {run.id} has no TensorBoard logs (runs write them when the tensorboard package is installed).",
+              file=sys.stderr)
+        return 1
+    command = shutil.which("tensorboard")
+    if command is None:
+        print(f"TensorBoard is not installed: pip install tensorboard, then tensorboard --logdir {logs}",
+              file=sys.stderr)
+        return 1
+    print(f"TensorBoard for {run.id} at http://127.0.0.1:{args.port} (Ctrl-C ends it)", file=sys.stderr)
+    return subprocess.call([command, "--logdir", str(logs), "--port", str(args.port), "--host", "127.0.0.1"])
 
 
 def _chat(args) -> int:

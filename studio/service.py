@@ -51,6 +51,7 @@ class Policy:
     max_upload_mb: int = 50
     admins: frozenset = frozenset()
     limits: Limits | None = field(default=None)
+    allow_judge: bool = False  # on a shared studio: may visitors have a model grade their evaluations?
 
     def __post_init__(self):
         if self.share and self.limits is None:  # STUDIO_LIMITS (JSON of Limits' fields) may set other bounds
@@ -123,6 +124,7 @@ class Studio:
         self._tokenizers: dict[str, object] = {}
         self._infos: dict[str, models.ModelInfo] = {}
         self._lock = threading.Lock()
+        self._blind: dict[str, tuple] = {}  # open blind comparisons by token: (evaluation, the pair, who asked)
         self.clean_old_files()
 
     @property
@@ -339,6 +341,8 @@ class Studio:
         if cfg.data.eval_path:
             cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, visitor)
         self._check_stage_inputs(cfg, visitor)
+        if cfg.stage == "evaluate":
+            self._check_evaluation(cfg, visitor)
         if self.policy.share:
             self._check_devices_shared(cfg)
         if self.limits is not None:  # no run holds the one training slot for ever
@@ -346,6 +350,93 @@ class Studio:
             t.time_limit_minutes = min(t.time_limit_minutes or self.limits.run_minutes, self.limits.run_minutes)
         run = launcher.start(cfg, owner=owner_key(visitor) if self.policy.share else "").run
         return {"run_id": run.id, "message": f"Started run {run.id}."}
+
+    # --- evaluation ---
+    def _check_evaluation(self, cfg, visitor: str) -> None:
+        """An evaluation names this visitor's own finished runs, data they may use, and on a shared studio no judge
+        (unless the owner allows it), no local model and no benchmark (it would fetch or run task code)."""
+        s = cfg.settings_of("evaluate")
+        for ref in filter(None, (s.run, s.against)):
+            run = self._run(ref, visitor)
+            if run.id not in self.finished_runs(visitor, writes_replies=True):
+                raise StudioError(f"Run {run.id} has not finished with a saved adapter that writes replies, so it "
+                                  "cannot be evaluated yet.")
+        if not s.run:
+            raise StudioError("Pick the finished run to evaluate.")
+        if s.data:
+            s.data = self.check_data_allowed(s.data, visitor)
+        if s.judge:
+            if self.policy.share and not self.policy.allow_judge:
+                raise StudioError("A judge model is turned off on this shared link (its owner can allow it).")
+            if s.judge != BUNDLED_MODEL and s.judge not in self.finished_runs(visitor, writes_replies=True):
+                s.judge = self.check_model_allowed(s.judge)
+        if s.benchmark and self.policy.share:
+            raise StudioError("Benchmarks (lm-eval) run only on the owner's own studio, not on a shared link.")
+
+    @_public_errors
+    def start_evaluation(self, settings: dict, visitor: str) -> dict:
+        """Start an evaluation run of a finished run (stages/evaluate.py): its settings are EvaluateSettings'."""
+        from studio.stages.evaluate import EvaluateSettings
+        settings = dict(settings or {})
+        run = self._run(settings.get("run", ""), visitor)
+        cfg_dict = to_dict(run.config())
+        known = {f for f in EvaluateSettings.__dataclass_fields__}
+        unknown = set(settings) - known
+        if unknown:
+            raise StudioError(f"Unknown evaluation setting {sorted(unknown)[0]!r}.")
+        evaluation = {**settings, "run": run.id}
+        cfg = {"name": f"eval-{run.id}"[:60], "stage": "evaluate", "model": cfg_dict["model"],
+               "evaluate": evaluation}
+        return self.start(cfg, visitor)
+
+    def evaluation_report(self, eval_run_id: str, visitor: str) -> dict:
+        """The report an evaluation run wrote ({} while it runs or if it failed)."""
+        run = self._run(eval_run_id, visitor)
+        report = run.read_json("report.json")
+        if report and self.policy.share:
+            report["data"] = self.public(report.get("data", ""))
+        return report
+
+    def evaluation_page(self, eval_run_id: str, visitor: str) -> str | None:
+        """The report's readable page (a path to download), or None while there is none."""
+        page = self._run(eval_run_id, visitor).path / "report.html"
+        return str(page) if page.is_file() else None
+
+    def evaluations(self, visitor: str) -> list[str]:
+        """This visitor's finished evaluations, newest first."""
+        return [r.id for r in list_runs() if self._sees(r, visitor) and (r.path / "report.json").is_file()]
+
+    # --- blind comparison ---
+    def blind_next(self, eval_run_id: str, visitor: str) -> dict:
+        """One row of an evaluation with its two answers as A and B in a random order (kept here, not sent), for
+        a person to say which is better without knowing which model wrote it."""
+        from studio import votes
+        report = self.evaluation_report(eval_run_id, visitor)
+        if not report:
+            raise StudioError("That evaluation has no report yet: wait for it to finish.")
+        pick = votes.next_pair(report, self._votes(report, visitor).rows_voted(owner_key(visitor)))
+        with self._lock:
+            self._blind[pick.token] = (eval_run_id, pick, visitor)
+            while len(self._blind) > 1000:
+                self._blind.pop(next(iter(self._blind)))
+        return {"token": pick.token, "prompt": pick.prompt, "a": pick.a, "b": pick.b, "left": pick.left,
+                "tally": self._votes(report, visitor).tally()}
+
+    def blind_vote(self, token: str, choice: str, visitor: str) -> dict:
+        """Record a vote (A, B or tie) on the pair `token` named; the tally so far for that run."""
+        with self._lock:
+            found = self._blind.pop(token, None) if isinstance(token, str) else None
+        if found is None or found[2] != visitor:
+            raise StudioError("That comparison is no longer open; show the next one.")
+        eval_run_id, pick, _ = found
+        report = self.evaluation_report(eval_run_id, visitor)
+        book = self._votes(report, visitor)
+        book.add(pick, choice, owner_key(visitor))
+        return book.tally()
+
+    def _votes(self, report: dict, visitor: str):
+        from studio import votes
+        return votes.Book(self._run(report["run"], visitor), report["evaluation_run"])
 
     @staticmethod
     def _check_devices_shared(cfg) -> None:
@@ -447,9 +538,58 @@ class Studio:
         launcher.reconcile(run)
         status, metrics = self._public_status(run.status()), run.metrics()
         progress = Progress.of(run.id, status, metrics)
+        # GRPO writes its scored replies (today's table: the last evaluation's, with rewards); the other stages
+        # answer the same prompts at every evaluation, shown one row per prompt and one column per step.
+        by_step = status.stage != "grpo"
         return {"run_id": run.id, "status": status.to_json(), "metrics": [m.to_json() for m in metrics],
                 "progress": {**progress.__dict__, "state": progress.state.value, "fraction": progress.fraction},
-                "active": status.state in ACTIVE, "series": _series(status.stage), "samples": run.latest_samples()}
+                "active": status.state in ACTIVE, "series": _series(status.stage),
+                "samples": self._samples_by_step(run) if by_step else run.latest_samples(),
+                "samples_layout": "by step" if by_step else "rewards", "warnings": self._overfitting_warnings(metrics)}
+
+    @staticmethod
+    def _samples_by_step(run: Run) -> list[dict]:
+        """samples.jsonl as a table: one row per prompt (in the order first asked), a column "base" with the
+        starting model's reply (step 0) and one per evaluation ("step 4", "step 8"...), newest last."""
+        import json
+        replies: dict[str, dict[int, str]] = {}
+        try:
+            lines = (run.path / "samples.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash mid-write
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("reply"), str):
+                replies.setdefault(str(row.get("prompt", "")), {})[row["step"]] = row["reply"]
+        steps = sorted({step for by_step in replies.values() for step in by_step})
+        names = {step: "base" if step == 0 else f"step {step}" for step in steps}
+        return [{"prompt": prompt, **{names[step]: by_step.get(step, "") for step in steps}}
+                for prompt, by_step in replies.items()]
+
+    @staticmethod
+    def _overfitting_warnings(metrics: list) -> list[str]:
+        """A plain warning when the held-out loss rose at each of the last two evaluations while the training loss
+        kept falling (`metrics`: the run's MetricRecords): the model is learning its training rows by heart rather than
+        what carries over."""
+        evals = [(m.step, m.eval_loss) for m in metrics if isinstance(m.eval_loss, (int, float))]
+        if len(evals) < 3:
+            return []
+        (s1, l1), (s2, l2), (s3, l3) = evals[-3:]
+        if not l1 < l2 < l3:
+            return []
+        train = [(m.step, m.loss) for m in metrics if isinstance(m.loss, (int, float))]
+        before = [loss for step, loss in train if s1 < step <= s2]
+        since = [loss for step, loss in train if s2 < step <= s3]
+        if not before or not since or sum(since) / len(since) >= sum(before) / len(before):
+            return []
+        return [f"The model may be memorising its training rows: the held-out loss went up at the last two "
+                f"evaluations ({l1:.3f} at step {s1}, {l2:.3f} at step {s2}, {l3:.3f} at step {s3}) while the "
+                "training loss kept falling. Its replies to new prompts are unlikely to get better from here. What "
+                "helps: fewer epochs; early stopping (stops when the held-out loss stops improving); 'keep best' "
+                "(keeps the adapter from the evaluation with the lowest held-out loss); more varied training rows."]
 
     def _public_status(self, status: RunStatus) -> RunStatus:
         if self.policy.share:

@@ -127,6 +127,26 @@ def test_newcomer_tour_of_every_tab(page):
     page.locator("#export-files").get_by_text("browser-run-adapter").wait_for()
     page.screenshot(path=shots() / "5-export.png", full_page=True)
 
+    # Evaluate: base against tuned on 4 held-out prompts, the summary and every row; then a blind vote.
+    tab(page, "6 · Evaluate")
+    page.locator("#eval-run input").click()
+    page.get_by_role("option", name="browser-run").click()
+    set_number(page, "evaluate-max-rows", 4)
+    set_number(page, "evaluate-max-new-tokens", 16)
+    page.locator("#evaluate-forgetting input").uncheck()  # its 80 questions are tested in test_evaluation.py
+    page.locator("#eval-start").click()
+    page.locator("#eval-status").get_by_text("completed").wait_for()
+    assert "Evaluated 4 rows, base -> browser-run" in page.locator("#eval-summary").inner_text()
+    assert "loss on the reference answers" in page.locator("#eval-summary").inner_text()
+    page.locator("#eval-rows").get_by_text("Ahoy").first.wait_for()  # the demo's references are pirate replies
+    page.locator("#eval-report").get_by_text("report.html").wait_for()
+    page.locator("#eval-blind-next").click()
+    page.locator("#eval-blind-prompt").get_by_text("left to compare").wait_for()
+    assert page.locator("#eval-blind-a textarea").input_value().strip()
+    page.locator("#eval-vote-a").click()
+    page.locator("#eval-blind-tally").get_by_text("of 1").wait_for()
+    page.screenshot(path=shots() / "7-evaluate.png", full_page=True)
+
     # 6. Preferences: DPO from its preset, starting from the run above; its data is a pair shown side by side,
     # its plot the stage's own curves.
     tab(page, "3 · Train")

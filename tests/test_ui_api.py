@@ -91,7 +91,7 @@ def test_settings_sent_straight_to_the_api_are_checked_on_the_server(launched, t
     # Page events (dozens of unnamed inputs) are not part of the API.
     assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
         "/describe_model", "/upload_data", "/inspect_data", "/start_training", "/stop_training", "/resume_training",
-        "/delete_run", "/run_status", "/list_runs", "/chat", "/export_run"}
+        "/delete_run", "/run_status", "/list_runs", "/chat", "/export_run", "/start_evaluation", "/evaluation_report"}
 
 
 def test_share_mode_requires_login_and_refuses_local_paths(launched, tiny_model, capsys):

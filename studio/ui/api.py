@@ -12,7 +12,7 @@ from gradio.data_classes import FileData
 from studio.ui.common import friendly, visitor
 
 API_NAMES = ("describe_model", "upload_data", "inspect_data", "start_training", "stop_training", "resume_training",
-             "delete_run", "run_status", "list_runs", "chat", "export_run")
+             "delete_run", "run_status", "list_runs", "chat", "export_run", "start_evaluation", "evaluation_report")
 # Each group runs one call at a time, apart from the others: a long chat reply never holds up a data check.
 QUICK = None  # status, lists and Stop answer at once
 
@@ -80,9 +80,21 @@ def register(studio) -> list:
         """A zip of the run's adapter ('adapter') or merged model ('merged')."""
         return FileData(path=studio.export(run_id, what, visitor(request)))
 
+    @friendly
+    def start_evaluation(settings: dict, request: gr.Request) -> dict:
+        """Evaluate a finished run against its base or another run ({run, against, data, metrics, max_rows,
+        forgetting, ...}); returns the evaluation's run id (follow it with run_status)."""
+        return studio.start_evaluation(settings, visitor(request))
+
+    @friendly
+    def evaluation_report(run_id: str, request: gr.Request = None) -> dict:
+        """The report of a finished evaluation ({} while it runs)."""
+        return studio.evaluation_report(run_id, visitor(request))
+
     groups = {describe_model: "model", upload_data: "data", inspect_data: "data", start_training: "start",
               stop_training: QUICK, resume_training: "start", delete_run: "start", run_status: QUICK,
-              list_runs: QUICK, chat: "chat", export_run: "export"}
+              list_runs: QUICK, chat: "chat", export_run: "export", start_evaluation: "start",
+              evaluation_report: QUICK}
     for fn, group in groups.items():
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None if group is QUICK else "default",
                concurrency_id=group)

@@ -9,7 +9,7 @@ import gradio as gr
 
 from studio.config import BUNDLED_MODEL, DEMO_DATA
 from studio.paths import ASSETS_DIR
-from studio.ui import api, chat_tab, data_tab, export_tab, model_tab, train_tab
+from studio.ui import api, chat_tab, data_tab, evaluate_tab, export_tab, model_tab, train_tab
 from studio.ui.common import bind
 
 CSS_PATH = ASSETS_DIR / "studio.css"
@@ -52,6 +52,8 @@ def build_app(studio) -> gr.Blocks:
                 chat = chat_tab.build(studio)
             with gr.Tab("5 · Export", id="export", elem_id="tab-export") as export_item:
                 export = export_tab.build(studio)
+            with gr.Tab("6 · Evaluate", id="evaluate", elem_id="tab-evaluate") as evaluate_item:
+                evaluate = evaluate_tab.build(studio)
 
         start_inputs = {model.picker, *data.inputs, *train.inputs}
         live = [*train.live_outputs, train.timer, train.watched]
@@ -83,6 +85,10 @@ def build_app(studio) -> gr.Blocks:
             demo_start, start_inputs, live)
         chat_item.select(bind(chat_tab.finished_runs, studio), chat.run_pick, chat.run_pick)
         export_item.select(bind(export_tab.finished_runs, studio), export.run_pick, export.run_pick)
+        evaluate_tab.wire_start(studio, evaluate, data.data_path)
+        evaluate_item.select(bind(evaluate_tab.finished_runs, studio), evaluate.run_pick, evaluate.run_pick).then(
+            bind(evaluate_tab.against_choices, studio), evaluate.against, evaluate.against).then(
+            bind(evaluate_tab.evaluations, studio), evaluate.past, evaluate.past)
         app.load(bind(chat_tab.finished_runs, studio), chat.run_pick, chat.run_pick).then(
             bind(export_tab.finished_runs, studio), export.run_pick, export.run_pick).then(
             bind(train_tab.start_points, studio), None, train.start_from)
