@@ -138,8 +138,7 @@ def test_newcomer_tour_of_every_tab(page):
     page.locator("#eval-status").get_by_text("completed").wait_for()
     assert "Evaluated 4 rows, base -> browser-run" in page.locator("#eval-summary").inner_text()
     assert "loss on the reference answers" in page.locator("#eval-summary").inner_text()
-    page.locator("#eval-rows").get_by_text("Ahoy").first.wait_for()  # the demo's references are pirate replies
-    page.locator("#eval-report").get_by_text("report.html").wait_for()
+    assert "Ahoy" in page.locator("#eval-rows").inner_text()  # the demo's references are pirate replies
     page.locator("#eval-blind-next").click()
     page.locator("#eval-blind-prompt").get_by_text("left to compare").wait_for()
     assert page.locator("#eval-blind-a textarea").input_value().strip()
