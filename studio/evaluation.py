@@ -149,7 +149,6 @@ def forgetting_check(generate: Callable[[list[str]], list[str]], label: str, pro
 def judge_answers(judge, rows: list[dict], rubric: str, sides: tuple[str, str] = SIDES, max_new_tokens: int = 8) -> dict:
     """A judge model grades each row's two answers against the rubric: which is better, or a tie. The order the
     answers are shown in alternates row by row, so a judge that always prefers the first one comes out even."""
-    from studio.rendering import render_text  # noqa: F401 - the judge answers through its chat template
     wins = {sides[0]: 0, sides[1]: 0, "tie": 0, "unclear": 0}
     verdicts = []
     prompts = []
