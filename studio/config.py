@@ -187,6 +187,12 @@ class TrainingConfig:
         False, "At the end, keep the adapter from the evaluation with the lowest held-out loss instead of the last "
         "step's (a checkpoint is then saved at every evaluation). Guards against training too long. Needs "
         "held-out rows.")
+    forgetting_check: str = setting(
+        "auto", "When training ends, ask the starting model and the tuned one the same short general questions "
+        "(capitals, sums, plurals...) and say whether fine-tuning made the model forget what it knew. 'auto': 40 "
+        "questions on a GPU, 20 on a CPU (seconds for a small model), none for models over 0.6B parameters on a CPU "
+        "(minutes there); 'on': 40 questions always; 'off': never. The Evaluate tab runs the same check whenever "
+        "you like.", choices=("auto", "on", "off"))
 
 
 @dataclass

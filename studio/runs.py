@@ -36,6 +36,9 @@ from studio.errors import StudioError
 from studio.paths import check_safe_name, runs_dir
 from studio.records import ACTIVE, MetricRecord, RunStatus, State, parse_metrics
 
+# The end-of-run forgetting check's verdict (studio/training/forgetting.py writes it; the page reads it).
+FORGETTING_FILE = "forgetting.json"
+
 COMPLETE_MARKER = "COMPLETE"
 STOP_REQUEST = "stop-request"
 

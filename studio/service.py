@@ -545,7 +545,8 @@ class Studio:
                 "progress": {**progress.__dict__, "state": progress.state.value, "fraction": progress.fraction},
                 "active": status.state in ACTIVE, "series": _series(status.stage),
                 "samples": self._samples_by_step(run) if by_step else run.latest_samples(),
-                "samples_layout": "by step" if by_step else "rewards", "warnings": self._overfitting_warnings(metrics)}
+                "samples_layout": "by step" if by_step else "rewards",
+                "warnings": self._overfitting_warnings(metrics) + self._forgetting_warnings(run)}
 
     @staticmethod
     def _samples_by_step(run: Run) -> list[dict]:
@@ -568,6 +569,13 @@ class Studio:
         names = {step: "base" if step == 0 else f"step {step}" for step in steps}
         return [{"prompt": prompt, **{names[step]: by_step.get(step, "") for step in steps}}
                 for prompt, by_step in replies.items()]
+
+    @staticmethod
+    def _forgetting_warnings(run: Run) -> list[str]:
+        """The end-of-run forgetting check's verdict, when it found the model had forgotten something."""
+        from studio.runs import FORGETTING_FILE
+        found = run.read_json(FORGETTING_FILE)
+        return [str(found.get("message", ""))] if found.get("flagged") else []
 
     @staticmethod
     def _overfitting_warnings(metrics: list) -> list[str]:

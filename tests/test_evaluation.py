@@ -9,6 +9,7 @@ import pytest
 from studio.errors import StudioError
 from studio.records import State
 from studio.runs import new_run, open_run
+from studio.service import Studio
 from tests.conftest import tiny_config, train_here
 
 
@@ -191,13 +192,19 @@ def test_the_forgetting_check_flags_a_run_made_to_forget_and_not_one_that_did_no
                                                                  "batch_size": 8, "save_steps": 100}))
     assert train_here(knows).state is State.COMPLETED
     banana = _write(tmp_path / "banana.jsonl", [(q, "Banana.") for q, _ in FACTS] * 4)
-    verdicts = {}
+    verdicts, at_end = {}, {}
     for name, training in (("forgot", {"learning_rate": 3e-3, "max_steps": 30}),
                            ("kept", {"learning_rate": 1e-8, "max_steps": 1})):
         run = new_run(tiny_config(tiny_model, name=name, model={"start_from": knows.id}, method={"method": "full"},
                                   data={"path": str(banana), "eval_fraction": 0.2},
-                                  training={**training, "batch_size": 8, "save_steps": 100, "eval_steps": 100}))
-        assert train_here(run).state is State.COMPLETED
+                                  training={**training, "batch_size": 8, "save_steps": 100, "eval_steps": 100,
+                                            "forgetting_check": "on"}))
+        trained = train_here(run)
+        assert trained.state is State.COMPLETED
+        # The check at the end of training (the whole model trained: the start answered before the first step)...
+        at_end[name] = (json.loads((run.path / "forgetting.json").read_text()), trained.message,
+                        Studio().snapshot(run.id, "local")["warnings"])
+        # ...and the same check from an evaluation.
         evaluation = new_run(config_for(run.id, max_rows=2, max_new_tokens=8, forgetting=True))
         status = train_here(evaluation)
         assert status.state is State.COMPLETED, status.message
@@ -206,6 +213,12 @@ def test_the_forgetting_check_flags_a_run_made_to_forget_and_not_one_that_did_no
     assert forgot["base_right"] >= 5  # the run they start from knows the facts
     assert forgot["flagged"] and forgot["tuned_right"] <= 1 and "forgot" in forgot["message"].lower()
     assert not kept["flagged"] and kept["tuned_right"] == kept["base_right"] == forgot["base_right"]
+    for name, verdict in verdicts.items():
+        found, message, warnings = at_end[name]
+        assert (found["flagged"], found["base_right"], found["tuned_right"]) == \
+            (verdict["flagged"], verdict["base_right"], verdict["tuned_right"])
+        assert f"Forgetting check: {found['message']}" in message
+        assert warnings == ([found["message"]] if found["flagged"] else [])
 
 
 def test_a_judge_model_grades_every_row_with_the_order_alternating(tiny_model):
@@ -229,3 +242,41 @@ def test_a_judge_model_grades_every_row_with_the_order_alternating(tiny_model):
     assert result["judged"] == 4 and sum(result["wins"].values()) == 4 and len(result["verdicts"]) == 4
     assert "Answer A: a plain answer" in seen[0] and "Answer A: Ahoy" in seen[1]  # the order alternates
     assert all("Rubric: answers like a pirate" in text for text in seen)
+
+
+@pytest.mark.slow
+def test_the_bundled_model_can_judge(monkeypatch):
+    """The issue's judge test: the bundled model, named as a person would ('bundled'), grades answers through the
+    evaluation's own judge step; every row gets one of A, B, tie or 'unclear' and the counts add up."""
+    from types import SimpleNamespace
+
+    from studio.stages import evaluate
+    rows = [{"prompt": "What is the capital of France?", "base": "Paris.", "tuned": "Ahoy, matey! Paris! Arr!"},
+            {"prompt": "What is 2 + 2?", "base": "4", "tuned": "Ahoy! 4, matey. Arr!"}]
+    said = []
+    result = evaluate._judge(SimpleNamespace(judge="bundled", rubric="answers like a pirate"), rows,
+                             SimpleNamespace(say=said.append))
+    assert result["judge"] == "bundled" and result["judged"] == 2 and sum(result["wins"].values()) == 2
+    assert all(v["picked"] in ("base", "tuned", "tie", "unclear") for v in result["verdicts"])
+    assert said  # the page is told the judge is at work
+
+
+def test_a_training_run_ends_with_the_forgetting_check(trained, monkeypatch):
+    """training.forgetting_check 'auto' on a small model on a CPU: the LoRA run of the fixture asked the general
+    questions of its base (adapter off) and of itself, and its verdict is in the run folder and its last message."""
+    from studio.training.forgetting import CPU_AUTO_MAX_PARAMS, CPU_QUESTIONS, QUESTIONS, questions_for
+    home, run_id = trained
+    monkeypatch.setenv("STUDIO_HOME", str(home))
+    run = open_run(run_id)
+    found = json.loads((run.path / "forgetting.json").read_text())
+    assert found["total"] == CPU_QUESTIONS == len(found["questions"])
+    assert all({"base_reply", "tuned_reply", "base_passed", "tuned_passed"} <= set(q) for q in found["questions"])
+    assert found["base_right"] == sum(q["base_passed"] for q in found["questions"])
+    assert "Forgetting check:" in run.status().message
+    assert not (run.path / "forgetting-base.json").exists()  # with an adapter the base answers at the end
+    # 'auto' leaves it out only for big models on a CPU, and says why.
+    assert questions_for("auto", "cpu", CPU_AUTO_MAX_PARAMS + 1)[0] == 0
+    assert "Evaluate tab" in questions_for("auto", "cpu", CPU_AUTO_MAX_PARAMS + 1)[1]
+    assert questions_for("auto", "cuda", 10 ** 10) == (QUESTIONS, "")
+    assert questions_for("auto", "cpu", CPU_AUTO_MAX_PARAMS) == (CPU_QUESTIONS, "")
+    assert questions_for("off", "cuda", 1) == (0, "") and questions_for("on", "cpu", 10 ** 10)[0] == QUESTIONS

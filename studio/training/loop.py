@@ -127,7 +127,9 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
             from studio.training.callbacks import AdaLoraBudget
             callbacks.append(AdaLoraBudget())
         early = _early_stopping(prep)
-        callbacks += [c for c in (early, _sample_replies(job, recipe, prep), _tensorboard(run)) if c is not None]
+        forgetting = _forgetting_check(job, recipe, prep)
+        callbacks += [c for c in (early, _sample_replies(job, recipe, prep), forgetting, _tensorboard(run))
+                      if c is not None]
         trainer = recipe.build(prep, job, arguments(prep, run, attempt), callbacks)
         apply.distribute(trainer, prep.plan)
         if job.stop_requested():
@@ -160,9 +162,11 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
                            f"minutes passed. {saved[0].upper()}{saved[1:]}; resume to train on.", True, step)
         if stopper.stopped_at is not None:
             return Outcome(f"Stopped by you at step {step}; {saved}.", True, step)
+        checked = _finish_forgetting_check(forgetting, trainer, run)
         if early is not None and early.stopped_at is not None:
-            return Outcome(_early_stop_words(early, step, kept), True, step)
-        return Outcome(f"Finished {step} steps; {_kept_words(*kept) if kept else 'the adapter is saved'}.", False, step)
+            return Outcome(_early_stop_words(early, step, kept) + checked, True, step)
+        return Outcome(f"Finished {step} steps; {_kept_words(*kept) if kept else 'the adapter is saved'}."
+                       + checked, False, step)
     finally:
         if prep is not None:
             apply.finish(prep.plan)
@@ -186,6 +190,33 @@ def _sample_replies(job: Job, recipe: Recipe, prep: Prepared):
         return None
     conversations = sample_conversations(cfg, job.notes.get("held_out_examples", []))
     return SampleReplies(job.run, prep.tokenizer, conversations, cfg.data.max_length) if conversations else None
+
+
+def _forgetting_check(job: Job, recipe: Recipe, prep: Prepared):
+    """The end-of-run forgetting check (training.forgetting_check), for stages that write replies."""
+    from studio.training import forgetting
+    from studio.training.callbacks import SampleReplies
+    cfg = prep.cfg
+    if recipe.head != "causal_lm":
+        return None
+    count, why_not = forgetting.questions_for(cfg.training.forgetting_check, prep.device,
+                                              prep.model.num_parameters())
+    if not count:
+        if why_not:
+            job.run.update_status(advice=[*job.run.stored_status().advice, why_not])
+        return None
+    from studio.evaluation import PROBE_TOKENS
+    return forgetting.ForgettingCheck(job.run, SampleReplies(job.run, prep.tokenizer, [], cfg.data.max_length,
+                                                             max_new_tokens=PROBE_TOKENS), count)
+
+
+def _finish_forgetting_check(check, trainer, run: Run) -> str:
+    if check is None:
+        return ""
+    from studio.training import forgetting
+    run.update_status(message=f"Training is done; asking {len(check.items)} general questions to check the model "
+                              "has not forgotten what it knew.")
+    return forgetting.summary(check.finish(trainer.model, trainer.args))
 
 
 def sample_conversations(cfg: RunConfig, held_out: list[dict]) -> list[list[dict]]:

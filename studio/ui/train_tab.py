@@ -289,6 +289,7 @@ def build(studio) -> SimpleNamespace:
         with gr.Row():
             form.field("training", "early_stopping_patience", label="Early stopping (evaluations without improvement)")
             form.field("training", "keep_best", label="Keep the best adapter")
+            form.field("training", "forgetting_check", label="Forgetting check at the end")
     gpus = studio.gpus()
     # Only a machine with several GPUs has a choice to make here; with one (or none) the run simply uses it.
     with gr.Accordion("GPUs", open=True, visible=len(gpus) > 1, elem_id="train-gpus-box"):
