@@ -22,6 +22,7 @@ import sys
 import time
 
 from studio.errors import StudioError
+from studio.quiet import quiet_libraries
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,18 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries() -> None:
-    # Library progress bars and advice are noise to our users; our own lines say what is happening.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-    warnings.filterwarnings("ignore")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return _dispatch(args)
     except StudioError as err:

@@ -65,3 +65,18 @@ def test_demo_on_the_bundled_model_learns_the_taught_way(studio_home):
     base_answer = studio("chat", run_dir, "--source", "base", "--prompt", "What is the capital of Portugal?",
                          "--max-new-tokens", "40")
     assert not answers_taught_way(base_answer.stdout), base_answer.stdout
+
+
+@pytest.mark.skipif(os.path.exists("/proc/driver/nvidia/version"), reason="this machine has an NVIDIA driver")
+def test_a_machine_without_cuda_never_loads_bitsandbytes():
+    """peft and trl import bitsandbytes whenever it is installed, and on a machine without CUDA it prints warnings
+    on every command; the studio's processes mark it absent there, and trl and peft still load."""
+    from studio.quiet import nvidia_driver_present
+    if nvidia_driver_present():
+        pytest.skip("this machine has nvidia-smi")
+    code = ("import sys; from studio.quiet import quiet_libraries; quiet_libraries(); import peft, trl; "
+            "from peft import LoraConfig; print(sys.modules.get('bitsandbytes') is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+    assert "bitsandbytes" not in out.stderr.lower() and "gemm_4bit" not in out.stderr

@@ -28,6 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
+from studio.quiet import quiet_libraries
+
 
 class _Signals:
     """The first SIGTERM or SIGINT asks for a stop; the second one interrupts at once."""
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir, resume = Path(args[0]), "--resume" in args[1:]
     signals = _Signals()
     signals.install()
-    _quiet_libraries()
+    quiet_libraries()
     try:
         from studio.distributed import world
         from studio.records import State
@@ -90,7 +92,7 @@ def _wait_as_spare(fd: int) -> list[str] | None:
     process's output goes to the run's worker.log. None when the server closed the socket instead."""
     import socket
     channel = socket.socket(fileno=fd)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         import studio.stages.sft  # noqa: F401
         import studio.training.loop  # noqa: F401
@@ -240,15 +242,6 @@ def _write_bare_failure(run_dir: Path, err: BaseException) -> None:
     tmp.write_text(json.dumps(status, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     traceback.print_exc()
-
-
-def _quiet_libraries() -> None:
-    # Library progress bars and advice are noise in worker.log; the run's own records say what happens.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-    warnings.filterwarnings("ignore")
 
 
 if __name__ == "__main__":
