@@ -105,3 +105,32 @@ def test_each_tab_serves_alone():
         for _, process in servers.values():
             process.terminate()
             process.wait(30)
+
+
+def test_the_two_replies_are_written_together():
+    """Chat's streams run side by side: the first stream cannot go on until the second has written something, so
+    read one after the other they would never finish (each wait gives up after a minute and says so)."""
+    import threading
+
+    from studio.ui.chat_tab import side_by_side
+    first_wrote, second_wrote = threading.Event(), threading.Event()
+
+    def first():
+        yield "a"
+        first_wrote.set()
+        assert second_wrote.wait(60), "the second reply never started while the first was being written"
+        yield "a b"
+
+    def second():
+        assert first_wrote.wait(60), "the first reply never started"
+        yield "x"
+        second_wrote.set()
+
+    seen = list(side_by_side({"tuned": first(), "base": second()}))
+    assert seen == [("tuned", "a"), ("base", "x"), ("tuned", "a b")]
+
+    def broken():
+        yield "half"
+        raise RuntimeError("the model fell over")
+    with pytest.raises(RuntimeError, match="fell over"):
+        list(side_by_side({"tuned": broken(), "base": iter(["fine", "fine too"])}))

@@ -5,6 +5,9 @@ Run it alone with ``python -m studio.ui.chat_tab``.
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import gradio as gr
@@ -52,7 +55,7 @@ def build(studio) -> SimpleNamespace:
 
 @friendly
 def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_history, request: gr.Request = None):
-    """Stream the tuned and the base model's replies to `text` into the two chat panels."""
+    """Stream the tuned and the base model's replies to `text` into the two chat panels, both at once."""
     text = (text or "").strip()
     if not text:
         raise gr.Error("Type a message first.")
@@ -61,13 +64,49 @@ def respond(studio, text, run_id, how, temp, p, limit, base_history, tuned_histo
     settings = {"temperature": temp, "top_p": p, "max_new_tokens": int(limit)}
     base_history = [*(base_history or []), {"role": "user", "content": text}]
     tuned_history = [*(tuned_history or []), {"role": "user", "content": text}]
+    who = visitor(request)
+    streams = {}
     for name, history in (("tuned", tuned_history), ("base", base_history)):
         turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
         history.append({"role": "assistant", "content": ""})
-        for partial in studio.chat(how if name == "tuned" else "base", run_id, turns, settings, visitor(request)):
-            history[-1]["content"] = partial
-            yield "", base_history, tuned_history
+        streams[name] = studio.chat(how if name == "tuned" else "base", run_id, turns, settings, who)
+    histories = {"tuned": tuned_history, "base": base_history}
+    for name, partial in side_by_side(streams):
+        histories[name][-1]["content"] = partial
+        yield "", base_history, tuned_history
     yield "", base_history, tuned_history
+
+
+def side_by_side(streams: dict) -> Iterator[tuple[str, str]]:
+    """(name, text so far) from several reply streams at once, as each grows: both models write together, so
+    the person compares them as they appear instead of waiting for one to finish before the other starts. Each
+    stream is drained in a thread of its own; the first error, if any, is raised here once the others end."""
+    updates: queue.Queue = queue.Queue()
+    done = object()
+
+    def drain(name: str, stream) -> None:
+        try:
+            for partial in stream:
+                updates.put((name, partial))
+        except BaseException as err:  # noqa: BLE001 - handed to the reader below
+            updates.put((name, err))
+        finally:
+            updates.put((name, done))
+
+    threads = [threading.Thread(target=drain, args=item, daemon=True) for item in streams.items()]
+    for thread in threads:
+        thread.start()
+    running, failure = len(threads), None
+    while running:
+        name, item = updates.get()
+        if item is done:
+            running -= 1
+        elif isinstance(item, BaseException):
+            failure = failure or item
+        else:
+            yield name, item
+    if failure is not None:
+        raise failure
 
 
 def finished_runs(studio, current: str | None = None, request: gr.Request = None) -> gr.Dropdown:
