@@ -67,7 +67,7 @@ def test_early_stopping_lets_an_improving_run_finish(tiny_model, tmp_path):
     losses = _held_out(run)
     assert losses == sorted(losses, reverse=True) and len(losses) == 8
     assert status.state is State.COMPLETED and not status.stopped_early and status.step == 16
-    assert status.message.startswith("Finished 16 steps; the adapter is saved.")
+    assert status.message.startswith("Finished 16 steps; the adapter is saved. Held-out loss fell from ")
     assert Studio().snapshot(run.id, "local")["warnings"] == []
 
 
@@ -120,3 +120,12 @@ def test_no_note_for_a_large_set_and_a_long_run(tiny_model):
     assert no_held_out == []
     guarded = tiny_config(tiny_model, training={"max_steps": -1, "keep_best": True})
     assert "no held-out rows" in small_data_advice(guarded, 1000, 0, 1000, Attempt(8, 1))[0]
+
+
+def test_the_last_message_says_how_the_held_out_loss_moved():
+    from studio.training.loop import held_out_trend
+    assert held_out_trend([]) == ""
+    assert "fell from 1.100 at step 4 to 0.780 at step 24" in held_out_trend([(4, 1.1), (12, 0.9), (24, 0.78)])
+    assert "rose" in held_out_trend([(4, 0.8), (8, 0.95)]) and "fewer epochs" in held_out_trend([(4, 0.8), (8, 0.95)])
+    assert "stayed about the same" in held_out_trend([(4, 1.0), (8, 1.005)])
+    assert held_out_trend([(6, 0.5)]) == " Held-out loss 0.500 at step 6."

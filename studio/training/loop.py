@@ -162,7 +162,8 @@ def _train_once(job: Job, recipe: Recipe, attempt: Attempt, resume: bool) -> Out
                            f"minutes passed. {saved[0].upper()}{saved[1:]}; resume to train on.", True, step)
         if stopper.stopped_at is not None:
             return Outcome(f"Stopped by you at step {step}; {saved}.", True, step)
-        checked = _finish_forgetting_check(forgetting, trainer, run)
+        checked = held_out_trend(_held_out_losses(trainer.state.log_history)) + \
+            _finish_forgetting_check(forgetting, trainer, run)
         if early is not None and early.stopped_at is not None:
             return Outcome(_early_stop_words(early, step, kept) + checked, True, step)
         return Outcome(f"Finished {step} steps; {_kept_words(*kept) if kept else 'the adapter is saved'}."
@@ -295,6 +296,28 @@ def _best_of_checkpoint(run: Run, checkpoint) -> tuple[object, float] | None:
 def _held_out_losses(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(h["step"], float(h["eval_loss"])) for h in log_history
             if isinstance(h.get("eval_loss"), (int, float)) and math.isfinite(h["eval_loss"]) and "step" in h]
+
+
+# Held-out loss changing by less than this share between the first and the last evaluation counts as flat.
+FLAT_SHARE = 0.02
+
+
+def held_out_trend(losses: list[tuple[int, float]]) -> str:
+    """One sentence on how the held-out loss moved over the run (`losses`: (step, loss) of each evaluation), and
+    what that means for new prompts; empty without held-out rows."""
+    if not losses:
+        return ""
+    (first_step, first), (last_step, last) = losses[0], losses[-1]
+    if len(losses) == 1:
+        return f" Held-out loss {last:.3f} at step {last_step}."
+    moved = f"from {first:.3f} at step {first_step} to {last:.3f} at step {last_step}"
+    if last < first * (1 - FLAT_SHARE):
+        return f" Held-out loss fell {moved}: it does better on examples it never trained on."
+    if last > first * (1 + FLAT_SHARE):
+        return (f" Held-out loss rose {moved}: it learned its training rows more than what carries over to new "
+                "prompts; fewer epochs or a lower learning rate usually help.")
+    return (f" Held-out loss stayed about the same ({moved}): little of what it learned carries over yet; more "
+            "steps or a higher learning rate may help.")
 
 
 def _kept_words(step: int, loss: float) -> str:
