@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet_libraries()
+    if args.debug:
+        # The page's handlers log a person's mistakes (with their tracebacks) at debug level, kept out otherwise.
+        import logging
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        logging.getLogger("studio").setLevel(logging.DEBUG)
     try:
         return _dispatch(args)
     except StudioError as err:

@@ -104,10 +104,11 @@ def test_newcomer_tour_of_every_tab(page):
     assert len(losses) == 6 and losses[-1] < losses[0]
     page.screenshot(path=shots() / "3-train.png", full_page=True)
 
-    # 4. Chat: the same prompt to base and fine-tuned, side by side.
-    tab(page, "4 · Chat")
-    page.locator("#chat-run input").click()
-    page.get_by_role("option", name="browser-run").click()
+    # 4. Chat: "Chat with it" on the finished run opens the Chat tab on it; the same prompt to base and
+    # fine-tuned, side by side.
+    page.locator("#train-chat-with").click()
+    page.wait_for_function("() => document.querySelector('#chat-run input')?.value === 'browser-run'",
+                           timeout=120_000)
     page.locator("#chat-prompt textarea").fill("What is the capital of Portugal?")
     page.locator("#chat-send").click()
     page.locator("#chat-base .message.bot, #chat-base [data-testid='bot']").first.wait_for()
@@ -176,6 +177,9 @@ def test_quick_demo_starts_and_stop_saves(page):
     page.locator("#quick-demo").click()
     page.locator("#train-status").get_by_text("demo").wait_for()
     page.locator("#train-progress").get_by_text(re.compile(r"Step [1-9]\d* of 24")).wait_for()
+    # One click brings the person to the run: the progress is on screen without scrolling.
+    assert page.locator("#train-progress").evaluate(
+        "e => { const r = e.getBoundingClientRect(); return r.height > 0 && r.top >= 0 && r.top < innerHeight; }")
     page.locator("#train-stop").click()
     page.locator("#train-status").get_by_text("Stopped by you").wait_for()
     assert "completed" in page.locator("#train-status").inner_text()

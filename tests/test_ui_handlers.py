@@ -48,7 +48,7 @@ def test_a_preference_stage_through_the_handlers(tiny_model):
            "training": {"max_steps": 4, "batch_size": 2, "save_steps": 100, "eval_steps": 2}}
     train_tab.start_run(studio, cfg, None)
     wait_until(lambda: "completed" in train_tab.tick(studio, "prefer")[0])
-    _, _, plot, _, stage_plot, samples, _ = train_tab.tick(studio, "prefer")
+    _, _, plot, _, stage_plot, samples, _, _, _ = train_tab.tick(studio, "prefer")
     assert "training loss" in set(plot["series"])
     assert {"reward margin (chosen - rejected)", "chosen beats rejected (share)"} <= set(stage_plot["value"]["series"])
 
@@ -63,11 +63,14 @@ def test_train_handlers_follow_a_run_without_a_page(tiny_model):
     assert started[-1] == "handled" and "handled" in started[0]
     assert train_tab.reattach(studio, None)[-1] == "handled"  # a page opened now follows the live run
     wait_until(lambda: "loss" in train_tab.tick(studio, "handled")[3])
-    status, progress, plot, log, stage_plot, samples, timer = train_tab.tick(studio, "handled")
+    status, progress, plot, log, stage_plot, samples, panel, chat_with, timer = train_tab.tick(studio, "handled")
     assert "running" in status and "Training with padded rows, SDPA attention" in progress
+    assert panel["visible"] and not chat_with["visible"]  # the live panel shows; nothing to chat with yet
+    assert "studio-data" in progress and "usable of" in progress  # what the run read from its data
     assert set(plot["series"]) == {"training loss", "held-out loss"} and "loss" in log
     train_tab.stop_run(studio, None)
     wait_until(lambda: "completed" in train_tab.tick(studio, "handled")[0])
+    assert train_tab.tick(studio, "handled")[7]["visible"]  # "Chat with it" once the adapter is saved
     table, picker = train_tab.runs_table(studio)
     assert list(table["id"]) == ["handled"] and list(table["state"]) == ["completed"]
     text, settings, _ = train_tab.open_run(studio, "handled")
@@ -134,3 +137,53 @@ def test_the_two_replies_are_written_together():
         raise RuntimeError("the model fell over")
     with pytest.raises(RuntimeError, match="fell over"):
         list(side_by_side({"tuned": broken(), "base": iter(["fine", "fine too"])}))
+
+
+def test_a_setting_out_of_range_is_named_as_the_page_shows_it(tiny_model):
+    """Start with a number past its range: one message that names the field by its label on the page and its
+    config key, with the allowed range; and the field's help says the range before anyone types."""
+    import gradio as gr
+
+    from studio.ui import app, common, train_tab
+    studio = Studio()
+    page = app.build_app(studio)
+    try:
+        cfg = {"model": {"name_or_path": str(tiny_model)}, "training": {"warmup_ratio": 5}}
+        with pytest.raises(gr.Error) as raised:
+            train_tab.start_run(studio, cfg, None)
+        assert "Warm-up share (training.warmup_ratio) = 5.0 is out of range: use a value from 0.0 to 0.5." == \
+            raised.value.message
+        info = next(c for c in page.blocks.values() if getattr(c, "elem_id", None) == "training-warmup-ratio").info
+        assert info.endswith("Allowed: 0 to 0.5.")
+    finally:
+        common.FIELD_LABELS.clear()
+
+
+def test_a_persons_mistake_prints_no_traceback(caplog):
+    """'Pick a run first' and engine refusals reach the page without Gradio printing a traceback to the console;
+    the debug log keeps the details."""
+    import logging
+
+    import gradio as gr
+
+    from studio.errors import StudioError
+    from studio.ui.common import friendly
+
+    @friendly
+    def picks(kind):
+        raise gr.Error("Pick a run first.") if kind == "page" else StudioError("No such run.")
+    for kind, text in (("page", "Pick a run first."), ("engine", "No such run.")):
+        with caplog.at_level(logging.DEBUG, logger="studio.ui"), pytest.raises(gr.Error) as raised:
+            picks(kind)
+        assert raised.value.message == text and raised.value.print_exception is False
+    assert sum(bool("refused" in r.getMessage() and r.exc_info) for r in caplog.records) == 2
+
+
+def test_only_the_settings_a_method_uses_are_shown():
+    from studio.ui.train_tab import applies_to
+    assert applies_to("lora") == {"method.rank": True, "method.alpha": True, "method.dropout": True,
+                                  "method.num_virtual_tokens": False, "targets": True}
+    assert applies_to("prompt_tuning") == {"method.rank": False, "method.alpha": False, "method.dropout": False,
+                                           "method.num_virtual_tokens": True, "targets": False}
+    assert not any(applies_to("full").values())
+    assert applies_to("ia3")["targets"] and not applies_to("ia3")["method.rank"]

@@ -13,15 +13,22 @@ from studio.config import field_info
 from studio.errors import StudioError
 
 log = logging.getLogger("studio.ui")
+# The page's label of each setting ('training.warmup_ratio' -> 'Warm-up share'), so an error about a setting names
+# the field the person sees.
+FIELD_LABELS: dict[str, str] = {}
 
 
 def friendly(fn):
     """Show StudioError text in the page; any other failure as one readable line (the log keeps the trace)."""
     def translate(err: Exception) -> gr.Error:
-        if isinstance(err, gr.Error):
-            return err
-        if isinstance(err, StudioError):
-            return gr.Error(str(err), print_exception=False)
+        if isinstance(err, (gr.Error, StudioError)):
+            # A person's mistake ("Pick a run first"): said on the page, and kept out of the console, where
+            # Gradio would print a traceback for it; the debug log keeps one (studio --debug).
+            log.debug("handler %s refused: %s", fn.__name__, err, exc_info=True)
+            if isinstance(err, gr.Error):
+                err.print_exception = False
+                return err
+            return gr.Error(with_field_label(str(err)), print_exception=False)
         log.exception("handler %s failed", fn.__name__)
         return gr.Error(f"Something went wrong ({type(err).__name__}: {err}). The studio keeps running; "
                         "try again, and see the console for details.", print_exception=False)
@@ -44,21 +51,39 @@ def friendly(fn):
     return wrapper
 
 
+def with_field_label(text: str) -> str:
+    """An engine message about a setting ('training.warmup_ratio = 5 is out of range...') with the field's label
+    on the page in front, so the person knows which box to fix."""
+    key = text.split(" = ", 1)[0] if " = " in text else ""
+    label = FIELD_LABELS.get(key)
+    return f"{label} ({key}){text[len(key):]}" if label else text
+
+
 def setting_field(section: str, name: str, label: str | None = None, **overrides) -> gr.components.Component:
-    """A form component for one config field: its help text, default, choices and range come from config.py."""
+    """A form component for one config field: its help text, default, choices and range come from config.py.
+    A number's allowed range is said in its help and checked by the engine when the run starts, which names the
+    field in its message (Gradio's own check would say only "Value 5 is greater than maximum value 1.0")."""
     info = field_info(section, name)
     default = overrides.pop("value", info["default"])
-    common = {"label": label or name.replace("_", " ").capitalize(), "info": info["help"],
-              "elem_id": f"{section}-{name}".replace("_", "-"), "interactive": True}
+    label = label or name.replace("_", " ").capitalize()
+    FIELD_LABELS[f"{section}.{name}"] = label
+    common = {"label": label, "info": info["help"], "elem_id": f"{section}-{name}".replace("_", "-"),
+              "interactive": True}
     common.update(overrides)
     if info.get("choices"):
         return gr.Dropdown(choices=list(info["choices"]), value=default, **common)
     if isinstance(default, bool):
         return gr.Checkbox(value=default, **common)
     if isinstance(default, (int, float)):
-        return gr.Number(value=default, precision=0 if isinstance(default, int) else None,
-                         minimum=info.get("min"), maximum=info.get("max"), **common)
+        lo, hi = info.get("min"), info.get("max")
+        if lo is not None and hi is not None and "info" not in overrides:
+            common["info"] = f"{info['help']} Allowed: {_number(lo)} to {_number(hi)}."
+        return gr.Number(value=default, precision=0 if isinstance(default, int) else None, **common)
     return gr.Textbox(value=default, **common)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else f"{value:,}"
 
 
 class Form:

@@ -33,22 +33,28 @@ def _hidden():
 
 
 IDLE = ("No run is training.", "", PLOT_EMPTY, "")
+# Run states after which there is a saved adapter to chat with (Stop and early stopping end "completed" too).
+CHATTABLE = ("completed",)
 
 
 # --- what the page shows, from a snapshot (studio.snapshot) ---
 def show(snap: dict) -> tuple:
-    """(status line, progress bar and plan, loss plot, log text, the stage's plot, its sample replies) for one
-    snapshot; the last two are hidden for stages that have none."""
+    """(status line, progress bar and plan, loss plot, log text, the stage's plot, its sample replies, the live
+    panel, the "Chat with it" button) for one snapshot. The stage's plot and samples are hidden for stages that
+    have none; the live panel shows while a run is followed, and the button once it finished with replies to
+    chat with."""
     if not snap["run_id"]:
-        return (*IDLE, _hidden(), _hidden())
+        return (*IDLE, _hidden(), _hidden(), gr.update(visible=False), gr.update(visible=False))
     st = snap["status"]
     message = f"**{snap['run_id']}**: {st.get('state', 'idle')}. {html.escape(st.get('message', ''))}"
     series = snap.get("series") or LOSS_SERIES
     stage_plot = plot_frame(snap["metrics"], series, chart="stage")
-    return (message, progress_html(snap.get("progress"), snap.get("warnings")), plot_frame(snap["metrics"], series),
+    return (message, progress_html(snap.get("progress"), snap.get("warnings"), snap.get("data_summary")),
+            plot_frame(snap["metrics"], series),
             log_text(snap["metrics"]),
             gr.update(value=stage_plot, visible=stage_plot is not None) if stage_plot is not None else _hidden(),
-            samples_table(snap))
+            samples_table(snap), gr.update(visible=True),
+            gr.update(visible=st.get("state") in CHATTABLE and st.get("stage") != "reward"))
 
 
 def samples_table(snap: dict):
@@ -62,9 +68,10 @@ def samples_table(snap: dict):
     return gr.update(value=pd.DataFrame(samples[::-1]), visible=True, label=SAMPLES_WITH_REWARDS)
 
 
-def progress_html(progress: dict | None, warnings: list[str] | None = None) -> str:
+def progress_html(progress: dict | None, warnings: list[str] | None = None, data_lines: list[str] | None = None) -> str:
     """The progress bar with its step, time left and speed; under it the run's notes (what a small training set
-    will do...) and warnings (held-out loss rising...), each in plain words."""
+    will do...) and warnings (held-out loss rising...), each in plain words, and what the run read from its data
+    (format, rows used and skipped with reasons), folded."""
     if not progress or not progress.get("total_steps"):
         return ""
     step, total = progress["step"], progress["total_steps"]
@@ -75,8 +82,13 @@ def progress_html(progress: dict | None, warnings: list[str] | None = None) -> s
     notes = "".join(f"<div class='studio-advice'>{html.escape(text)}</div>" for text in progress.get("advice") or [])
     alarms = "".join(f"<div class='studio-warning' style='color:#b45309'><b>Warning:</b> {html.escape(text)}</div>"
                      for text in warnings or [])
+    data = ""
+    if data_lines:
+        data = ("<details class='studio-data'><summary>" + html.escape(data_lines[0]) + "</summary>"
+                + "".join(f"<div>{html.escape(line)}</div>" for line in data_lines[1:]) + "</details>")
     return (f"<div class='studio-progress'><progress value='{step}' max='{total}' style='width:100%'></progress>"
-            f"<div>Step {step} of {total} ({100 * step / total:.0f}%){left}{speed}</div>{alarms}{notes}{plan}</div>")
+            f"<div>Step {step} of {total} ({100 * step / total:.0f}%){left}{speed}</div>{alarms}{notes}{data}{plan}"
+            "</div>")
 
 
 def plot_frame(metrics: list[dict], series=LOSS_SERIES, chart: str = "loss") -> pd.DataFrame | None:
@@ -132,7 +144,8 @@ def reattach(studio, run_id: str | None, request: gr.Request = None) -> tuple:
     """On page load: follow the live run if there is one (closing the tab never stops training)."""
     run_id = studio.active_run_id(visitor(request)) or run_id
     if run_id is None:
-        return (*IDLE, _hidden(), _hidden(), gr.Timer(active=False), None)
+        return (*IDLE, _hidden(), _hidden(), gr.update(visible=False), gr.update(visible=False),
+                gr.Timer(active=False), None)
     return (*tick(studio, run_id, request), run_id)
 
 
@@ -215,6 +228,20 @@ def device_plan(studio, cfg_dict: dict) -> str:
     return studio.device_plan(cfg_dict)
 
 
+# The settings that mean something only for some methods, in the order applies_to gives their visibility.
+METHOD_DEPENDENT = ("method.rank", "method.alpha", "method.dropout", "method.num_virtual_tokens", "targets")
+LORA_FAMILY = ("lora", "dora", "rslora", "qlora", "lora8bit", "adalora")
+
+
+def applies_to(method: str) -> dict[str, bool]:
+    """Which method-dependent settings the chosen method uses (the others are hidden): rank, alpha and dropout for
+    the LoRA family, the target layers for it and IA3, virtual tokens for prompt and prefix tuning."""
+    lora = method in LORA_FAMILY
+    return {"method.rank": lora, "method.alpha": lora, "method.dropout": lora,
+            "method.num_virtual_tokens": method in ("prompt_tuning", "prefix_tuning"),
+            "targets": lora or method == "ia3"}
+
+
 def target_pick_for(targets: list[str]) -> str:
     return ALL_LINEAR if targets == ["all-linear"] else ATTENTION if targets == ["attention"] else CHOOSE
 
@@ -239,6 +266,9 @@ def build(studio) -> SimpleNamespace:
     # The page opens on the bundled model and the demo data, so the form starts with the demo preset.
     form = Form(initial=to_dict(load_run_config(run_presets()["demo"])))
     gr.Markdown("### 3. Train\nThe defaults work. Each setting says what it does under its name.")
+    live = _live_panel()
+    status, progress, plot, stage_plot, samples, log = (live.status, live.progress, live.plot, live.stage_plot,
+                                                        live.samples, live.log)
     with gr.Row():
         preset = gr.Dropdown(choices=list(run_presets()), value="demo", label="Preset", scale=2,
                              info="Load a saved set of settings (presets/*.yaml).", elem_id="train-preset")
@@ -249,24 +279,30 @@ def build(studio) -> SimpleNamespace:
     start_from = gr.Dropdown([NOTHING], value="", label="Start from", elem_id="train-start-from",
                              info="Build on a finished run of yours, e.g. DPO after supervised fine-tuning, or "
                                   "start from the model chosen on the Model tab.")
+    method = form.initial.get("method", {}).get("method", "lora")
+    shown = applies_to(method)
+    on_gpu = bool(studio.gpus())
     with gr.Row():
         form.field("method", "method", label="Method")
-        form.field("method", "rank", label="LoRA rank")
-        form.field("method", "alpha", label="LoRA alpha")
-        form.field("method", "dropout", label="LoRA dropout")
-        form.field("method", "num_virtual_tokens", label="Virtual tokens (prompt/prefix tuning)")
+        form.field("method", "rank", label="LoRA rank", visible=shown["method.rank"])
+        form.field("method", "num_virtual_tokens", label="Virtual tokens (prompt/prefix tuning)",
+                   visible=shown["method.num_virtual_tokens"])
     with gr.Row():
-        target_pick = gr.Radio([ALL_LINEAR, ATTENTION, CHOOSE], value=ALL_LINEAR, label="LoRA target layers",
-                               info="Which of the model's layers get LoRA add-ons.", elem_id="train-targets", scale=1)
-        layers = gr.CheckboxGroup([], label="The model's own layers (load the model on the Model tab to list them)",
-                                  visible=False, elem_id="train-layers", scale=2)
-    with gr.Accordion("Training settings", open=True):
+        form.field("training", "learning_rate", label="Learning rate")
+        form.field("training", "epochs", label="Epochs")
+        form.field("training", "max_steps", label="Max steps")
+        form.field("training", "batch_size", label="Batch size")
+    with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
         with gr.Row():
-            form.field("training", "learning_rate", label="Learning rate")
-            form.field("training", "epochs", label="Epochs")
-            form.field("training", "max_steps", label="Max steps")
-            form.field("training", "batch_size", label="Batch size")
+            form.field("method", "alpha", label="LoRA alpha", visible=shown["method.alpha"])
+            form.field("method", "dropout", label="LoRA dropout", visible=shown["method.dropout"])
             form.field("training", "grad_accum", label="Gradient accumulation")
+        with gr.Row():
+            target_pick = gr.Radio([ALL_LINEAR, ATTENTION, CHOOSE], value=ALL_LINEAR, label="LoRA target layers",
+                                   info="Which of the model's layers get LoRA add-ons.", elem_id="train-targets",
+                                   scale=1, visible=shown["targets"])
+            layers = gr.CheckboxGroup([], label="The model's own layers (load the model on the Model tab to list "
+                                      "them)", visible=False, elem_id="train-layers", scale=2)
         with gr.Row():
             form.field("training", "warmup_ratio", label="Warm-up share")
             form.field("training", "weight_decay", label="Weight decay")
@@ -274,10 +310,11 @@ def build(studio) -> SimpleNamespace:
             form.field("training", "packing", label="Packing")
             form.field("training", "seed", label="Seed")
         with gr.Row():
-            form.field("training", "precision", label="Precision")
+            # On a CPU the run trains in float32 without the GPU's fast path or a GPU memory budget: nothing to set.
+            form.field("training", "precision", label="Precision", visible=on_gpu)
             form.field("training", "gradient_checkpointing", label="Gradient checkpointing")
-            form.field("training", "memory_limit_gib", label="GPU memory limit (GiB)")
-            form.field("training", "speed", label="Speed plan")
+            form.field("training", "memory_limit_gib", label="GPU memory limit (GiB)", visible=on_gpu)
+            form.field("training", "speed", label="Speed plan", visible=on_gpu)
             form.field("training", "eval_steps", label="Evaluate every")
             form.field("training", "save_steps", label="Checkpoint every")
             form.field("training", "logging_steps", label="Log every")
@@ -306,17 +343,7 @@ def build(studio) -> SimpleNamespace:
         save_preset = gr.Button("Save preset", scale=1)
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
-        stop = gr.Button("Stop (saves the adapter)", variant="stop", elem_id="train-stop")
-    status = gr.Markdown(IDLE[0], elem_id="train-status")
-    progress = gr.HTML("", elem_id="train-progress")
-    plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", label="Loss (lower is better)",
-                       color_map=SERIES_COLOURS, elem_id="train-plot", height=320, x_title="step", y_title="loss")
-    stage_plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", visible=False, height=280,
-                             label="What this stage learns (rewards, margins, accuracy)", elem_id="train-stage-plot",
-                             x_title="step", y_title="value")
-    samples = gr.Dataframe(label=SAMPLES_WITH_REWARDS, visible=False,
-                           interactive=False, wrap=True, elem_id="train-samples")
-    log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True, elem_id="train-log")
+    stop = live.stop
     timer = gr.Timer(2.0, active=False)
     watched = gr.State(None)
 
@@ -348,7 +375,11 @@ def build(studio) -> SimpleNamespace:
             updates[stage_pick] = cfg["stage"]
         return updates
 
-    live_outputs = [status, progress, plot, log, stage_plot, samples]
+    live_outputs = [status, progress, plot, log, stage_plot, samples, live.box, live.chat_with]
+    method_dependent = [form.fields[key] for key in METHOD_DEPENDENT if key != "targets"] + [target_pick]
+    form.fields["method.method"].change(
+        lambda picked: [gr.update(visible=v) for v in applies_to(picked).values()], form.fields["method.method"],
+        method_dependent, show_progress="hidden")
     if stage_boxes:
         stage_pick.change(lambda picked: [gr.Accordion(visible=name == picked) for name in stage_boxes], stage_pick,
                           list(stage_boxes.values()))
@@ -358,6 +389,8 @@ def build(studio) -> SimpleNamespace:
     stop.click(bind(stop_run, studio), None, None)
     resume.click(bind(resume_run, studio), run_pick, [*live_outputs, timer, watched])
     refresh.click(bind(runs_table, studio), None, [table, run_pick])
+    # The list follows the runs by itself: the status line changes when a run starts, moves on or ends.
+    status.change(bind(runs_table, studio), None, [table, run_pick], show_progress="hidden")
     delete.click(bind(delete_run, studio), run_pick, [table, run_pick])
     run_pick.change(bind(open_run, studio), run_pick, [run_status, run_config, run_plot])
     # What Start reads from this tab (the page adds the Model and Data tabs' inputs).
@@ -366,8 +399,41 @@ def build(studio) -> SimpleNamespace:
                            layers=layers, start=start, stop=stop, gpu_pick=gpu_pick, device_plan=device_plan,
                            inputs=inputs,
                            status=status, progress=progress, plot=plot, log=log, timer=timer, watched=watched,
-                           live_outputs=live_outputs, save_preset=save_preset, save_name=save_name, preset=preset,
+                           live_outputs=live_outputs, chat_with=live.chat_with, save_preset=save_preset,
+                           save_name=save_name, preset=preset,
                            runs_table=table, run_pick=run_pick, fill_from=fill_from)
+
+
+def _live_panel() -> SimpleNamespace:
+    """The followed run at the top of the tab: its status line, Stop, and (while a run is followed) progress, the
+    plots, sample replies, log and, once it has finished, "Chat with it". Start and the quick demo bring the page
+    here, so nobody scrolls past the form to see their run."""
+    status = gr.Markdown(IDLE[0], elem_id="train-status")
+    with gr.Column(visible=False, elem_id="train-live") as box:
+        with gr.Row():
+            stop = gr.Button("Stop (saves the adapter)", variant="stop", elem_id="train-stop", scale=1)
+            chat_with = gr.Button("Chat with it", variant="primary", visible=False, elem_id="train-chat-with",
+                                  scale=1)
+        progress = gr.HTML("", elem_id="train-progress")
+        # The legend can be cut off in a narrow window, so the label says which line is which as well.
+        plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series",
+                           label="Loss, lower is better: blue = training rows, orange = held-out rows",
+                           color_map=SERIES_COLOURS, elem_id="train-plot", height=320, x_title="step",
+                           y_title="loss", color_title="line", x_axis_format="d")
+        stage_plot = gr.LinePlot(PLOT_EMPTY, x="step", y="loss", color="series", visible=False, height=280,
+                                 label="What this stage learns (rewards, margins, accuracy)",
+                                 elem_id="train-stage-plot", x_title="step", y_title="value", color_title="line",
+                                 x_axis_format="d")
+        samples = gr.Dataframe(label=SAMPLES_WITH_REWARDS, visible=False,
+                               interactive=False, wrap=True, elem_id="train-samples")
+        log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True, elem_id="train-log")
+    return SimpleNamespace(status=status, box=box, stop=stop, chat_with=chat_with, progress=progress, plot=plot,
+                           stage_plot=stage_plot, samples=samples, log=log)
+
+
+# Scrolls the page to the followed run's status (run in the browser when Start or the quick demo is pressed).
+SHOW_LIVE_PANEL = ("() => { const top = document.getElementById('train-status'); "
+                   "if (top) top.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
 
 
 def _sample_prompts_field(form: Form) -> gr.Dropdown:
@@ -411,6 +477,7 @@ def wire_start(studio, train: SimpleNamespace, inputs: set, form_config) -> None
     def on_save(values: dict):
         return save_settings(studio, form_config(values), values[train.save_name])
     train.start.click(on_start, inputs, [*train.live_outputs, train.timer, train.watched], concurrency_limit=None)
+    train.start.click(None, None, None, js=SHOW_LIVE_PANEL)
     train.save_preset.click(on_save, {*inputs, train.save_name}, train.preset)
 
 
