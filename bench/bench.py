@@ -249,7 +249,7 @@ def parse_changes(items: list[str]) -> dict:
     return changes
 
 
-def studio_config(shape: str, arm: str, location: Path, strategy: str = "auto"):
+def studio_config(shape: str, arm: str, location: Path, strategy: str = "auto", memory_limit: float | None = None):
     from studio.config import from_dict
     method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
     return from_dict({"name": f"bench-{shape}-{arm}", "model": {"name_or_path": str(location)},
@@ -259,7 +259,8 @@ def studio_config(shape: str, arm: str, location: Path, strategy: str = "auto"):
                       "training": {"batch_size": STUDIO_ROWS[(shape, arm)], "learning_rate": 1e-4 if method != "full"
                                    else 1e-5, "max_steps": 100000, "save_steps": 1000000, "eval_steps": 1000000,
                                    "logging_steps": 100000, "precision": "bf16",
-                                   "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0)},
+                                   "memory_limit_gib": MEMORY_LIMIT_GIB.get(arm, 0.0) if memory_limit is None
+                                   else memory_limit},
                       "devices": {"strategy": strategy}})
 
 
@@ -277,7 +278,8 @@ def studio_plan(cfg, location: Path, plan_changes: dict, machine_changes: dict):
 
 
 def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tuple = (), plan_changes: dict | None = None,
-               machine_changes: dict | None = None, strategy: str = "auto") -> dict:
+               machine_changes: dict | None = None, strategy: str = "auto",
+               memory_limit: float | None = None) -> dict:
     import torch
 
     from studio import models
@@ -292,7 +294,7 @@ def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tupl
     method = {"studio": "lora", "studio-qlora": "qlora", "studio-full": "full"}[arm]
     quantization = quantization_for(method)
     location = model_folder(shape, with_weights=quantization is not None)
-    cfg = studio_config(shape, arm, location, strategy)
+    cfg = studio_config(shape, arm, location, strategy, memory_limit)
     plan = studio_plan(cfg, location, plan_changes or {}, machine_changes or {})
     apply.before_model_load(plan, "cuda")
     if quantization:
@@ -373,7 +375,7 @@ def child(shape: str, arm: str, seconds: float, changes: dict) -> dict:
     sum_sq_per_token = sum(L * L for L in lengths) / sum(lengths)
     result = run_stock(shape, docs, seconds) if arm == "stock" else run_studio(
         shape, arm, docs, seconds, plan_changes=changes.get("plan"), machine_changes=changes.get("machine"),
-        strategy=changes.get("strategy", "auto"))
+        strategy=changes.get("strategy", "auto"), memory_limit=changes.get("memory_limit"))
     tokens, secs = result["tokens"], result["seconds"]
     total = flops(shape, result["method"], tokens, sum_sq_per_token)
     return {**result, "shape": shape, "arm": arm, "gpus": where.size, "tokens_per_s": tokens / secs,
@@ -517,6 +519,8 @@ def main() -> int:
                                                        "report the scaling efficiency against one")
     p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"),
                    help="with --gpus: how the GPUs share the work (devices.strategy)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                   help="training.memory_limit_gib for the studio arms (default: 12 for studio-qlora, else none)")
     p.add_argument("--changes", default="{}", help=argparse.SUPPRESS)  # parent -> child
     args = p.parse_args()
     if args.cpu:
@@ -526,6 +530,8 @@ def main() -> int:
         print("RESULT " + json.dumps(child(*args.child, args.seconds, json.loads(args.changes))), flush=True)
         return 0
     changes = {"plan": parse_changes(args.plan), "machine": parse_changes(args.machine), "strategy": args.strategy}
+    if args.memory_limit is not None:
+        changes["memory_limit"] = args.memory_limit
     if args.gpus > 1:
         return several_gpus(args, changes)
     import torch

@@ -70,7 +70,7 @@ class DataConfig:
         minimum=0.0, maximum=0.5)
     max_length: int = setting(
         512, "Longest conversation in tokens. Longer ones are cut (or dropped, see 'too_long'); shorter "
-        "uses less memory.", minimum=16, maximum=262144)
+        "uses less memory.", minimum=16, maximum=1048576)
     too_long: str = setting(
         "truncate", "What to do with conversations over max_length: 'truncate' keeps the start, 'drop' skips them.",
         choices=("truncate", "drop"))

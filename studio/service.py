@@ -234,10 +234,15 @@ class Studio:
         for method, label in (("lora", "LoRA / DoRA / rsLoRA"), ("qlora", "QLoRA (4-bit)"), ("lora8bit", "8-bit LoRA"),
                               ("full", "Full fine-tuning"), ("prompt_tuning", "Prompt / prefix tuning")):
             value_bytes = 4 if info.device == "cpu" and method not in ("qlora", "lora8bit") else 2
-            gib = peak_gib(info.shape, method, 16, 8 * 256, 0, liger=False, value_bytes=value_bytes) \
-                if info.shape and info.shape.layers and info.shape.hidden else None
+            known = bool(info.shape and info.shape.layers and info.shape.hidden)
+            gib = peak_gib(info.shape, method, 16, 8 * 256, 0, liger=False, value_bytes=value_bytes) if known else None
+            # The least the planner can bring the same run down to on a GPU with a memory limit: every layer
+            # checkpointed, their inputs offloaded to host memory (activations.py; on the CPU nothing is offloaded).
+            least = peak_gib(info.shape, method, 16, 8 * 256, info.shape.layers, liger=False, value_bytes=value_bytes,
+                             offloaded=info.shape.layers if info.device == "cuda" else 0) if known else None
             possible = "needs an NVIDIA GPU" if method in ("qlora", "lora8bit") and info.device != "cuda" else ""
             estimates.append({"method": label, "estimated GiB": None if gib is None else round(gib, 2),
+                              "least GiB (with a memory limit)": None if least is None else round(least, 2),
                               "note": possible or ("" if gib is not None else "the model's sizes are unknown")})
         return {"info": info.as_rows(), "layer_names": info.layer_names, "memory": estimates,
                 "device": info.device, "name": name_or_path}

@@ -4,11 +4,12 @@ leaves stock TRL and PEFT behaviour untouched.
 
   before_model_load(plan)          the attention kernel's registration, the GPU's memory limit and allocator
   model_load_options(plan)         arguments for from_pretrained (the attention implementation)
-  adapt_base_model(model, plan)    per-layer checkpointing, the fused RMSNorm: before PEFT wraps the model
+  adapt_base_model(model, plan)    per-layer checkpointing (offloaded where planned), the fused RMSNorm: before
+                                   PEFT wraps the model
   prepare_quantized(model, plan)   what 4-bit and 8-bit bases need before PEFT wraps them
   adapt_peft_model(model, plan)    the fused LoRA path, LoRA inputs kept in 16-bit
   trainer_options(plan, ...)       TRL/Trainer arguments: packing, Liger, data workers, pinned batches
-  trainer_class(plan) / trainer_callbacks(plan)
+  trainer_class(plan) / trainer_callbacks(plan)   (the MLP in tiles, once the trainer has put Liger's in place)
   finish(plan)                     undo what binds the process (collector freeze), for in-process callers
 """
 
@@ -23,7 +24,7 @@ from studio.training.fast.plan import UNMASKED_STAGES, VARLEN_ATTENTION, SpeedPl
 def before_model_load(plan: SpeedPlan, device: str) -> None:
     if plan.attention == VARLEN_ATTENTION:
         from studio.training.fast import varlen_attention
-        varlen_attention.register()
+        varlen_attention.register(0 if plan.plain else plan.long_rows_cudnn)
     if device != "cuda" or plan.plain:
         return
     import torch
@@ -59,6 +60,12 @@ def adapt_base_model(model, plan: SpeedPlan) -> None:
         return  # checkpointing, when asked for, is the Trainer's own switch (trainer_options)
     if plan.gradient_checkpointing:  # every method, full fine-tuning included (the Trainer's switch is off)
         checkpoint_layers(model, plan.uncheckpointed_layers)
+        if plan.offloaded_layers:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            from studio.training.fast.activations import offload_checkpoints
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            offload_checkpoints(layers, plan.offloaded_layers)
     if plan.fused_norm:
         from studio.training.fast.kernels import use_fused_rms_norm
         use_fused_rms_norm(model)
@@ -208,10 +215,27 @@ def trainer_callbacks(plan: SpeedPlan) -> list:
     if plan.plain:
         return []
     from studio.training.fast.sft_trainer import FreezeSetupObjects
-    return [FreezeSetupObjects()]
+    callbacks = [FreezeSetupObjects()]
+    if plan.mlp_tile_tokens:
+        from transformers import TrainerCallback
+
+        class TileMLPs(TrainerCallback):
+            """At the start of training: the trainer has put Liger's MLP forward in place by then, and the tiles wrap
+            whichever forward the MLP has."""
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                from studio.training.fast.activations import tile_mlps
+                tile_mlps(model, plan.mlp_tile_tokens)
+
+        callbacks.append(TileMLPs())
+    return callbacks
 
 
 def finish(plan: SpeedPlan) -> None:
-    """After a run in this process ends, however it ended: a failed run left its objects frozen."""
+    """After a run in this process ends, however it ended: a failed run left its objects frozen, and offloaded
+    checkpoints' pinned host memory is given back."""
     if not plan.plain:
         gc.unfreeze()
+    if plan.offloaded_layers:
+        from studio.training.fast.activations import release_host_buffers
+        release_host_buffers()

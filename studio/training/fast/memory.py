@@ -20,6 +20,10 @@ The estimate counts, in bytes:
 - a checkpointed layer keeps its 16-bit input; the layer being recomputed holds its full set meanwhile,
   and for QLoRA also its weights dequantised to 16-bit (fused_lora.py keeps them for that layer's backward).
 - the LM head and loss run in chunks (TRL): the last hidden states plus ~0.5 GiB of chunk buffers.
+- with offloaded checkpoints (activations.py) the offloaded layers' inputs wait in host memory: of those, on the
+  GPU only the input being recomputed and the one fetched ahead of it.
+- with the MLP in tiles (activations.py) a layer keeps the MLP's input but not its three intermediate-wide
+  activations; one tile's of those live at a time, twice over in its backward (values and their gradients).
 Checked against the peaks the benchmark measured (bench/NOTES.md; tests/test_training.py keeps them).
 """
 
@@ -35,10 +39,18 @@ CHUNK_BUFFERS = 0.5 * GIB
 FILL = 0.92
 
 
-def layer_activation_bytes(shape: ModelShape, liger: bool, value_bytes: int = 2) -> float:
+def layer_activation_bytes(shape: ModelShape, liger: bool, value_bytes: int = 2, mlp_tiled: bool = False) -> float:
     """Bytes per token one decoder layer keeps for its backward when it is not checkpointed."""
-    values = 4 * shape.hidden + 2 * shape.attention_width + 2 * shape.kv_width + 3 * shape.intermediate
+    mlp = 0 if mlp_tiled else 3 * shape.intermediate
+    values = 4 * shape.hidden + 2 * shape.attention_width + 2 * shape.kv_width + mlp
     return value_bytes * values * (1.0 if liger else 1.3)
+
+
+def mlp_tile_bytes(shape: ModelShape, tokens: int, tile_tokens: int, liger: bool, value_bytes: int = 2) -> float:
+    """What one MLP tile holds in its backward: its intermediate activations and their gradients."""
+    if not tile_tokens:
+        return 0.0
+    return 2 * min(tokens, tile_tokens) * 3 * shape.intermediate * value_bytes * (1.0 if liger else 1.3)
 
 
 def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_bytes: int = 2, shards: int = 1) -> float:
@@ -53,27 +65,33 @@ def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_by
 
 
 def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointed: int, liger: bool,
-             value_bytes: int = 2, shards: int = 1) -> float:
+             value_bytes: int = 2, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0) -> float:
     """Estimated peak with `checkpointed` of the layers checkpointed (the first ones; see trainer.py).
 
     Two moments compete: the end of the forward (every layer's saved tensors, the LM head's chunk buffers)
     and the recomputation of a checkpointed layer in the backward (by then the layers that were not
-    checkpointed and the chunk buffers are freed, one layer's full set is back)."""
-    full_layer = tokens * layer_activation_bytes(shape, liger, value_bytes)
-    inputs = checkpointed * tokens * value_bytes * shape.hidden
-    end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS
+    checkpointed and the chunk buffers are freed, one layer's full set is back). `offloaded`: how many of the
+    checkpointed layers keep their inputs in host memory; `mlp_tile`: the MLP runs in tiles of this many tokens
+    (0: whole)."""
+    mlp_tile = mlp_tile if tokens > mlp_tile else 0  # sequences no longer than a tile run the MLP whole
+    full_layer = tokens * layer_activation_bytes(shape, liger, value_bytes, mlp_tiled=bool(mlp_tile))
+    tile = mlp_tile_bytes(shape, tokens, mlp_tile, liger, value_bytes)
+    offloaded = min(offloaded, checkpointed)
+    inputs = (checkpointed - offloaded + min(offloaded, 2)) * tokens * value_bytes * shape.hidden
+    end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS + tile
     dequantised = shape.layer_parameters / max(1, shape.layers) * value_bytes if method == "qlora" else 0.0
-    recompute = full_layer + dequantised if checkpointed else 0.0
+    recompute = full_layer + tile + dequantised if checkpointed else 0.0
     fixed = fixed_bytes(shape, method, rank, tokens, value_bytes, shards)
     return (fixed + inputs + max(end_of_forward, recompute)) / GIB
 
 
 def layers_to_checkpoint(shape: ModelShape, method: str, rank: int, tokens: int, budget_gib: float,
-                         liger: bool, shards: int = 1) -> int:
+                         liger: bool, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0) -> int:
     """The fewest layers to checkpoint so the estimate fits in FILL x budget; all of them when even that
     does not fit (the run then relies on the out-of-memory retry with smaller batches)."""
     target = FILL * budget_gib
     for checkpointed in range(shape.layers + 1):
-        if peak_gib(shape, method, rank, tokens, checkpointed, liger, shards=shards) <= target:
+        if peak_gib(shape, method, rank, tokens, checkpointed, liger, shards=shards, offloaded=offloaded,
+                    mlp_tile=mlp_tile) <= target:
             return checkpointed
     return shape.layers

@@ -25,6 +25,11 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
 - Gradient checkpointing: layer by layer, only as many layers as the memory estimate (memory.py) says
   the run needs to fit in the memory it may use (the GPU's free memory, or training.memory_limit_gib).
   Each checkpointed layer runs its forward twice; on a card with room it is all waste.
+- Long sequences and small cards (activations.py): where even every layer checkpointed does not fit, the
+  checkpointed layers' inputs are offloaded to pinned host memory (copies that overlap the compute; one process
+  only, and only where the host has the memory), and then fewer layers may need checkpointing; where that is still
+  not enough, the MLP runs over the sequence in tiles. Each only where the estimate says it must, since each costs
+  some time. The LM head and loss never build the full logits (TRL's chunked head, above) at any length.
 - QLoRA keeps embeddings and the LM head in bf16 (PEFT's kbit preparation upcasts them to float32,
   4 GB more on an 8B model with a 128k vocabulary).
 - Several processes (studio/distributed.py): DDP when the model and its training state fit one GPU with every
@@ -54,6 +59,10 @@ SEQUENCES_PER_ROW = {"dpo": 2, "orpo": 2, "simpo": 2, "reward": 2}
 UNMASKED_STAGES = ("dpo",)
 # Stages whose steps are mostly generation, one token per forward pass (bench/NOTES.md, GRPO on the H200).
 GENERATING_STAGES = ("grpo",)
+# From this length on, a packed row that is one sequence runs through cuDNN's attention (varlen_attention.py), which
+# measured faster than FlashAttention-2's variable-length kernel at 16k and 64k tokens (bench/NOTES.md, session 10);
+# below, rows are rarely one sequence and attention is a small part of the step.
+LONG_ROW_TOKENS = 8192
 # How the progress line names each attention kernel (the plan keeps transformers' implementation names).
 ATTENTION_NAMES = {VARLEN_ATTENTION: "variable-length flash", "flex_attention": "flex", "sdpa": "SDPA",
                    "eager": "eager"}
@@ -66,9 +75,11 @@ class Machine:
     model_type: str = ""
     shape: ModelShape | None = None
     free_gib: float | None = None  # the GPU's free memory
+    host_free_gib: float | None = None  # the host's available memory (for offloaded checkpoints); None: unknown
     liger_installed: bool = False
     fused_rms_norm: bool = False  # this torch has aten::_fused_rms_norm
     varlen_ok: bool = False  # the variable-length flash kernel runs for this model, GPU and precision
+    cudnn_attention_ok: bool = False  # SDPA's cuDNN attention runs for this head size and precision (long rows)
     forks: bool = True  # data-loader workers can fork (POSIX)
     processes: int = 1  # the run's processes, on every machine together (one per GPU)
 
@@ -82,10 +93,18 @@ class SpeedPlan:
     fused_lora: bool = False
     fused_norm: bool = False  # PyTorch's fused RMSNorm (kernels.py), where Liger's is not used
     graphed_decoding: bool = False  # generation's decoding steps as CUDA graphs (generation.py; GRPO on a GPU)
+    # With the variable-length kernel: packed rows that are one sequence of at least this many tokens run through
+    # cuDNN's causal attention instead (varlen_attention.py); 0: never.
+    long_rows_cudnn: int = 0
     data_workers: int = 0
     # With checkpointing on: how many of the last decoder layers keep their activations anyway (0: none,
     # every layer is checkpointed). Set when memory allows some but not all layers to skip recomputation.
     uncheckpointed_layers: int = 0
+    # How many of the checkpointed layers (the first ones) keep their inputs in pinned host memory instead of on the
+    # GPU (activations.py); 0: none.
+    offloaded_layers: int = 0
+    # The MLP runs over the sequence in tiles of this many tokens (activations.py); 0: whole.
+    mlp_tile_tokens: int = 0
     layers: int = 0
     memory_estimate_gib: float = 0.0
     memory_budget_gib: float = 0.0
@@ -134,12 +153,14 @@ class SpeedPlan:
         return f"{self.processes} processes ({how.get(self.strategy, self.strategy)}); "
 
     def checkpointing_text(self) -> str:
+        tiled = f", MLP in tiles of {self.mlp_tile_tokens:,} tokens" if self.mlp_tile_tokens else ""
         if not self.gradient_checkpointing:
-            return "no checkpointing"
+            return "no checkpointing" + tiled
+        offloaded = f" ({self.offloaded_layers} layers' inputs in host memory)" if self.offloaded_layers else ""
         if self.uncheckpointed_layers and self.layers:
-            return (f"gradient checkpointing on {self.layers - self.uncheckpointed_layers} of {self.layers} layers "
-                    "(the rest fit without)")
-        return "gradient checkpointing"
+            return (f"gradient checkpointing on {self.layers - self.uncheckpointed_layers} of {self.layers} layers"
+                    f"{offloaded} (the rest fit without){tiled}")
+        return "gradient checkpointing" + offloaded + tiled
 
 
 def plain_plan(cfg: RunConfig, machine: Machine) -> SpeedPlan:
@@ -216,12 +237,18 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
         t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
     fused_norm = (not liger and not generates and t.fused_kernels != "off" and device == "cuda"
                   and machine.fused_rms_norm and machine.model_type in FUSED_NORM_MODEL_TYPES)  # not measured there
+    long_rows_cudnn = 0
+    if attention == VARLEN_ATTENTION and packing and machine.cudnn_attention_ok:
+        long_rows_cudnn = LONG_ROW_TOKENS
+        reasons.append(f"attention: a row that is one sequence of {LONG_ROW_TOKENS:,} tokens or more through cuDNN's "
+                       "fused attention (no boundaries to keep, and faster than FlashAttention-2 there: "
+                       "bench/NOTES.md)")
     workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_norm=fused_norm,
                      data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
-                     memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0)
+                     memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0, long_rows_cudnn=long_rows_cudnn)
     _plan_parallel(plan, cfg, machine)
-    _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib)
+    _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib, machine.host_free_gib)
     if cfg.stage in GENERATING_STAGES and device == "cuda":
         plan.graphed_decoding = plan.strategy != "fsdp"
         reasons.append("generation: each decoding step replayed as a CUDA graph (static cache)" if
@@ -293,8 +320,15 @@ def _fit_to_strategy(plan: SpeedPlan, cfg: RunConfig) -> None:
         plan.reasons.append("fused LoRA: off (FSDP2 stores the 4-bit weights its own way; not checked with them)")
 
 
+# Tokens per MLP tile: large enough that each tile's matmuls keep the GPU busy, small enough that a tile's
+# activations (8192 x 3 x 14,336 x 2 bytes, 0.7 GB on an 8B model, twice in its backward) stay small.
+MLP_TILE_TOKENS = 8192
+# Of the host's available memory, what offloaded checkpoints may pin (the rest: the data, the loaders, the OS).
+HOST_FILL = 0.8
+
+
 def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: ModelShape | None,
-                        free_gib: float | None) -> None:
+                        free_gib: float | None, host_free_gib: float | None = None) -> None:
     t, method, reasons = cfg.training, cfg.method.method, plan.reasons
     if t.gradient_checkpointing != "auto":
         plan.gradient_checkpointing = t.gradient_checkpointing == "on"
@@ -312,17 +346,69 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
     tokens = tokens_per_step(cfg)
     shards = plan.processes if plan.strategy == "fsdp" else 1
     checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger, shards)
+    if checkpointed == shape.layers and peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
+                                                 shards=shards) > FILL * budget:
+        checkpointed = _plan_memory_techniques(plan, cfg, shape, tokens, budget, host_free_gib)
     plan.memory_estimate_gib = round(peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
-                                              shards=shards), 1)
+                                              shards=shards, offloaded=plan.offloaded_layers,
+                                              mlp_tile=plan.mlp_tile_tokens), 1)
     plan.memory_budget_gib = round(budget, 1)
     plan.gradient_checkpointing = checkpointed > 0
     plan.uncheckpointed_layers = shape.layers - checkpointed if checkpointed else 0
     room = f"estimate {plan.memory_estimate_gib:.1f} GiB of the {budget:.1f} GiB this run may use"
+    if plan.offloaded_layers:
+        room += f", {plan.offloaded_layers} layers' inputs in host memory"
+    if plan.mlp_tile_tokens:
+        room += f", MLP in tiles of {plan.mlp_tile_tokens:,} tokens"
     if not checkpointed:
         reasons.append(f"checkpointing: off, it fits without ({room})")
     elif checkpointed < shape.layers:
         reasons.append(f"checkpointing: {checkpointed} of {shape.layers} layers, the fewest that fit ({room})")
     else:
-        over = plan.memory_estimate_gib > budget
+        over = plan.memory_estimate_gib > FILL * budget  # past what the planner aims for (room for the allocator)
         reasons.append(f"checkpointing: every layer ({room})" + (
             "; even so it may not fit: lower training.batch_size or data.max_length" if over else ""))
+
+
+def _plan_memory_techniques(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, tokens: int, budget: float,
+                            host_free_gib: float | None) -> int:
+    """Every layer checkpointed still does not fit: offload the checkpointed inputs to host memory (as many layers'
+    as the host has room for), then, if still over, tile the MLP. Returns the layers to checkpoint with what was
+    chosen (offloading frees the inputs' memory, so fewer layers may need checkpointing). Each step records why."""
+    method, rank, reasons = cfg.method.method, cfg.method.rank, plan.reasons
+    target = FILL * budget
+    offloadable = 0
+
+    def peak(checkpointed: int) -> float:
+        return peak_gib(shape, method, rank, tokens, checkpointed, plan.liger, offloaded=offloadable,
+                        mlp_tile=plan.mlp_tile_tokens)
+
+    def fewest() -> int:
+        return layers_to_checkpoint(shape, method, rank, tokens, budget, plan.liger, offloaded=offloadable,
+                                    mlp_tile=plan.mlp_tile_tokens)
+
+    layer_input_gib = tokens * 2 * shape.hidden / 2**30
+    over = f"every layer checkpointed needs {peak(shape.layers):.1f} GiB of the {budget:.1f} GiB this run may use"
+    room = shape.layers if host_free_gib is None else int(HOST_FILL * host_free_gib / layer_input_gib)
+    if plan.processes > 1:
+        reasons.append(f"offloaded checkpoints and MLP tiles: off, {over}, but they run in one process only (their own "
+                       "backward pass per layer, which DDP's and FSDP2's hooks do not expect)")
+        return shape.layers
+    if room < 3:  # two inputs stay on the GPU in any case (the one recomputed, the one fetched ahead)
+        reasons.append(f"offloaded checkpoints: off, {over}, but the host's available memory "
+                       f"({host_free_gib:.1f} GiB) has no room for the layers' inputs ({layer_input_gib:.1f} GiB each)")
+    else:
+        offloadable = min(room, shape.layers)
+        host = "" if offloadable == shape.layers else \
+            f" (as many as {HOST_FILL:.0%} of the host's available memory holds)"
+        reasons.append(f"offloaded checkpoints: on, {over}; up to {offloadable} checkpointed layers' inputs "
+                       f"({layer_input_gib:.2f} GiB each){host} wait in pinned host memory, copied while the GPU "
+                       "computes")
+    checkpointed = fewest()
+    if peak(checkpointed) > target and tokens > MLP_TILE_TOKENS:
+        plan.mlp_tile_tokens = MLP_TILE_TOKENS
+        checkpointed = fewest()
+        reasons.append(f"MLP in tiles of {MLP_TILE_TOKENS:,} tokens: a layer's MLP activations for the whole sequence "
+                       f"would not fit (every layer checkpointed: {peak(shape.layers):.1f} GiB with them tiled)")
+    plan.offloaded_layers = min(offloadable, checkpointed)
+    return checkpointed

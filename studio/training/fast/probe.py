@@ -26,8 +26,22 @@ def probe(cfg: RunConfig, location: str, device: str) -> Machine:
     capability = torch.cuda.get_device_capability() if device == "cuda" else None
     machine.varlen_ok = varlen_attention.supported(text, capability, dtype) \
         and varlen_attention.kernel_runs(head_dim_of(text), dtype)  # supported() says no without a GPU
+    machine.cudnn_attention_ok = machine.varlen_ok and varlen_attention.cudnn_runs(head_dim_of(text), dtype)
     if device == "cuda":
         machine.free_gib = torch.cuda.mem_get_info()[0] / 2**30
+        machine.host_free_gib = host_available_gib()
         machine.liger_installed = importlib.util.find_spec("liger_kernel") is not None
         machine.fused_rms_norm = kernels.fused_rms_norm_available()
     return machine
+
+
+def host_available_gib() -> float | None:
+    """The host memory available to new allocations (Linux's MemAvailable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None

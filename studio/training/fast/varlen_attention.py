@@ -14,6 +14,12 @@ registered for this attention, so transformers builds none.
 The kernel runs on NVIDIA GPUs of compute capability 8.0 (Ampere) and newer, in bf16 or fp16, for head sizes
 up to 256; `supported` says whether a model and GPU qualify, `kernel_runs` tries the kernel once on the GPU,
 and the planner uses flex attention wherever either says no.
+
+A row that is one long sequence (long documents, one to a row) needs no boundaries at all: plain causal attention.
+There cuDNN's fused attention (through SDPA) is much faster than FlashAttention-2 on Hopper, and at long lengths
+attention is most of the step, so the plan sends such rows to it (`long_rows_cudnn`: from that many tokens on, where
+`cudnn_runs` found the kernel working). A row of one sequence is told by the shape of its boundaries (two entries),
+without reading them from the GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 from studio.shapes import head_dim_of
 
 NAME = "packed_varlen"  # no "flash" in it: transformers takes such names for the flash-attn package
+# Rows of one sequence at least this long go through cuDNN's attention (0: never); set by register().
+_cudnn_from = 0
 
 
 def supported(config, capability: tuple[int, int] | None, dtype: torch.dtype | None) -> bool:
@@ -64,6 +72,35 @@ def kernel_runs(head_dim: int, dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def cudnn_runs(head_dim: int, dtype: torch.dtype) -> bool:
+    """Run SDPA's cuDNN attention once, forward and backward, causal with grouped-query heads, on inputs laid out as
+    transformers' attention hands them over (heads and tokens transposed views), against the variable-length kernel.
+    cuDNN's support differs between its versions and GPUs: where it does not run or disagrees, it is not planned."""
+    try:
+        query = torch.randn((1, 24, 4, head_dim), device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(True)
+        key = torch.randn((1, 24, 2, head_dim), device="cuda", dtype=dtype).transpose(1, 2).requires_grad_(True)
+        out = _cudnn_causal(query, key, key, 0.0, None)
+        out.float().sum().backward()
+        bounds = torch.tensor([0, 24], device="cuda", dtype=torch.int32)
+        want = flash_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], key.transpose(1, 2)[0], bounds, 24,
+                            0.0, None)
+        close = torch.allclose(out[0].float(), want.float(), atol=2e-2, rtol=2e-2)
+        return bool(close and query.grad is not None and torch.isfinite(query.grad).all())
+    except Exception:  # noqa: BLE001 - any failure of the kernel here means: do not plan on it
+        return False
+
+
+def _cudnn_causal(query, key, value, dropout: float, scale):
+    """Causal attention of whole rows through SDPA's cuDNN kernel: (batch x heads x tokens x d) in, (batch x tokens x
+    heads x d) out. Grouped-query heads are read by the kernel (enable_gqa), not copied."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
+                                                               scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
 def flash_varlen(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, dropout: float, scale):
     """Causal attention within each packed sequence: (tokens x heads x head_dim) in, the same out.
     Grouped-query attention needs no copies: the kernel reads each key/value head for its group of queries."""
@@ -79,6 +116,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return _unpacked(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if query.shape[0] != 1:  # the padding-free collator puts a whole batch in one row; the boundaries index that row
         raise ValueError(f"packed sequence boundaries need a batch flattened into one row, got {query.shape[0]} rows")
+    if _cudnn_from and cu_seq_lens_q.shape[0] == 2 and query.shape[2] >= _cudnn_from:
+        # One sequence filling the row (the collator adds no padding here): plain causal attention.
+        return _cudnn_causal(query, key, value, dropout, scaling), None
     # (1 x heads x tokens x d) -> (tokens x heads x d): a view (last dimension contiguous), no copy.
     out = flash_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
                        cu_seq_lens_q, int(max_length_q), dropout, scaling)
@@ -96,8 +136,11 @@ def _unpacked(module, query, key, value, attention_mask, dropout, scaling, **kwa
                                   **kwargs)
 
 
-def register() -> None:
+def register(long_rows_cudnn: int = 0) -> None:
     """Make NAME a valid `attn_implementation` for every model (idempotent). Called by apply.py when a plan
-    uses this attention, never at import."""
+    uses this attention, never at import. `long_rows_cudnn`: rows of one sequence of at least this many tokens go
+    through cuDNN's attention (0: none)."""
+    global _cudnn_from
+    _cudnn_from = long_rows_cudnn
     from transformers import AttentionInterface
     AttentionInterface.register(NAME, varlen_attention_forward)

@@ -1,0 +1,249 @@
+"""The memory techniques for long sequences and small cards (activations.py) compute what the plain path computes,
+and the planner picks each exactly where its estimate says the run needs it."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _tiny_lora(dropout: float, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                 lora_dropout=dropout))
+    torch.manual_seed(seed + 1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, ids):
+    torch.manual_seed(2)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _layers(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _assert_same(got, want):
+    loss, grads = got
+    ref_loss, ref_grads = want
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert grads[name].abs().sum() > 0 or ref_grads[name].abs().sum() == 0, name
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("uncheckpointed", [0, 1])
+def test_offloaded_checkpoints_give_the_plain_loss_and_gradients(dropout, fused, uncheckpointed):
+    from studio.training.fast import activations
+    from studio.training.fast.apply import checkpoint_layers
+    from studio.training.fast.fused_lora import fuse_lora_layers
+    ids = torch.randint(0, 97, (2, 19))
+    plain, offloaded = _tiny_lora(dropout), _tiny_lora(dropout)
+    if fused:
+        fuse_lora_layers(plain)
+        fuse_lora_layers(offloaded)
+    checkpointed = checkpoint_layers(offloaded.get_base_model(), uncheckpointed)
+    assert activations.offload_checkpoints(_layers(offloaded)) == checkpointed == 3 - uncheckpointed
+    calls = []
+    original = activations._OffloadedCheckpoint.backward
+    activations._OffloadedCheckpoint.backward = staticmethod(lambda ctx, *g: calls.append(1) or original(ctx, *g))
+    try:
+        _assert_same(_loss_and_grads(offloaded, ids), _loss_and_grads(plain, ids))
+    finally:
+        activations._OffloadedCheckpoint.backward = original
+    assert len(calls) == checkpointed  # every checkpointed layer went through the offloaded path
+
+
+def test_offloaded_checkpoints_pass_the_input_gradient_on():
+    """A layer input that needs its gradient (an earlier trainable layer's output) gets it through the offloaded
+    checkpoint as through the plain layer."""
+    from studio.training.fast import activations
+    from studio.training.fast.apply import checkpoint_layers
+    ids = torch.randint(0, 97, (2, 11))
+    grads = []
+    for offload in (False, True):
+        model = _tiny_lora(0.0)
+        base = model.get_base_model()
+        if offload:
+            checkpoint_layers(base)
+            activations.offload_checkpoints(_layers(model))
+        embeds = base.model.embed_tokens(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        grads.append(embeds.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("offload", [False, True])
+def test_tiled_mlp_gives_the_plain_loss_and_gradients(dropout, offload):
+    from studio.training.fast import activations
+    from studio.training.fast.apply import checkpoint_layers
+    ids = torch.randint(0, 97, (2, 23))
+    plain, tiled = _tiny_lora(dropout), _tiny_lora(dropout)
+    if dropout:
+        # Dropout draws its masks tile by tile, so the reference is the same tiles under plain autograd: what the
+        # tiled backward must reproduce is the forward it ran, masks included.
+        for module in plain.modules():
+            if hasattr(module, "self_attn"):
+                module.mlp.forward = lambda x, inner=module.mlp.forward: torch.cat(
+                    [inner(t) for t in x.split(5, dim=-2)], dim=-2)
+    if offload:
+        checkpoint_layers(tiled.get_base_model(), 1)
+        activations.offload_checkpoints(_layers(tiled))
+    assert activations.tile_mlps(tiled, 5) == 3
+    assert activations.tile_mlps(tiled, 5) == 0  # once only
+    calls = []
+    original = activations._TiledMLP.backward
+    activations._TiledMLP.backward = staticmethod(lambda ctx, g: calls.append(1) or original(ctx, g))
+    try:
+        _assert_same(_loss_and_grads(tiled, ids), _loss_and_grads(plain, ids))
+    finally:
+        activations._TiledMLP.backward = original
+    assert len(calls) == 3
+
+
+def _plan(length: int, limit: float, method: str = "qlora", host: float | None = 500.0, processes: int = 1):
+    from studio.config import from_dict
+    from studio.shapes import ModelShape
+    from studio.training.fast.plan import Machine, plan_speed
+    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
+                       vocab=128256, tied_embeddings=False)
+    cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": length},
+                     "method": {"method": method, "rank": 16},
+                     "training": {"batch_size": 1, "memory_limit_gib": limit, "precision": "bf16"}})
+    machine = Machine(device="cuda", model_type="llama", shape=shape, free_gib=139.0, host_free_gib=host,
+                      liger_installed=True, varlen_ok=True, processes=processes)
+    return plan_speed(cfg, machine), shape, cfg
+
+
+def _peak(plan, shape, cfg, checkpointed=None, offloaded=None, mlp_tile=None):
+    from studio.training.fast.memory import peak_gib
+    from studio.training.fast.plan import tokens_per_step
+    checkpointed = plan.layers - plan.uncheckpointed_layers if checkpointed is None else checkpointed
+    return peak_gib(shape, cfg.method.method, cfg.method.rank, tokens_per_step(cfg), checkpointed, plan.liger,
+                    offloaded=plan.offloaded_layers if offloaded is None else offloaded,
+                    mlp_tile=plan.mlp_tile_tokens if mlp_tile is None else mlp_tile)
+
+
+def test_planner_leaves_the_techniques_off_where_checkpointing_is_enough():
+    from studio.training.fast.memory import FILL
+    for length, limit in ((4096, 0.0), (4096, 12.0), (65536, 0.0)):
+        plan, shape, cfg = _plan(length, limit)
+        assert plan.offloaded_layers == 0 and plan.mlp_tile_tokens == 0, (length, limit, plan.reasons)
+        assert not any("offloaded" in r or "MLP in tiles" in r for r in plan.reasons)
+        assert plan.memory_estimate_gib <= FILL * plan.memory_budget_gib
+
+
+def test_planner_offloads_where_every_layer_checkpointed_does_not_fit():
+    from studio.training.fast.memory import FILL
+    for length, limit in ((65536, 20.0), (4096, 8.0)):
+        plan, shape, cfg = _plan(length, limit)
+        assert plan.gradient_checkpointing and plan.offloaded_layers > 0, plan.reasons
+        assert plan.mlp_tile_tokens == 0
+        assert _peak(plan, shape, cfg, checkpointed=32, offloaded=0) > FILL * limit  # it had to
+        assert _peak(plan, shape, cfg) < _peak(plan, shape, cfg, checkpointed=32, offloaded=0)
+        assert plan.memory_estimate_gib <= limit
+        assert any(r.startswith("offloaded checkpoints: on") for r in plan.reasons)
+        assert "host memory" in plan.summary()
+
+
+def test_planner_tiles_the_mlp_where_offloading_is_not_enough_and_respects_the_host():
+    from studio.training.fast.memory import FILL
+    plan, shape, cfg = _plan(400_000, 80.0)
+    assert plan.offloaded_layers > 0 and plan.mlp_tile_tokens > 0, plan.reasons
+    assert _peak(plan, shape, cfg, checkpointed=32, offloaded=32, mlp_tile=0) > FILL * 80  # tiling was needed
+    assert plan.memory_estimate_gib <= FILL * 80
+    # A host with room for only some layers' inputs: fewer offloaded, and the plan says why.
+    small, _, _ = _plan(400_000, 80.0, host=60.0)
+    assert 0 < small.offloaded_layers < plan.offloaded_layers
+    assert small.offloaded_layers * 400_000 * 4096 * 2 <= 0.8 * 60.0 * 2**30
+    none, _, _ = _plan(400_000, 80.0, host=4.0)
+    assert none.offloaded_layers == 0 and any("no room" in r for r in none.reasons)
+    # Several processes never offload (their hooks expect one backward graph).
+    ddp, _, _ = _plan(65536, 20.0, processes=2)
+    assert ddp.offloaded_layers == 0 and ddp.mlp_tile_tokens == 0 and any("one process only" in r for r in ddp.reasons)
+    fsdp, _, _ = _plan(400_000, 80.0, processes=4)
+    assert fsdp.strategy == "fsdp" and fsdp.offloaded_layers == 0 and fsdp.mlp_tile_tokens == 0
+
+
+def test_estimate_counts_the_techniques():
+    from studio.shapes import ModelShape
+    from studio.training.fast.memory import peak_gib
+    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
+                       vocab=128256, tied_embeddings=False)
+    plain = peak_gib(shape, "qlora", 16, 65536, 32, True)
+    offloaded = peak_gib(shape, "qlora", 16, 65536, 32, True, offloaded=32)
+    tiled = peak_gib(shape, "qlora", 16, 65536, 32, True, offloaded=32, mlp_tile=8192)
+    # 30 of the 32 layer inputs (512 MiB each) leave the GPU; the MLP's three intermediate widths per token go.
+    assert plain - offloaded == pytest.approx(30 * 65536 * 4096 * 2 / 2**30)
+    assert offloaded > tiled
+    assert peak_gib(shape, "qlora", 16, 4096, 32, True, mlp_tile=8192) == peak_gib(shape, "qlora", 16, 4096, 32, True)
+
+
+def test_rows_of_one_long_sequence_go_to_cudnn_attention(monkeypatch):
+    """Only a row that is one sequence (boundaries [0, n]) of at least the planned length takes cuDNN's attention;
+    packed rows of several sequences keep the variable-length kernel, and with the switch at 0 nothing changes."""
+    from studio.training.fast import varlen_attention
+    calls = []
+    monkeypatch.setattr(varlen_attention, "_cudnn_causal",
+                        lambda q, k, v, dropout, scale: calls.append("cudnn") or q.transpose(1, 2))
+    monkeypatch.setattr(varlen_attention, "flash_varlen",
+                        lambda q, k, v, bounds, n, dropout, scale: calls.append("varlen") or q)
+    q = torch.zeros((1, 4, 64, 8))
+    kv = torch.zeros((1, 2, 64, 8))
+    one, two = torch.tensor([0, 64]), torch.tensor([0, 30, 64])
+    monkeypatch.setattr(varlen_attention, "_cudnn_from", 32)
+    for bounds in (one, two):
+        out, _ = varlen_attention.varlen_attention_forward(None, q, kv, kv, None, cu_seq_lens_q=bounds, max_length_q=64)
+        assert out.shape == (1, 64, 4, 8)
+    monkeypatch.setattr(varlen_attention, "_cudnn_from", 128)  # shorter than the threshold
+    varlen_attention.varlen_attention_forward(None, q, kv, kv, None, cu_seq_lens_q=one, max_length_q=64)
+    monkeypatch.setattr(varlen_attention, "_cudnn_from", 0)  # off
+    varlen_attention.varlen_attention_forward(None, q, kv, kv, None, cu_seq_lens_q=one, max_length_q=64)
+    assert calls == ["cudnn", "varlen", "varlen", "varlen"]
+
+
+def test_planner_sends_long_single_rows_to_cudnn_only_where_it_runs():
+    from dataclasses import replace
+
+    from studio.training.fast.plan import LONG_ROW_TOKENS, plan_speed
+    plan, _, cfg = _plan(65536, 20.0)
+    assert plan.long_rows_cudnn == 0  # the probe did not find cuDNN's attention working
+    from studio.shapes import ModelShape
+    from studio.training.fast.plan import Machine
+    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
+                       vocab=128256, tied_embeddings=False)
+    machine = Machine(device="cuda", model_type="llama", shape=shape, free_gib=139.0, varlen_ok=True,
+                      cudnn_attention_ok=True)
+    assert plan_speed(cfg, machine).long_rows_cudnn == LONG_ROW_TOKENS
+    assert any("cuDNN" in r for r in plan_speed(cfg, machine).reasons)
+    assert plan_speed(cfg, replace(machine, varlen_ok=False)).long_rows_cudnn == 0  # flex attention: not there
+    plain = replace(cfg, training=replace(cfg.training, speed="plain"))
+    assert plan_speed(plain, machine).long_rows_cudnn == 0
+
+
+def test_model_tab_estimate_shows_the_least_with_the_techniques(tiny_model):
+    """The Model tab's memory table (Studio.describe_model) gives, beside the default estimate, the least the planner
+    can bring the run to: every layer checkpointed (and, on a GPU, their inputs offloaded)."""
+    from studio.service import Studio
+    rows = Studio().describe_model(str(tiny_model))["memory"]
+    assert rows and all("least GiB (with a memory limit)" in row for row in rows)
+    lora = next(row for row in rows if row["method"].startswith("LoRA"))
+    assert 0 < lora["least GiB (with a memory limit)"] <= lora["estimated GiB"]
