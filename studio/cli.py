@@ -191,6 +191,7 @@ class _Shown:
         self.records = 0
         self.plan = False
         self.message = ""
+        self.data = False
 
 
 def _print_progress(run, shown: _Shown, quiet: bool) -> None:
@@ -202,6 +203,12 @@ def _print_progress(run, shown: _Shown, quiet: bool) -> None:
     if status.stage == "evaluate" and status.message != shown.message:
         print(status.message, file=sys.stderr)
         shown.message = status.message
+    if not shown.data:  # what was read from the data: format, rows used and skipped (why), cut, unused columns
+        from studio.data_summary import lines
+        found = run.read_json("data.json")
+        if found:
+            print("\n".join(lines(found)), file=sys.stderr)
+            shown.data = True
     if status.plan_summary and not shown.plan:
         print(f"Training with {status.plan_summary}.", file=sys.stderr)
         shown.plan = True

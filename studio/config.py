@@ -44,6 +44,12 @@ class ModelConfig:
         "How conversations are turned into text. 'auto' uses the model's own template (or ChatML when it "
         "has none); 'chatml', 'llama3' or 'alpaca' force a built-in one; anything else is used as a Jinja template.")
     revision: str = setting("main", "Which version of a hub model to use (a branch, tag or commit).")
+    template_system_prompt: str = setting(
+        "leave_out", "Some models' chat templates add a system message of their own to every conversation without "
+        "one (SmolLM2: 'You are a helpful AI assistant named SmolLM, trained by Hugging Face'). 'leave_out' keeps it "
+        "out of training and out of chats with the run (an empty system message takes its place), so teaching a "
+        "new name or persona does not fight it; 'keep' trains and chats with it. A system prompt in the row or set "
+        "in data.system_prompt always wins.", choices=("leave_out", "keep"))
     start_from: str = setting(
         "", "A finished run to build on (its run id): this run starts from what that one learned, e.g. supervised "
         "fine-tuning first, then DPO on top. Empty: start from the model above.")
@@ -54,7 +60,7 @@ class DataConfig:
     path: str = setting(
         DEMO_DATA,
         "Training data: 'demo' for the bundled pirate demo, or a .jsonl, .json, .csv or .parquet file, "
-        "or a folder saved with datasets' save_to_disk.")
+        "plain text (.txt, .md), a folder saved with datasets' save_to_disk, or a hub data set id (owner/name).")
     eval_path: str = setting(
         "", "Optional separate file of held-out rows. Empty: hold out a fraction of the training file instead.")
     format: str = setting(
@@ -64,7 +70,29 @@ class DataConfig:
         {}, "Rename columns before detection, e.g. {question: instruction, answer: output} when your "
         "file uses other names.")
     system_prompt: str = setting(
-        "", "A system message added to every conversation that has none. Empty: leave conversations as they are.")
+        "", "A system message added to every conversation that has none. Empty: see model.template_system_prompt.")
+    roles: dict = setting(
+        {}, "Rename speaker roles your file uses, e.g. {bot: assistant, customer: user}. Known names (user, "
+        "assistant, system, tool, human, gpt, function_call, observation...) need no mapping.")
+    placeholders: dict = setting(
+        {}, "Values for placeholders such as {{name}} and {{author}} in your examples, e.g. {name: Ada, author: "
+        "Acme}. A row with a placeholder that has no value is skipped (and counted) so the model never learns "
+        "to say '{{name}}'.")
+    keep_placeholders: bool = setting(
+        False, "Train placeholders such as {{name}} literally, as written (only if that is really what you want).")
+    dedup: str = setting(
+        "report", "Repeated examples: 'report' counts and lists them but trains them all; 'exact' removes rows that "
+        "are the same once case, spaces and punctuation are ignored; 'near' also removes rows that differ only in "
+        "a few words. 'exact' and 'near' also remove held-out rows that repeat a training row (they would make the "
+        "held-out loss look better than it is).", choices=("off", "report", "exact", "near"))
+    mix: dict = setting(
+        {}, "Other data files to mix in, each with the share of the training rows it should make up, e.g. "
+        "{general.jsonl: 0.2}: general instructions keep the model from forgetting what it knew. Shares add up "
+        "to less than 1; the rest is your file.")
+    replay_share: float = setting(
+        0.0, "Share of training rows that are the starting model's own answers to general questions (made once "
+        "and kept), mixed in so it keeps answering them as before: a guard against forgetting when you have no "
+        "general data set. 0 turns it off; 0.1 to 0.2 is typical.", minimum=0.0, maximum=0.5)
     eval_fraction: float = setting(
         0.1, "Share of rows held out to measure progress on data the model does not train on (0 to skip).",
         minimum=0.0, maximum=0.5)

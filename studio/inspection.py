@@ -1,5 +1,9 @@
 """What the Data tab shows about data settings: format, counts, a paged preview, one row exactly as the model
-sees it (learned tokens marked), token lengths and the bad-row report.
+sees it (learned tokens marked), token lengths, the bad-row report grouped by reason, columns mapped and unused,
+placeholders found, duplicates, and a row that calls tools.
+
+Only one page of rows goes back to the page; token lengths of a large file are measured on an even sample of
+LENGTH_SAMPLE rows (and said to be an estimate), so a 52,000-row file is checked in seconds.
 
 Pure work on a file and a tokenizer: the page's server runs it in its own process, or for a shared studio in
 a sandboxed child (``studio.sandbox``), where a file that unpacks to gigabytes or a slow chat template can
@@ -10,11 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from studio import dedup
 from studio.config import DataConfig, ModelConfig, from_dict
 from studio.data import demo_heldout, is_demo, load_report
 from studio.rendering import IGNORE, encode, token_preview
 
 PREVIEW_PAGE = 10
+LENGTH_SAMPLE = 2000
 
 
 def inspect(data: DataConfig, tokenizer, page: int = 0, max_bytes: int | None = None,
@@ -24,11 +30,16 @@ def inspect(data: DataConfig, tokenizer, page: int = 0, max_bytes: int | None = 
     gets it to reply to, with the reference answer."""
     report = load_report(data, max_bytes=max_bytes, kind=kind)
     lengths, trained = [], 0
-    for example in report.examples:
+    step = max(1, report.usable / LENGTH_SAMPLE)
+    measured = [report.examples[int(i * step)] for i in range(min(report.usable, LENGTH_SAMPLE))]
+    for example in measured:
         ids, labels = encode(tokenizer, _as_conversation(example), data.train_on)
         lengths.append(len(ids))
         trained += sum(1 for x in labels if x != IGNORE)
-    over = sum(1 for n in lengths if n > data.max_length)
+    scale = report.usable / max(1, len(measured))
+    over = round(sum(1 for n in lengths if n > data.max_length) * scale)
+    trained = round(trained * scale)
+    found = dedup.find(report.examples, near=data.dedup == "near") if data.dedup != "off" else None
     pages = max(1, -(-report.usable // PREVIEW_PAGE))
     page = min(max(0, int(page)), pages - 1)
     rows = report.examples[page * PREVIEW_PAGE:(page + 1) * PREVIEW_PAGE]
@@ -50,8 +61,19 @@ def inspect(data: DataConfig, tokenizer, page: int = 0, max_bytes: int | None = 
         "page": page, "pages": pages, "lengths": lengths, "over_max_length": over,
         "max_length": data.max_length, "too_long": data.too_long, "trained_tokens": trained,
         "sample": _marked(token_preview(tokenizer, _as_conversation(sample), data.train_on)),
-        "sample_rejected": rejected, "kind": kind,
+        "sample_rejected": rejected, "kind": kind, "estimated": len(measured) < report.usable,
+        "details": report.details(), "tool_sample": _tool_sample(tokenizer, report.examples, data.train_on),
+        "duplicates": {"exact": found.exact, "near": found.near, "groups": found.listed(report.examples)}
+        if found else {},
     }
+
+
+def _tool_sample(tokenizer, examples: list[dict], train_on: str):
+    """The first row that calls tools, as the model sees it (None when no row does)."""
+    for example in examples[:5000]:
+        if any(m.get("tool_calls") for m in example.get("messages", ())):
+            return _marked(token_preview(tokenizer, example, train_on))
+    return None
 
 
 def _marked(pieces) -> list[tuple[str, str]]:
@@ -88,4 +110,6 @@ def _conversation_row(number: int, example: dict) -> dict:
 
 
 def _turns(messages: list[dict]) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return "\n".join(f"{m['role']}: {m['content']}" + (f" [calls {', '.join(c['function']['name'] for c in m['tool_calls'])}]"
+                                                       if m.get("tool_calls") else "")
+                     for m in messages if m["role"] != "system" or m["content"])

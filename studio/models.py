@@ -165,13 +165,14 @@ def pick_dtype(precision: str, device: str):
 def load_tokenizer(cfg: ModelConfig, location: str | None = None):
     from transformers import AutoTokenizer
 
-    from studio.rendering import apply_template_choice, ensure_pad_token
+    from studio.rendering import apply_template_choice, ensure_pad_token, set_system_choice
     location = location or resolve(cfg.name_or_path, cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except Exception as err:
         raise StudioError(f"Could not load the tokenizer of {cfg.name_or_path} ({type(err).__name__}: {err}).") from None
     apply_template_choice(tokenizer, cfg.chat_template)
+    set_system_choice(tokenizer, cfg.template_system_prompt)
     ensure_pad_token(tokenizer)
     return tokenizer
 

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio import distributed, launcher, models
+from studio import data_summary, distributed, launcher, models
 from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, from_dict, to_dict
 from studio.data import is_demo
 from studio.errors import StudioError
@@ -39,8 +39,8 @@ from studio.rendering import BUILTIN_TEMPLATES
 from studio.runs import Run, list_runs, open_run
 from studio.training.fast.memory import peak_gib
 
-UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}\.(jsonl|json|csv|parquet)$")
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md")
+UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}\.(jsonl|json|csv|parquet|txt|md)$")
 NO_SUCH_RUN = "No run called {!r} here. Pick one from the list of your runs."
 
 
@@ -345,6 +345,8 @@ class Studio:
         cfg.data.path = self.check_data_allowed(cfg.data.path, visitor)
         if cfg.data.eval_path:
             cfg.data.eval_path = self.check_data_allowed(cfg.data.eval_path, visitor)
+        # Files mixed in are names from the client too: each checked like the main file.
+        cfg.data.mix = {self.check_data_allowed(p, visitor): share for p, share in (cfg.data.mix or {}).items()}
         self._check_stage_inputs(cfg, visitor)
         if cfg.stage == "evaluate":
             self._check_evaluation(cfg, visitor)
@@ -551,6 +553,8 @@ class Studio:
                 "active": status.state in ACTIVE, "series": _series(status.stage),
                 "samples": self._samples_by_step(run) if by_step else run.latest_samples(),
                 "samples_layout": "by step" if by_step else "rewards",
+                # What the run read from its data (format, rows used and skipped with reasons, cuts), as lines.
+                "data_summary": data_summary.lines(run.read_json("data.json")),
                 "warnings": self._overfitting_warnings(metrics) + self._forgetting_warnings(run)}
 
     @staticmethod

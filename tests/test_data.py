@@ -34,11 +34,12 @@ def test_text_format_and_detected_name(tmp_path):
 
 
 def test_column_mapping_overrides_detection(tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Hi", "answer": "Hello!"}])
-    with pytest.raises(StudioError, match="question"):
-        load_report(DataConfig(path=str(path)))
-    report = load_report(DataConfig(path=str(path), columns={"question": "instruction", "answer": "output"}))
-    assert report.format == "alpaca" and report.examples == [{"messages": CONVO}]
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Hi", "answer": "Hello!", "hint": "Hello!"}])
+    # question/answer are common aliases: mapped automatically, and the mapping is reported (to be edited).
+    auto = load_report(DataConfig(path=str(path)))
+    assert auto.mapping == {"question": "instruction", "answer": "output"} and auto.examples == [{"messages": CONVO}]
+    report = load_report(DataConfig(path=str(path), columns={"question": "instruction", "hint": "output"}))
+    assert report.format == "alpaca" and report.examples == [{"messages": CONVO}] and report.mapping == {}
 
 
 def test_bad_rows_are_reported_with_reasons_and_not_trained(tmp_path):
@@ -77,7 +78,7 @@ def test_broken_jsonl_line_is_named(tmp_path):
     (b"\n\n  \n", ".jsonl", "no rows"),
     (b'{"a": 1}', ".json", "list of records"),
     (b"[1, 2]", ".json", "list of records"),
-    (b"hello", ".txt", "not supported"),
+    (b"hello", ".docx", "not supported"),
     (b"PAR1garbage", ".parquet", "could not be read as Parquet"),
     (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}).encode(), ".jsonl",
      "no usable rows"),
@@ -136,6 +137,6 @@ def test_nested_parquet_conversations(tmp_path):
 
 
 def test_missing_columns_error_lists_what_was_found(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "reply": "b"}])
-    with pytest.raises(StudioError, match=r"columns found \(question, reply\)"):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"colour": "a", "shape": "b"}])
+    with pytest.raises(StudioError, match=r"columns found \(colour, shape\)"):
         load_report(DataConfig(path=str(path)))

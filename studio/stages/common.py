@@ -36,6 +36,7 @@ def encode(job: Job, tokenizer, kind: str) -> tuple[EncodedSet, EncodedSet]:
     if not train.rows:
         raise StudioError(f"No training rows are left in {report.path}; it needs at least one usable row.")
     job.run.write_json("data.json", {
+        **splits.details(),  # what studio.data_summary reads: skipped rows by reason, unused columns...
         "file": report.path, "format": report.format, "rows": report.total_rows, "usable": report.usable,
         "bad_rows": [{"row": b.row, "reason": b.reason} for b in report.bad_rows[:200]],
         "blank_rows": report.blank_rows, "train_rows": len(train.rows), "eval_rows": len(held_out.rows)})

@@ -15,7 +15,7 @@ def encode(job: Job, tokenizer):
     from studio.errors import StudioError
     from studio.rendering import encode_all
     cfg = job.config
-    splits = load_splits(cfg.data, seed=cfg.training.seed)
+    splits = load_splits(cfg.data, seed=cfg.training.seed, model=cfg.model)  # model: self-replay answers
     options = dict(max_length=cfg.data.max_length, train_on=cfg.data.train_on, too_long=cfg.data.too_long,
                    should_stop=job.stop_requested)
     train = encode_all(tokenizer, splits.train, **options)
@@ -33,7 +33,8 @@ def encode(job: Job, tokenizer):
 def _data_summary(splits, train, evaluation) -> dict:
     lengths = sorted(train.lengths) or [0]
     report = splits.train_report
-    return {"file": report.path, "format": report.format, "rows": report.total_rows, "usable": report.usable,
+    return {**splits.details(), "split_into_blocks": train.split_into_blocks,  # studio.data_summary reads these
+            "file": report.path, "format": report.format, "rows": report.total_rows, "usable": report.usable,
             "bad_rows": [{"row": b.row, "reason": b.reason} for b in report.bad_rows[:200]],
             "blank_rows": report.blank_rows, "train_rows": len(train.rows), "eval_rows": len(evaluation.rows),
             "truncated": train.truncated, "dropped_too_long": train.dropped_too_long,

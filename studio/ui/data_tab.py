@@ -1,5 +1,6 @@
 """Data tab: upload or pick the demo set, see how it was read, preview it, and see one sample exactly as
-the model will (trained tokens highlighted), with a token-length histogram and the bad-row report.
+the model will (trained tokens highlighted), with a token-length histogram and the bad-row report. Columns the
+studio mapped by itself show in the column pickers (to change); placeholders found ({{name}}) ask for values.
 
 Run it alone with ``python -m studio.ui.data_tab``.
 """
@@ -12,19 +13,25 @@ import gradio as gr
 import pandas as pd
 
 from studio.config import BUNDLED_MODEL, DEMO_DATA
+from studio.data_summary import lines as data_lines
+from studio.placeholders import parse_values
 from studio.ui.common import Form, bind, friendly, run_alone, visitor
 
 NONE = "(none)"
 DEMO_SOURCE = "Using: **demo set**"
 
 
-def data_settings(form_values: dict, path: str, prompt_col: str, reply_col: str, system_col: str) -> dict:
-    """The data section of a config from the tab's fields: its settings, the file, and the column mapping."""
+def data_settings(form_values: dict, path: str, prompt_col: str, reply_col: str, system_col: str,
+                  placeholder_values: str = "", role_names: str = "", mix_files: str = "") -> dict:
+    """The data section of a config from the tab's fields: its settings, the file, the column mapping, the
+    placeholder values ('name: Ada' lines), the role mapping ('bot: assistant' lines) and the files to mix in
+    ('general.jsonl: 0.2' lines)."""
     mapping = {}
     for col, target in ((prompt_col, "instruction"), (reply_col, "output"), (system_col, "system")):
         if col and col != NONE and col != target:
             mapping[col] = target
-    return {**form_values, "columns": mapping, "path": path}
+    return {**form_values, "columns": mapping, "path": path, "placeholders": parse_values(placeholder_values),
+            "roles": parse_values(role_names), "mix": parse_values(mix_files)}
 
 
 @friendly
@@ -34,12 +41,32 @@ def check(studio, data: dict, model: str, page: int, request: gr.Request = None,
     d = studio.inspect_data(data, model or BUNDLED_MODEL, visitor(request), page=int(page or 1) - 1, stage=stage)
     over = d["over_max_length"]
     policy = "cut to fit" if d["too_long"] == "truncate" else "dropped"
-    text = (f"**{d['summary']}**  \n{d['split']}.  \n{d['trained_tokens']:,} tokens to learn from. "
-            f"{over} rows are longer than max length {d['max_length']} and will be {policy}. "
+    if d.get("format") == "text":
+        policy = "split into blocks of max length (nothing is lost)"
+        d["split"] += ". Plain text trains as continued pretraining: every token is learned"
+    about = "about " if d.get("estimated") else ""
+    text = (f"**{d['summary']}**  \n{d['split']}.  \n{about}{d['trained_tokens']:,} tokens to learn from. "
+            f"{about}{over} rows are longer than max length {d['max_length']} and will be {policy}. "
             f"Page {d['page'] + 1} of {d['pages']}.")
+    details = dict(d.get("details") or {})
+    shown = [line for line in data_lines({**details, "file": d["file"]})[1:]]  # the first line repeats the summary
+    dup = d.get("duplicates") or {}
+    if dup.get("exact") or dup.get("near"):
+        shown.append(f"Repeated rows: {dup['exact']} exact, {dup['near']} near copies (data.dedup decides whether "
+                     "they are removed). Most repeated: " + "; ".join(f"{g['copies']} x \"{g['text'][:60]}\""
+                                                                     for g in dup.get("groups", [])[:3]))
+    if shown:
+        text += "  \n" + "  \n".join(shown)
+    mapping = details.get("mapping") or {}
+    chosen = {target: column for column, target in mapping.items()}
+    found = list(details.get("placeholders") or {})
+    ask = ("Placeholders found: " + ", ".join("{{" + n + "}}" for n in found) + ". Give each a value, one per line "
+           "(e.g. name: Ada).") if found else "Placeholder values (only if your examples hold {{name}}-style ones)"
     return {"summary": text, "preview": pd.DataFrame(d["preview"]), "sample": d["sample"],
             "sample_rejected": d.get("sample_rejected"), "histogram": histogram(d["lengths"]),
-            "columns": [NONE, *d["columns"]], "bad": pd.DataFrame(d["bad_rows"] or [{"row": "-", "reason": "none"}])}
+            "columns": [NONE, *d["columns"]], "bad": pd.DataFrame(d["bad_rows"] or [{"row": "-", "reason": "none"}]),
+            "mapped": {k: chosen.get(k, NONE) for k in ("instruction", "output", "system")},
+            "placeholders_label": ask, "tool_sample": d.get("tool_sample")}
 
 
 @friendly
@@ -72,7 +99,9 @@ def follow_stage(stage: str, path: str) -> tuple:
 def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
     """`stage`: the component holding the stage to train (its kind of rows decides how the file is read)."""
     gr.Markdown("### 2. Give it examples\nUpload .jsonl, .json, .csv or .parquet in any common format: "
-                "conversations (alpaca, sharegpt, messages, prompt/completion, text) for supervised fine-tuning; "
+                "conversations (alpaca, sharegpt, messages with text parts and tool calls, prompt/completion, "
+                "Open-Assistant trees) for supervised fine-tuning; plain text (.txt, .md or a 'text' column) for "
+                "continued pretraining; "
                 "pairs of a chosen and a rejected reply for DPO, ORPO, SimPO or a reward model; replies labelled good "
                 "or bad for KTO; prompts (with an optional reference answer) for GRPO. Or use the demo set.")
     form = Form()
@@ -81,7 +110,8 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
     stage = stage if stage is not None else gr.State("sft")
     with gr.Row():
         upload = gr.File(label=f"Upload data (up to {studio.policy.max_upload_mb} MB)", file_count="single",
-                         file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="data-upload", scale=2)
+                         file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt", ".md"], elem_id="data-upload",
+                         scale=2)
         with gr.Column(scale=1):
             use_demo = gr.Button("Use the demo set for what you train", elem_id="data-demo")
             source = gr.Markdown(DEMO_SOURCE, elem_id="data-source")
@@ -97,6 +127,18 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
         form.field("data", "train_on", label="Train on")
         form.field("data", "eval_fraction", label="Held-out share")
     form.field("data", "system_prompt", label="System prompt for every conversation")
+    with gr.Row():
+        placeholder_values = gr.Textbox(label="Placeholder values (only if your examples hold {{name}}-style ones)",
+                                        lines=2, placeholder="name: Ada\nauthor: Acme", elem_id="data-placeholders")
+        form.field("data", "keep_placeholders", label="Train placeholders literally")
+        role_names = gr.Textbox(label="Other role names", lines=2, placeholder="bot: assistant\ncustomer: user",
+                                info="Only if your file names its speakers otherwise.", elem_id="data-roles")
+    with gr.Row():
+        form.field("data", "dedup", label="Repeated rows")
+        form.field("data", "replay_share", label="Self-replay share (against forgetting)")
+        mix_files = gr.Textbox(label="Other data to mix in, with its share of the training rows", lines=2,
+                               placeholder="general.jsonl: 0.2", elem_id="data-mix",
+                               info="For example general instructions, so the model keeps what it knew.")
     inspect_btn = gr.Button("Check the data", variant="primary", elem_id="data-check")
     summary = gr.Markdown("", elem_id="data-summary")
     with gr.Row():
@@ -116,22 +158,36 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
         sample_rejected = gr.HighlightedText(label="Its rejected reply (the one to prefer less)",
                                              color_map={"trained": "red", "masked": "lightgray"},
                                              combine_adjacent=True, visible=False, elem_id="data-sample-rejected")
+    tool_sample = gr.HighlightedText(label="A row that calls tools, as the model sees it (the calls are learned, "
+                                           "the tool results are context)",
+                                     color_map={"trained": "green", "masked": "lightgray"}, combine_adjacent=True,
+                                     visible=False, elem_id="data-tool-sample")
     bad = gr.Dataframe(label="Rows that will not be trained, and why", interactive=False, elem_id="data-bad")
 
     def current(values: dict) -> dict:
         return data_settings(form.to_dict(values).get("data", {}), values[data_path], values[prompt_col],
-                             values[reply_col], values[system_col])
+                             values[reply_col], values[system_col], values.get(placeholder_values, ""),
+                             values.get(role_names, ""), values.get(mix_files, ""))
 
     def on_check(values: dict, request: gr.Request):
         d = check(studio, current(values), values[model_picker], values[page], request, values[stage])
-        columns = gr.Dropdown(choices=d["columns"])
-        rejected = d["sample_rejected"]
-        return {summary: d["summary"], preview: d["preview"], sample: d["sample"], chart: d["histogram"],
-                bad: d["bad"], prompt_col: columns, reply_col: columns, system_col: columns,
-                sample_rejected: gr.HighlightedText(value=rejected, visible=rejected is not None)}
+        mapped = d["mapped"]  # columns mapped automatically show in the pickers, to change if they are wrong
 
-    inputs = {data_path, model_picker, stage, page, prompt_col, reply_col, system_col, *form.fields.values()}
-    outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col, sample_rejected]
+        def picker(target: str, component) -> gr.Dropdown:
+            value = mapped[target] if mapped[target] != NONE else values[component]
+            return gr.Dropdown(choices=d["columns"], value=value if value in d["columns"] else NONE)
+        rejected, tools = d["sample_rejected"], d["tool_sample"]
+        return {summary: d["summary"], preview: d["preview"], sample: d["sample"], chart: d["histogram"],
+                bad: d["bad"], prompt_col: picker("instruction", prompt_col), reply_col: picker("output", reply_col),
+                system_col: picker("system", system_col),
+                sample_rejected: gr.HighlightedText(value=rejected, visible=rejected is not None),
+                tool_sample: gr.HighlightedText(value=tools, visible=tools is not None),
+                placeholder_values: gr.Textbox(label=d["placeholders_label"])}
+
+    inputs = {data_path, model_picker, stage, page, prompt_col, reply_col, system_col, placeholder_values, role_names,
+              mix_files, *form.fields.values()}
+    outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col, sample_rejected, tool_sample,
+               placeholder_values]
     upload.upload(bind(uploaded, studio), upload, [data_path, source]).then(
         on_check, inputs, outputs, concurrency_id="data")
     use_demo.click(demo_for, stage, [data_path, source]).then(on_check, inputs, outputs, concurrency_id="data")
