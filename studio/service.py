@@ -30,7 +30,7 @@ from studio import data_summary, distributed, launcher, models
 from studio.config import BUNDLED_MODEL, DEMO_DATA, ModelConfig, from_dict, to_dict
 from studio.data import is_demo
 from studio.errors import StudioError
-from studio.inference import ChatModelCache, check_usable, merge_run, stream_reply
+from studio.inference import ChatModelCache, check_usable, stream_reply
 from studio.limits import Limits, install
 from studio.paths import check_safe_name, studio_home, uploads_dir
 from studio.presets import model_presets
@@ -668,38 +668,62 @@ class Studio:
 
     @_public_errors
     def export(self, run_id: str, what: str, visitor: str) -> str:
-        """Zip a run's adapter ('adapter') or merged model ('merged') into a folder of its own, named at random
+        """A zip of one export of a run (formats: studio/export/formats.py), in a folder of its own named at random
         (the download's address is known only to whoever asked for it)."""
+        return self.export_with_report(run_id, what, visitor)["path"]
+
+    def export_formats(self) -> list[tuple[str, str]]:
+        from studio.export.formats import describe_formats
+        return describe_formats()
+
+    def gguf_missing(self) -> str | None:
+        """What GGUF export lacks on this machine and what to run (None: it is ready)."""
+        from studio.export import llamacpp
+        return llamacpp.missing()
+
+    @_public_errors
+    def export_with_report(self, run_id: str, fmt: str, visitor: str) -> dict:
+        """Write export `fmt` of a run, check it (GGUF: loaded back with llama.cpp) and zip it: {path, summary,
+        verified (None: nothing to check), checks, files}. A shared studio bounds its size and time (limits.py).
+        GGUF exports run in a process of their own (studio/export/job.py), which the time limit can end."""
+        from studio.export import GGUF_FORMATS, check_format
+        from studio.export.estimate import estimated_bytes
+        from studio.export.job import run_job
+        from studio.export.writer import write_export
         run = self._run(run_id, visitor)
-        if what not in ("adapter", "merged"):
-            raise StudioError(f"Unknown export {what!r}; use 'adapter' or 'merged'.")
+        check_format(fmt)
         check_usable(run)
-        if what == "merged":
-            if run.is_full_model():
-                folder = run.adapter_dir
-            else:
-                if not (run.merged_dir / "config.json").is_file():
-                    merge_run(run)
-                folder = run.merged_dir
-        else:
-            folder = run.adapter_dir
+        seconds = None
+        if self.limits is not None:
+            size = estimated_bytes(run, fmt)
+            if size > self.limits.export_max_mb * 2**20:
+                raise StudioError(f"This export would be about {size / 2**20:,.0f} MB; this shared studio allows "
+                                  f"{self.limits.export_max_mb:,} MB. Pick a smaller format (gguf-q4_k_m, adapter).")
+            seconds = self.limits.export_seconds
         place = self.exports_dir() / secrets.token_hex(16)
         place.mkdir()
-        target = place / f"{run.id}-{what}.zip"
-        tmp = target.with_suffix(".zip.tmp")
+        folder = place / f"{run.id}-{fmt}"
         try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-                for file in sorted(folder.rglob("*")):
-                    if file.is_file():
-                        zf.write(file, Path(f"{run.id}-{what}") / file.relative_to(folder))
-            tmp.replace(target)
+            if fmt in GGUF_FORMATS or seconds is not None:
+                report = run_job(run.id, fmt, folder, seconds)
+            else:
+                report = write_export(run, fmt, folder).to_json()
+            target = place / f"{run.id}-{fmt}.zip"
+            _zip_folder(folder, target)
+            shutil.rmtree(folder)
         except OSError as err:
             shutil.rmtree(place, ignore_errors=True)
             if err.errno == errno.ENOSPC:
                 raise StudioError("The disk is full, so the export was not written. Free some space and export "
                                   "again; the run itself is intact.") from None
             raise
-        return str(target)
+        except BaseException:
+            shutil.rmtree(place, ignore_errors=True)
+            raise
+        from studio.export.writer import ExportReport
+        summary = ExportReport(**{k: report[k] for k in ("format", "folder", "files", "seconds", "checks", "facts")})
+        return {"path": str(target), "summary": self.public(summary.summary()), "verified": report["verified"],
+                "checks": report["checks"], "files": report["files"]}
 
     def load_snippets(self, run_id: str, visitor: str) -> dict:
         run = self._run(run_id, visitor)
@@ -716,6 +740,19 @@ class Studio:
                   "return_tensors=\"pt\", return_dict=True)\n"
                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100)[0]))")
         return {"adapter": adapter, "merged": merged}
+
+
+def _zip_folder(folder: Path, target: Path) -> None:
+    """`folder` as `target`, under the folder's name. Weights are stored as they are: deflating them takes
+    minutes on a CPU and saves little."""
+    tmp = target.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                stored = file.suffix in (".safetensors", ".gguf", ".bin")
+                zf.write(file, Path(folder.name) / file.relative_to(folder),
+                         compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    tmp.replace(target)
 
 
 def _idle(message: str) -> dict:

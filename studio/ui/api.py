@@ -77,7 +77,8 @@ def register(studio) -> list:
 
     @friendly
     def export_run(run_id: str, what: str = "adapter", request: gr.Request = None) -> FileData:
-        """A zip of the run's adapter ('adapter') or merged model ('merged')."""
+        """A zip of one export of the run: 'adapter', 'merged', 'gguf-f16', 'gguf-bf16', 'gguf-q8_0' or 'gguf-q4_k_m'
+        (a GGUF is loaded back and checked; its export.json inside says what was checked)."""
         return FileData(path=studio.export(run_id, what, visitor(request)))
 
     @friendly
