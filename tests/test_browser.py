@@ -66,6 +66,9 @@ def tab(page, label):
 
 def set_number(page, elem_id, value):
     box = page.locator(f"#{elem_id} input[type=number]")
+    if not box.is_visible() and page.locator("#train-advanced").is_visible():
+        # A setting under the Train tab's folded "Advanced settings": unfold it, as a person would.
+        page.locator("#train-advanced").get_by_text("Advanced settings").first.click()
     box.fill(str(value))
     box.press("Tab")
 
