@@ -640,11 +640,7 @@ def _history(value: Any) -> list[dict]:
     """alpaca's optional 'history': earlier [instruction, reply] pairs, oldest first."""
     if value in (None, "", []):
         return []
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError("'history' is not a list of [question, reply] pairs") from None
+    value = data_shapes.json_cell(value, "'history' is not a list of [question, reply] pairs")
     turns = []
     for pair in value if isinstance(value, list) else [None]:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:

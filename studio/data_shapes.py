@@ -41,13 +41,20 @@ MEDIA_TAGS = re.compile(r"<(image|video|audio)>")
 TEXT_ONLY = "this model reads text only, so the row is skipped rather than trained on a placeholder"
 
 
+def json_cell(value: Any, problem: str) -> Any:
+    """A nested value as files hold it: as is, or parsed from its JSON text (CSV cells hold lists as text);
+    text that is not JSON raises ValueError(problem)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(problem) from None
+
+
 def read_turns(value: Any, role_key: str, content_key: str, what: str, roles: dict) -> list[dict]:
     """A list of turns (or its JSON text, as CSV cells hold it) -> messages in the one form."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{what} is text, expected a list of turns") from None
+    value = json_cell(value, f"{what} is text, expected a list of turns")
     if not isinstance(value, list) or not value:
         raise ValueError(f"{what} is {'empty' if value in (None, [], '') else 'not a list of turns'}")
     messages: list[dict] = []
@@ -145,11 +152,7 @@ def _weight(turn: dict) -> float | None:
 def _as_list(value: Any, what: str) -> list:
     if value in (None, "", []):
         return []
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{what}: tool_calls is not valid JSON") from None
+    value = json_cell(value, f"{what}: tool_calls is not valid JSON")
     return value if isinstance(value, list) else [value]
 
 

@@ -173,11 +173,8 @@ def _pair(rec: dict, text, turns) -> tuple[list[dict], str, str]:
 
 
 def _whole(value: Any, what: str, turns) -> list[dict]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{what} is text and there is no prompt column; give a 'prompt' column") from None
+    from studio.data_shapes import json_cell
+    value = json_cell(value, f"{what} is text and there is no prompt column; give a 'prompt' column")
     if not isinstance(value, list) or not value:
         raise ValueError(f"{what} is not a conversation and there is no prompt column")
     return _parse(value, what, turns)
