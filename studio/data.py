@@ -593,7 +593,10 @@ def normalise(rec: Any, fmt: str, system_prompt: str = "", roles: dict | None = 
     """One raw record -> {"messages": [...], "tools"?: [...]} or {"text": ...} (or a preference_data form); raises
     ValueError with the reason."""
     if fmt in preference_data.KINDS:
-        return preference_data.normalise(rec, fmt, system_prompt, _text, _turns)
+        def turns_with_roles(value, role_key, content_key, what, role_map=None):
+            # The person's data.roles apply to chosen/rejected, judged and prompt-only conversations too.
+            return _turns(value, role_key, content_key, what, _roles(role_map or data_shapes.MESSAGE_ROLES, roles))
+        return preference_data.normalise(rec, fmt, system_prompt, _text, turns_with_roles)
     if not isinstance(rec, dict):
         raise ValueError(f"row is a {type(rec).__name__}, expected an object with named fields")
     if fmt == "text":

@@ -107,3 +107,32 @@ def test_supervised_fine_tuning_refuses_preference_and_feedback_naming_the_stage
 def test_a_conversation_file_for_a_preference_stage_says_what_is_expected(tmp_path):
     with pytest.raises(StudioError, match="'chosen' and 'rejected'"):
         report(tmp_path, [{"messages": PROMPT + [{"role": "assistant", "content": REPLY}]}], "preference_pairs")
+
+
+# data.roles reaches every kind of row, not only conversations for supervised fine-tuning.
+ROLE_ROWS = {
+    "preference_pairs": {"conversations": [{"from": "customer", "value": USER}],
+                         "chosen": {"from": "agent", "value": REPLY}, "rejected": {"from": "agent", "value": WORSE}},
+    "feedback": {"messages": [{"role": "customer", "content": USER}, {"role": "Agent", "content": REPLY}],
+                 "label": True},
+    "prompts": {"messages": [{"role": "customer", "content": USER}], "answer": "4"},
+}
+
+
+@pytest.mark.parametrize("kind", ROLE_ROWS)
+def test_role_mapping_applies_to_preference_feedback_and_prompt_rows(tmp_path, kind):
+    rows = [ROLE_ROWS[kind]]
+    with pytest.raises(StudioError, match="data.roles"):
+        report(tmp_path, rows, kind)
+    found = report(tmp_path, rows, kind, roles={"customer": "user", "agent": "assistant"})
+    example = found.examples[0]
+    assert example["prompt"] == PROMPT
+    reply = {"preference_pairs": "chosen", "feedback": "completion", "prompts": "answer"}[kind]
+    assert example[reply] == {"preference_pairs": REPLY, "feedback": REPLY, "prompts": "4"}[kind]
+
+
+def test_role_mapping_applies_to_pairs_given_as_whole_conversations(tmp_path):
+    row = {"chosen": [{"role": "client", "content": USER}, {"role": "bot", "content": REPLY}],
+           "rejected": [{"role": "client", "content": USER}, {"role": "bot", "content": WORSE}]}
+    found = report(tmp_path, [row], "preference_pairs", roles={"client": "user", "bot": "assistant"})
+    assert found.examples[0] == {"prompt": PROMPT, "chosen": REPLY, "rejected": WORSE}
