@@ -30,6 +30,12 @@ PROBE_TOKENS = 32
 class EvalRow:
     prompt_messages: list[dict]  # the conversation up to the answer to write
     reference: str  # the answer in the data
+    tools: list | None = None  # the tools the row offers: the template is given them, as in training
+
+    @property
+    def conversation(self) -> list[dict] | dict:
+        """What generate_answers takes: the turns, or the row with its tools."""
+        return {"messages": self.prompt_messages, "tools": self.tools} if self.tools else self.prompt_messages
 
     @property
     def prompt(self) -> str:
@@ -45,17 +51,19 @@ def rows_from_conversations(examples: list[dict]) -> list[EvalRow]:
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None or not any(m.get("role") == "user" for m in messages[:last]):
             continue
-        rows.append(EvalRow([dict(m) for m in messages[:last]], str(messages[last]["content"])))
+        rows.append(EvalRow([dict(m) for m in messages[:last]], str(messages[last]["content"]),
+                            example.get("tools") or None))
     return rows
 
 
-def generate_answers(chat, conversations: list[list[dict]], max_new_tokens: int,
+def generate_answers(chat, conversations: list[list[dict] | dict], max_new_tokens: int,
                      on_batch: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None
                      ) -> list[str]:
-    """Greedy answers of `chat` (inference.ChatModel) to each conversation, a batch at a time."""
+    """Greedy answers of `chat` (inference.ChatModel) to each conversation (turns, or a row with its tools:
+    EvalRow.conversation), a batch at a time."""
     import torch
 
-    from studio.rendering import render_text, stop_token_ids
+    from studio.rendering import reply_prompt, stop_token_ids
     tokenizer, model = chat.tokenizer, chat.model
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues every row from its own last token
@@ -64,7 +72,7 @@ def generate_answers(chat, conversations: list[list[dict]], max_new_tokens: int,
         for start in range(0, len(conversations), BATCH):
             if should_stop is not None and should_stop():
                 raise StopEvaluation
-            batch = [render_text(tokenizer, c, add_generation_prompt=True) for c in conversations[start:start + BATCH]]
+            batch = [reply_prompt(tokenizer, c) for c in conversations[start:start + BATCH]]
             inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
@@ -90,8 +98,10 @@ def reference_loss(chat, rows: list[EvalRow], max_length: int = 2048) -> dict:
     from studio.rendering import IGNORE, encode
     total, count = 0.0, 0
     for row in rows:
-        ids, labels = encode(chat.tokenizer, {"messages": [*row.prompt_messages,
-                                                           {"role": "assistant", "content": row.reference}]})
+        example = {"messages": [*row.prompt_messages, {"role": "assistant", "content": row.reference}]}
+        if row.tools:
+            example["tools"] = row.tools
+        ids, labels = encode(chat.tokenizer, example)
         ids, labels = ids[:max_length], labels[:max_length]
         if not any(label != IGNORE for label in labels[1:]):
             continue

@@ -191,6 +191,16 @@ def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = F
                           "in model.chat_template (e.g. 'chatml').") from None
 
 
+def reply_prompt(tokenizer, conversation: list[dict] | dict) -> str:
+    """The text a model continues to reply to `conversation`: a list of turns ending on the user, or a row as read
+    ({"messages": [...], "tools": [...]}), whose tools the template is given, so a tool-calling prompt is asked
+    the way it was trained."""
+    if isinstance(conversation, dict):
+        return render_text(tokenizer, conversation["messages"], add_generation_prompt=True,
+                           tools=conversation.get("tools"))
+    return render_text(tokenizer, conversation, add_generation_prompt=True)
+
+
 def _segments(tokenizer, example: dict, train_on: str) -> list[tuple[str, bool]]:
     """Split the rendered text into (text, trained) pieces, using prefix renders of the conversation."""
     if "text" in example:

@@ -127,3 +127,87 @@ def test_tensorboard_logs_only_when_the_package_is_there(tiny_model):
     train_here(run)
     logs = list((run.path / "tensorboard").glob("events.out.tfevents.*"))
     assert bool(logs) == is_tensorboard_available()
+
+
+# --- tool-calling rows are asked with their tools -------------------------------------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                              "parameters": CITY}}]
+TOOL_ROW = {"messages": [{"role": "user", "content": "What is the weather in Lisbon?"},
+                         {"role": "assistant", "content": "",
+                          "tool_calls": [{"type": "function",
+                                          "function": {"name": "get_weather", "arguments": {"city": "Lisbon"}}}]}],
+            "tools": WEATHER}
+
+
+def _tool_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    from tests.test_data_wild import TOOL_TEMPLATE  # a ChatML template that lists the tools it is given
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.pad_token = "<|endoftext|>"  # batches of prompts are padded
+    return tokenizer
+
+
+def _greedy_text(model, tokenizer, text: str, max_new_tokens: int) -> str:
+    from studio.rendering import stop_token_ids
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_held_out_tool_rows_are_sampled_with_their_tools(tiny_model):
+    from studio.training.callbacks import prompt_text
+    from studio.training.loop import sample_conversations
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    prompts = sample_conversations(tiny_config(tiny_model), [TOOL_ROW, plain])
+    assert prompts == [{"messages": TOOL_ROW["messages"][:1], "tools": WEATHER}, plain["messages"][:1]]
+    assert [prompt_text(p) for p in prompts] == ["What is the weather in Lisbon?", "Hi"]
+
+
+def test_sample_replies_give_the_template_the_rows_tools(tiny_model):
+    """The reply to a tool row is the model's continuation of the prompt rendered with the tools, exactly as
+    training rendered it (the template's tool list included), not of the bare question."""
+    from transformers import AutoModelForCausalLM
+
+    from studio.rendering import reply_prompt
+    from studio.training.callbacks import SampleReplies
+    tokenizer = _tool_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    row = {"messages": TOOL_ROW["messages"][:1], "tools": WEATHER}
+    with_tools = tokenizer.apply_chat_template(row["messages"], tools=WEATHER, tokenize=False,
+                                               add_generation_prompt=True)
+    assert "TOOLS:get_weather;" in with_tools and reply_prompt(tokenizer, row) == with_tools
+    sampler = SampleReplies(None, tokenizer, [row, row["messages"]], 256, max_new_tokens=12)
+    asked, bare = sampler.answer(model)
+    assert asked == _greedy_text(model, tokenizer, with_tools, 12)
+    assert bare == _greedy_text(model, tokenizer, reply_prompt(tokenizer, row["messages"]), 12)
+
+
+def test_evaluation_answers_and_scores_tool_rows_with_their_tools(tiny_model):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from studio import evaluation
+    from studio.rendering import reply_prompt
+    tokenizer = _tool_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    rows = evaluation.rows_from_conversations([{**TOOL_ROW, "messages": [*TOOL_ROW["messages"][:1],
+                                                                         {"role": "assistant", "content": "Sunny."}]},
+                                               plain])
+    assert rows[0].tools == WEATHER and rows[0].conversation == {"messages": TOOL_ROW["messages"][:1],
+                                                                 "tools": WEATHER}
+    assert rows[1].tools is None and rows[1].conversation == plain["messages"][:1]
+    chat = SimpleNamespace(tokenizer=tokenizer, model=model)
+    answers = evaluation.generate_answers(chat, [r.conversation for r in rows[:1]], 12)
+    assert answers == [_greedy_text(model, tokenizer, reply_prompt(tokenizer, rows[0].conversation), 12)]
+    # The reference loss is measured on the same rendering: with the tools, the prompt is longer.
+    with_tools = evaluation.reference_loss(chat, rows[:1])
+    without = evaluation.reference_loss(chat, [evaluation.EvalRow(rows[0].prompt_messages, rows[0].reference)])
+    assert with_tools["tokens"] == without["tokens"] and with_tools["loss"] != without["loss"]

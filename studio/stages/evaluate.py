@@ -84,7 +84,7 @@ def run(job: Job) -> Outcome:
             progress.say(f"Loading the {label} model.")
             chat = cache.get(source, ref)
             answers[side] = evaluation.generate_answers(
-                chat, [r.prompt_messages for r in rows], s.max_new_tokens, should_stop=job.stop_requested,
+                chat, [r.conversation for r in rows], s.max_new_tokens, should_stop=job.stop_requested,
                 on_batch=lambda done, i=i, label=label: progress.step(i * len(rows) + done, total,
                                                                       f"The {label} model answered {done} of "
                                                                       f"{len(rows)} prompts."))

@@ -131,7 +131,8 @@ TRAINING_ONLY_ATTENTION = ("packed_varlen", "flex_attention")
 
 
 class SampleReplies(TrainerCallback):
-    """Answer a fixed set of prompts (`conversations`, each ending with a user turn) before the first step (the
+    """Answer a fixed set of prompts (`conversations`, each a list of turns ending with a user turn, or a row
+    {"messages": ..., "tools": ...} whose tools the chat template is given) before the first step (the
     starting model: step 0) and at every evaluation, appending {"step", "prompt", "reply"} rows to samples.jsonl,
     so a person sees the replies change, not only a loss.
 
@@ -182,9 +183,9 @@ class SampleReplies(TrainerCallback):
         around it all the same, in case some layer draws in evaluation mode."""
         import torch
 
-        from studio.rendering import render_text, stop_token_ids
+        from studio.rendering import reply_prompt, stop_token_ids
         tok = self.tokenizer
-        texts = [render_text(tok, c, add_generation_prompt=True) for c in self.conversations]
+        texts = [reply_prompt(tok, c) for c in self.conversations]
         was_training = model.training
         sides = tok.padding_side, tok.truncation_side
         # Left padding: every row continues from its own last token; a prompt too long keeps its end (the question).
@@ -208,8 +209,10 @@ class SampleReplies(TrainerCallback):
         return [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
 
 
-def prompt_text(conversation: list[dict]) -> str:
+def prompt_text(conversation: list[dict] | dict) -> str:
     """What a sample's prompt column shows: the last thing the user said."""
+    if isinstance(conversation, dict):  # a row with its tools
+        conversation = conversation["messages"]
     return next((str(m.get("content", "")) for m in reversed(conversation) if m.get("role") == "user"), "")
 
 

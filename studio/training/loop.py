@@ -220,7 +220,7 @@ def _finish_forgetting_check(check, trainer, run: Run) -> str:
     return forgetting.summary(check.finish(trainer.model, trainer.args))
 
 
-def sample_conversations(cfg: RunConfig, held_out: list[dict]) -> list[list[dict]]:
+def sample_conversations(cfg: RunConfig, held_out: list[dict]) -> list[list[dict] | dict]:
     """What the sample replies answer: the prompts typed in (up to MAX_SAMPLES, with the data's system prompt as
     training saw it), or else the first `training.samples` held-out conversations up to their last reply."""
     t = cfg.training
@@ -234,7 +234,9 @@ def sample_conversations(cfg: RunConfig, held_out: list[dict]) -> list[list[dict
         messages = example.get("messages") or []  # plain-text rows have no prompt to answer
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is not None and any(m.get("role") == "user" for m in messages[:last]):
-            prompts.append([dict(m) for m in messages[:last]])
+            turns = [dict(m) for m in messages[:last]]
+            # A tool-calling row is asked with its tools, as it was trained (rendering.reply_prompt).
+            prompts.append({"messages": turns, "tools": example["tools"]} if example.get("tools") else turns)
         if len(prompts) == t.samples:
             break
     return prompts
