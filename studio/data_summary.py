@@ -9,13 +9,31 @@ from __future__ import annotations
 from pathlib import Path
 
 MAX_REASONS = 5
+# Plain text is its own kind of run: supervised fine-tuning's code path (studio.rendering splits the text into
+# max-length blocks and trains every token), named for what it does to the model. Other formats are named by
+# their stage.
+CONTINUED_PRETRAINING = "continued pretraining"
+RUN_KINDS = {"text": (CONTINUED_PRETRAINING, "teach the model the style and facts of your text: every word is "
+                                             "trained")}
+
+
+def run_kind(fmt: str | None) -> tuple[str, str] | None:
+    """(name, plain-language explanation) of the kind of run data of format `fmt` makes, where it has one."""
+    return RUN_KINDS.get(fmt or "")
+
+
+def run_kind_line(fmt: str | None) -> str:
+    """'Kind of run: continued pretraining (teach the model ...).' for plain text; '' for other formats."""
+    kind = run_kind(fmt)
+    return f"Kind of run: {kind[0]} ({kind[1]})." if kind else ""
 
 
 def lines(d: dict) -> list[str]:
     """data.json (as written by the stages) -> lines that say what was read, used, skipped, cut and ignored."""
     if not d:
         return []
-    out = []
+    # The kind of run goes first: the Train tab's run status shows the first line before it is unfolded.
+    out = [run_kind_line(d.get("format"))] if run_kind(d.get("format")) else []
     name = Path(str(d.get("file", ""))).name or "data"
     used = d.get("train_rows")
     head = f"Data: {name}, {d.get('format', '?')} format, {d.get('usable', '?')} usable of {d.get('rows', '?')} rows"

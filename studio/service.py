@@ -247,13 +247,16 @@ class Studio:
         return {"info": info.as_rows(), "layer_names": info.layer_names, "memory": estimates,
                 "device": info.device, "name": name_or_path}
 
-    def tokenizer_for(self, name_or_path: str, chat_template: str = "auto"):
+    def tokenizer_for(self, name_or_path: str, chat_template: str = "auto", template_system_prompt: str = "leave_out"):
         _libraries()
-        key = f"{name_or_path}|{chat_template}"
+        # The system choice is a setting of the tokenizer object (rendering.set_system_choice): one per choice, so a
+        # check with 'keep' never changes what another one renders.
+        key = f"{name_or_path}|{chat_template}|{template_system_prompt}"
         with self._lock:
             tok = self._tokenizers.get(key)
         if tok is None:
-            tok = models.load_tokenizer(ModelConfig(name_or_path=name_or_path, chat_template=chat_template))
+            tok = models.load_tokenizer(ModelConfig(name_or_path=name_or_path, chat_template=chat_template,
+                                                    template_system_prompt=template_system_prompt))
             with self._lock:
                 self._tokenizers[key] = tok
         return tok
@@ -302,6 +305,22 @@ class Studio:
         """Each visitor's uploads live in a folder of their own, named by their owner mark."""
         return uploads_dir() / owner_key(visitor)
 
+    def own_upload(self, name, visitor: str) -> str | None:
+        """`name` when it names one of this visitor's own uploads still kept here; else None. For values the
+        browser keeps between visits (the data tab's remembered upload): they come from the client, so anything
+        but an upload name of this visitor's (a path, another visitor's name, a stale one) counts for nothing."""
+        if not isinstance(name, str) or not UPLOAD_NAME.match(name):
+            return None
+        return name if (self._upload_folder(visitor) / name).is_file() else None
+
+    def uploads_of(self, visitor: str) -> list[str]:
+        """The names of this visitor's own uploads, newest first: what they may pick as a second file to mix in."""
+        folder = self._upload_folder(visitor)
+        if not folder.is_dir():
+            return []
+        files = [f for f in folder.iterdir() if f.is_file() and UPLOAD_NAME.match(f.name)]
+        return [f.name for f in sorted(files, key=lambda f: f.stat().st_mtime, reverse=True)]
+
     def check_data_allowed(self, path: str, visitor: str) -> str:
         """The file a data.path from a client names: the demo set, one of this visitor's uploads by its name,
         or (on the owner's own, unshared studio) a path on this machine."""
@@ -318,19 +337,23 @@ class Studio:
         return path
 
     @_public_errors
-    def inspect_data(self, data: dict, model_name: str, visitor: str, page: int = 0, stage: str = "sft") -> dict:
+    def inspect_data(self, data: dict, model_name: str, visitor: str, page: int = 0, stage: str = "sft",
+                     template_system_prompt: str = "leave_out") -> dict:
         """Everything the Data tab shows for the rows `stage` reads: format, preview, rendered sample, lengths, bad
-        rows, split. On a shared studio it runs in a sandboxed child with bounded memory and time
-        (studio/sandbox.py)."""
+        rows, split; the sample rendered with the model's own system prompt left out or kept as training will
+        (model.template_system_prompt). On a shared studio it runs in a sandboxed child with bounded memory and
+        time (studio/sandbox.py)."""
         from studio import inspection, sandbox, stages
         kind = stages.get(stage or "sft").data_kind
         data = dict(data) if isinstance(data, dict) else {}
         data["path"] = self.check_data_allowed(data.get("path", DEMO_DATA), visitor)
-        model = {"name_or_path": self.check_model_allowed(model_name)}
-        cfg = from_dict({"data": data, "model": model})
+        model = {"name_or_path": self.check_model_allowed(model_name),
+                 "template_system_prompt": template_system_prompt or "leave_out"}
+        cfg = from_dict({"data": data, "model": model})  # checks the choice is one of the allowed ones
         if self.limits is None:
-            return inspection.inspect(cfg.data, self.tokenizer_for(model["name_or_path"]), page,
-                                      self.policy.max_upload_bytes, kind)
+            tokenizer = self.tokenizer_for(model["name_or_path"],
+                                           template_system_prompt=cfg.model.template_system_prompt)
+            return inspection.inspect(cfg.data, tokenizer, page, self.policy.max_upload_bytes, kind)
         return sandbox.call("studio.inspection:inspect_standalone",
                             {"data": to_dict(cfg)["data"], "model": model, "page": int(page or 0),
                              "max_bytes": self.policy.max_upload_bytes, "kind": kind},

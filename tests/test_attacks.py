@@ -73,9 +73,10 @@ def raw(shared, user: str | None = None):
         yield client
 
 
-def page_event(client: httpx.Client, fn_index: int, data: list) -> dict:
-    """Call one of the page's events by its index, as the browser would, with values of the caller's choosing."""
-    session = uuid.uuid4().hex[:12]
+def page_event(client: httpx.Client, fn_index: int, data: list, session: str | None = None) -> dict:
+    """Call one of the page's events by its index, as the browser would, with values of the caller's choosing
+    (in a fresh page session, or in `session` to follow on from earlier events)."""
+    session = session or uuid.uuid4().hex[:12]
     joined = client.post("gradio_api/queue/join", json={"data": data, "event_data": None, "fn_index": fn_index,
                                                          "trigger_id": None, "session_hash": session})
     if joined.status_code != 200:
@@ -345,3 +346,56 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _page_events_named(client, *names: str) -> dict:
+    """The page's events by their handler's name (as the config lists them), to call with forged values."""
+    found = {}
+    for event in client.get("config").json()["dependencies"]:
+        if event.get("api_name") in names:
+            found.setdefault(event["api_name"], event["id"])
+    assert set(found) == set(names), found
+    return found
+
+
+def test_a_forged_remembered_upload_or_mix_pick_reaches_no_other_visitors_file(shared, tmp_path):
+    """The Data tab keeps the last upload's name in the browser (BrowserState) and a reload sends it back; a
+    second file to mix in is picked among the visitor's uploads. Both values come from the client: Bob sends
+    Alice's upload name and paths of his choosing straight to those events, and gets the demo set, a refusal,
+    and only his own uploads listed."""
+    alice = visitor(shared, "alice")
+    data = tmp_path / "alice-mix.jsonl"
+    data.write_text(json.dumps({"instruction": "secret question", "output": "secret answer"}) + "\n")
+    alices = alice.predict(handle_file(str(data)), api_name="/upload_data")["data_path"]
+    stored = next((shared.home / "uploads").rglob(alices))
+    bob = visitor(shared, "bob")
+    data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    bobs = bob.predict(handle_file(str(data)), api_name="/upload_data")["data_path"]
+    before = files_under(shared.home / "uploads")
+    forged = [alices, str(stored), f"../{stored.parent.name}/{alices}", f"{stored.parent.name}/{alices}",
+              "/etc/passwd", "~/.ssh/id_rsa"]
+    with raw(shared, "bob") as client:
+        events = _page_events_named(client, "remembered", "mix_pick", "your_uploads")
+        for value in forged:
+            answer = page_event(client, events["remembered"], [value])
+            # The data path itself is a server-side State (sent back as null); the source line beside it says it.
+            assert answer.get("success") and answer["output"]["data"][1] == "Using: **demo set**", (value, answer)
+            assert alices not in json.dumps(answer["output"]) and "secret" not in json.dumps(answer)
+        # His own upload's name, kept by his browser, is used.
+        own = page_event(client, events["remembered"], [bobs])
+        assert own["output"]["data"][1] == f"Using: **{bobs}**"
+        # The mix picker of one page session, filled with his own uploads as the page fills it, then sent
+        # Alice's name and paths: refused (by the picker's choices, and again by the handler's own check).
+        session = uuid.uuid4().hex[:12]
+        listed = json.dumps(page_event(client, events["your_uploads"], [None], session)["output"])
+        assert bobs in listed and alices not in listed
+        for value in forged:
+            refused = page_event(client, events["mix_pick"], [value, ""], session)
+            assert not refused.get("success") and refused["output"].get("error"), (value, refused)
+            assert "secret" not in json.dumps(refused)
+        assert page_event(client, events["mix_pick"], [bobs, ""], session)["output"]["data"] == [f"{bobs}: 0.2"]
+    # Start with Alice's upload mixed in: refused like the main file.
+    with pytest.raises(Exception, match="demo set or a file you uploaded"):
+        bob.predict({"name": "mixed", "model": {"name_or_path": "studio-tests/tiny"},
+                     "data": {"path": bobs, "mix": {alices: 0.2}}}, api_name="/start_training")
+    assert files_under(shared.home / "uploads") == before

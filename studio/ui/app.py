@@ -23,6 +23,7 @@ def form_config(studio, values: dict, model, data, train) -> dict:
                     **{k: v for k, v in studio.model_preset_settings(picker).get("model", {}).items()
                        if k == "chat_template"}}
     cfg["data"] = data.current(values)
+    cfg["model"].update(data.model_settings(values))  # the template's own system prompt, set on the Data tab
     cfg["method"]["target_modules"] = train_tab.targets_from(values[train.target_pick], values[train.layers])
     cfg["name"] = (values[train.name] or "").strip()
     cfg["stage"] = values[train.stage] or "sft"

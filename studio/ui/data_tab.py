@@ -14,6 +14,7 @@ import pandas as pd
 
 from studio.config import BUNDLED_MODEL, DEMO_DATA
 from studio.data_summary import lines as data_lines
+from studio.data_summary import run_kind
 from studio.placeholders import parse_values
 from studio.ui.common import Form, bind, friendly, run_alone, visitor
 
@@ -35,21 +36,27 @@ def data_settings(form_values: dict, path: str, prompt_col: str, reply_col: str,
 
 
 @friendly
-def check(studio, data: dict, model: str, page: int, request: gr.Request = None, stage: str = "sft") -> dict:
+def check(studio, data: dict, model: str, page: int, request: gr.Request = None, stage: str = "sft",
+          template_system: str = "leave_out") -> dict:
     """What the tab shows for the data settings, read as the rows `stage` trains on: summary text, preview,
-    sample (and a pair's rejected reply), histogram, bad rows, columns."""
-    d = studio.inspect_data(data, model or BUNDLED_MODEL, visitor(request), page=int(page or 1) - 1, stage=stage)
+    sample (and a pair's rejected reply; rendered with the model's own system prompt as `template_system` says),
+    histogram, bad rows, columns."""
+    d = studio.inspect_data(data, model or BUNDLED_MODEL, visitor(request), page=int(page or 1) - 1, stage=stage,
+                            template_system_prompt=template_system)
     over = d["over_max_length"]
     policy = "cut to fit" if d["too_long"] == "truncate" else "dropped"
+    kind = data_kind_line(d.get("format"), stage)
     if d.get("format") == "text":
         policy = "split into blocks of max length (nothing is lost)"
-        d["split"] += ". Plain text trains as continued pretraining: every token is learned"
     about = "about " if d.get("estimated") else ""
-    text = (f"**{d['summary']}**  \n{d['split']}.  \n{about}{d['trained_tokens']:,} tokens to learn from. "
+    text = (f"**{d['summary']}**  \n" + (f"{kind}  \n" if kind else "")
+            + f"{d['split']}.  \n{about}{d['trained_tokens']:,} tokens to learn from. "
             f"{about}{over} rows are longer than max length {d['max_length']} and will be {policy}. "
             f"Page {d['page'] + 1} of {d['pages']}.")
     details = dict(d.get("details") or {})
-    shown = [line for line in data_lines({**details, "file": d["file"]})[1:]]  # the first line repeats the summary
+    # The 'Data: ...' line repeats the summary and the kind of run is said above.
+    shown = [line for line in data_lines({**details, "file": d["file"]})
+             if not line.startswith(("Data: ", "Kind of run: "))]
     dup = d.get("duplicates") or {}
     if dup.get("exact") or dup.get("near"):
         shown.append(f"Repeated rows: {dup['exact']} exact, {dup['near']} near copies (data.dedup decides whether "
@@ -69,13 +76,76 @@ def check(studio, data: dict, model: str, page: int, request: gr.Request = None,
             "placeholders_label": ask, "tool_sample": d.get("tool_sample")}
 
 
+def data_kind_line(fmt: str | None, stage: str = "sft") -> str:
+    """The kind of run this data makes, said when it has a name of its own: plain text read for supervised
+    fine-tuning ('What to train': SFT) is continued pretraining."""
+    if (stage or "sft") != "sft" or not run_kind(fmt):
+        return ""
+    name, explanation = run_kind(fmt)
+    return (f"Plain text detected, so this is a **{name}** run: {explanation}. Start trains it as it is (What to "
+            "train: supervised fine-tuning, which reads plain text this way).")
+
+
 @friendly
-def uploaded(studio, file: str | None, request: gr.Request = None) -> tuple[str, str]:
-    """(the stored upload's name to train on, the source line); the demo set when the upload is cleared."""
+def uploaded(studio, file: str | None, request: gr.Request = None) -> tuple[str, str, str | None]:
+    """(the stored upload's name to train on, the source line, the name for the browser to remember); the demo
+    set (and nothing to remember) when the upload is cleared."""
     if file is None:
-        return DEMO_DATA, DEMO_SOURCE
+        return DEMO_DATA, DEMO_SOURCE, None
     stored = studio.store_upload(file, visitor(request), remove_source=True)
-    return stored, f"Using: **{stored}**"
+    return stored, f"Using: **{stored}**", stored
+
+
+@friendly
+def remembered(studio, name, request: gr.Request = None) -> tuple:
+    """On page load: the upload this browser used last (kept in its local storage), when it is still one of this
+    visitor's own uploads: (its name, the source line). The stored value comes from the browser and may be
+    forged: anything else (a path, another visitor's upload, one removed since) is not used and not echoed, and
+    the page stays on the demo set."""
+    if name in (None, ""):
+        return gr.skip(), gr.skip()
+    own = studio.own_upload(name, visitor(request))
+    if own is None:
+        return DEMO_DATA, DEMO_SOURCE
+    return own, f"Using: **{own}**"  # as the upload said it (this also runs right after an upload)
+
+
+MIX_SHARE = 0.2  # a typical share of general data against forgetting (data.mix's help)
+
+
+def add_mix_line(mix_text: str, name: str, share: float = MIX_SHARE) -> str:
+    """The 'file: share' lines of data.mix with `name` added (once), keeping what the person typed."""
+    lines = [line for line in (mix_text or "").splitlines() if line.strip()]
+    if any(line.split(":", 1)[0].strip() == name for line in lines):
+        return "\n".join(lines)
+    return "\n".join([*lines, f"{name}: {share:g}"])
+
+
+@friendly
+def your_uploads(studio, current: str | None = None, request: gr.Request = None) -> gr.Dropdown:
+    """The visitor's own uploads, to pick a file to mix in (in share mode a name is all they can give)."""
+    names = studio.uploads_of(visitor(request))
+    return gr.Dropdown(choices=names, value=current if current in names else None)
+
+
+@friendly
+def mix_upload(studio, file: str | None, mix_text: str, request: gr.Request = None) -> tuple:
+    """A second file uploaded to mix in: stored in the visitor's folder like the first, and added to the
+    'file: share' lines under the name it was stored as; (mix lines, the upload picker)."""
+    if file is None:
+        return gr.skip(), gr.skip()
+    stored = studio.store_upload(file, visitor(request), remove_source=True)
+    return add_mix_line(mix_text, stored), your_uploads(studio, stored, request)
+
+
+@friendly
+def mix_pick(studio, name: str | None, mix_text: str, request: gr.Request = None) -> str:
+    """One of the visitor's own uploads picked to mix in: added to the 'file: share' lines. Only names of their own
+    uploads are taken (the pick comes from the client)."""
+    own = studio.own_upload(name, visitor(request))
+    if own is None:
+        raise gr.Error("Pick one of your own uploads to mix in.")
+    return add_mix_line(mix_text, own)
 
 
 DEMO_BY_KIND = {"conversations": DEMO_DATA, "preference_pairs": "demo-dpo", "feedback": "demo-dpo",
@@ -106,6 +176,9 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
                 "or bad for KTO; prompts (with an optional reference answer) for GRPO. Or use the demo set.")
     form = Form()
     data_path = gr.State(DEMO_DATA)
+    # The upload's name, kept in this browser's local storage so a reload keeps training on it (checked against
+    # the visitor's own uploads when the page loads: see `remembered`).
+    last_upload = gr.BrowserState(None, storage_key="studio-data-upload")
     model_picker = model_picker if model_picker is not None else gr.State(BUNDLED_MODEL)
     stage = stage if stage is not None else gr.State("sft")
     with gr.Row():
@@ -126,7 +199,11 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
         form.field("data", "too_long", label="Too-long rows")
         form.field("data", "train_on", label="Train on")
         form.field("data", "eval_fraction", label="Held-out share")
-    form.field("data", "system_prompt", label="System prompt for every conversation")
+    with gr.Row():
+        form.field("data", "system_prompt", label="System prompt for every conversation", scale=2)
+        # A model setting, shown here beside the system prompt it stands in for; Start puts it in the model section
+        # (model_settings below), and chatting with the run uses the same choice.
+        form.field("model", "template_system_prompt", label="The model's own system prompt")
     with gr.Row():
         placeholder_values = gr.Textbox(label="Placeholder values (only if your examples hold {{name}}-style ones)",
                                         lines=2, placeholder="name: Ada\nauthor: Acme", elem_id="data-placeholders")
@@ -139,6 +216,13 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
         mix_files = gr.Textbox(label="Other data to mix in, with its share of the training rows", lines=2,
                                placeholder="general.jsonl: 0.2", elem_id="data-mix",
                                info="For example general instructions, so the model keeps what it knew.")
+    with gr.Row():
+        mix_choice = gr.Dropdown([], value=None, label="Mix in one of your uploads", allow_custom_value=False,
+                                 info=f"Adds it above with a share of {MIX_SHARE:g}; change the share there.",
+                                 elem_id="data-mix-pick")
+        mix_file = gr.File(label="Or upload a file to mix in", file_count="single",
+                           file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt", ".md"],
+                           elem_id="data-mix-upload")
     inspect_btn = gr.Button("Check the data", variant="primary", elem_id="data-check")
     summary = gr.Markdown("", elem_id="data-summary")
     with gr.Row():
@@ -169,8 +253,13 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
                              values[reply_col], values[system_col], values.get(placeholder_values, ""),
                              values.get(role_names, ""), values.get(mix_files, ""))
 
+    def model_settings(values: dict) -> dict:
+        """The model-section settings this tab holds (the template's own system prompt)."""
+        return form.to_dict(values).get("model", {})
+
     def on_check(values: dict, request: gr.Request):
-        d = check(studio, current(values), values[model_picker], values[page], request, values[stage])
+        d = check(studio, current(values), values[model_picker], values[page], request, values[stage],
+                  model_settings(values).get("template_system_prompt", "leave_out"))
         mapped = d["mapped"]  # columns mapped automatically show in the pickers, to change if they are wrong
 
         def picker(target: str, component) -> gr.Dropdown:
@@ -188,14 +277,24 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
               mix_files, *form.fields.values()}
     outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col, sample_rejected, tool_sample,
                placeholder_values]
-    upload.upload(bind(uploaded, studio), upload, [data_path, source]).then(
+    upload.upload(bind(uploaded, studio), upload, [data_path, source, last_upload]).then(
+        on_check, inputs, outputs, concurrency_id="data").then(
+        bind(your_uploads, studio), mix_choice, mix_choice)
+    # The demo set chosen: nothing to remember, so a reload opens on the demo set too.
+    use_demo.click(lambda stage_name: (*demo_for(stage_name), None), stage, [data_path, source, last_upload]).then(
         on_check, inputs, outputs, concurrency_id="data")
-    use_demo.click(demo_for, stage, [data_path, source]).then(on_check, inputs, outputs, concurrency_id="data")
+    # On page load (and when the remembered name changes), the visitor's last upload and their uploads to mix in.
+    gr.on(None, bind(remembered, studio), last_upload, [data_path, source]).then(
+        bind(your_uploads, studio), mix_choice, mix_choice)
+    mix_choice.input(bind(mix_pick, studio), [mix_choice, mix_files], mix_files)
+    mix_file.upload(bind(mix_upload, studio), [mix_file, mix_files], [mix_files, mix_choice])
     inspect_btn.click(on_check, inputs, outputs, concurrency_id="data")
     page.submit(on_check, inputs, outputs, concurrency_id="data")
     return SimpleNamespace(form=form, data_path=data_path, prompt_col=prompt_col, reply_col=reply_col,
-                           system_col=system_col, current=current, inputs=inputs, outputs=outputs,
-                           use_demo=use_demo, source=source, stage=stage, check=on_check)
+                           system_col=system_col, current=current, model_settings=model_settings, inputs=inputs,
+                           outputs=outputs,
+                           use_demo=use_demo, source=source, stage=stage, check=on_check, last_upload=last_upload,
+                           mix_files=mix_files, mix_choice=mix_choice, mix_file=mix_file)
 
 
 def histogram(lengths: list[int]) -> pd.DataFrame:
