@@ -12,4 +12,5 @@ if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
     echo "test: install chromium (apt-get install chromium) for the browser tests" >&2
   fi
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# The slowest tests are listed at the end, so the suite's time can be kept in check.
+exec .venv/bin/python -m pytest -q --durations=25 "$@"
