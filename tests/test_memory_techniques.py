@@ -247,3 +247,76 @@ def test_model_tab_estimate_shows_the_least_with_the_techniques(tiny_model):
     assert rows and all("least GiB (with a memory limit)" in row for row in rows)
     lora = next(row for row in rows if row["method"].startswith("LoRA"))
     assert 0 < lora["least GiB (with a memory limit)"] <= lora["estimated GiB"]
+
+
+def _plan_with_data(max_length: int, batch: int, limit: float, packing: str, rows: list[int] | None):
+    from studio.config import from_dict
+    from studio.shapes import ModelShape
+    from studio.training.fast.plan import Machine, data_lengths, plan_speed
+    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
+                       vocab=128256, tied_embeddings=False)
+    cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": max_length},
+                     "method": {"method": "qlora", "rank": 16},
+                     "training": {"batch_size": batch, "memory_limit_gib": limit, "precision": "bf16",
+                                  "packing": packing}})
+    machine = Machine(device="cuda", model_type="llama", shape=shape, free_gib=139.0, host_free_gib=500.0,
+                      liger_installed=True, varlen_ok=True)
+    data = None if rows is None else data_lengths([{"input_ids": [5] * n, "labels": [5] * n} for n in rows])
+    return plan_speed(cfg, machine, data)
+
+
+def test_data_lengths_reads_the_rows():
+    from studio.training.fast.plan import data_lengths
+    lengths = data_lengths([{"input_ids": [1] * n} for n in (3, 9, 4)])
+    assert (lengths.longest, lengths.total, lengths.rows) == (9, 16, 3)
+    assert data_lengths([]) is None
+    assert data_lengths([{"prompt": "no ids"}]) is None  # pairs and prompts carry no input_ids: not read
+
+
+def test_planner_reads_the_longest_row_of_unpacked_data():
+    # Rows padded to the longest in their batch: short data needs far less than batch_size x max_length.
+    short = _plan_with_data(65536, 1, 20.0, "off", [900, 1200, 2000])
+    assumed = _plan_with_data(65536, 1, 20.0, "off", None)
+    assert short.micro_batch_tokens == 2000 and assumed.micro_batch_tokens == 65536
+    assert short.offloaded_layers == 0 and assumed.offloaded_layers > 0, (short.reasons, assumed.reasons)
+    assert short.memory_estimate_gib < assumed.memory_estimate_gib
+    assert any("longest row is 2,000 tokens" in r for r in short.reasons), short.reasons
+    assert any("not known here" in r for r in assumed.reasons), assumed.reasons
+    # Rows longer than max_length are cut to it: the estimate never goes past batch_size x max_length.
+    assert _plan_with_data(4096, 2, 0.0, "off", [9000]).micro_batch_tokens == 2 * 4096
+
+
+def test_planner_reads_packed_rows_from_the_data():
+    # Packed rows fill up to max_length whatever each document's length, so only data smaller than a micro-batch of
+    # rows changes the estimate.
+    many = _plan_with_data(4096, 2, 0.0, "on", [384] * 3000)
+    assert many.micro_batch_tokens == 2 * 4096
+    assert any("packed rows of up to 4,096 tokens" in r for r in many.reasons), many.reasons
+    few = _plan_with_data(65536, 1, 20.0, "on", [3000, 2000])
+    assert few.micro_batch_tokens == 5000 and few.offloaded_layers == 0, few.reasons
+    assert any("5,000 tokens, less than 1 packed row of" in r for r in few.reasons), few.reasons
+    # One sequence as long as the row: the same plan as from batch_size x max_length.
+    whole = _plan_with_data(65536, 1, 20.0, "on", [65536])
+    assumed = _plan_with_data(65536, 1, 20.0, "on", None)
+    assert whole.micro_batch_tokens == assumed.micro_batch_tokens == 65536
+    assert (whole.offloaded_layers, whole.uncheckpointed_layers) == (assumed.offloaded_layers,
+                                                                      assumed.uncheckpointed_layers)
+
+
+def test_host_buffers_pinned_ahead_are_the_ones_the_steps_use():
+    from studio.training.fast import activations
+    from studio.training.fast.apply import checkpoint_layers
+    model = _tiny_lora(0.0)
+    checkpoint_layers(model.get_base_model())
+    assert activations.offload_checkpoints(_layers(model), 2) == 2
+    activations.release_host_buffers()
+    try:
+        size = activations.pin_host_buffers(model, 19, torch.bfloat16)
+        assert size == 2 * 19 * 32 * 2  # two offloaded layers' (tokens x hidden) bf16 inputs, the third not
+        kept = dict(activations._host_buffers)
+        # A shorter input reuses its slot's buffer (no pinning again); a longer one replaces it.
+        like = torch.empty((1, 7, 32), dtype=torch.bfloat16)
+        assert activations._pinned(0, like).data_ptr() == kept[0].data_ptr()
+        assert activations._pinned(0, torch.empty((1, 40, 32), dtype=torch.bfloat16)).numel() == 40 * 32
+    finally:
+        activations.release_host_buffers()

@@ -29,7 +29,7 @@ from studio.rendering import EncodedSet
 from studio.runs import Run, checkpoint_step
 from studio.stages import Job, Outcome, StageFailed, StoppedBeforeStart
 from studio.training.fast import apply
-from studio.training.fast.plan import SpeedPlan, plan_speed
+from studio.training.fast.plan import SpeedPlan, data_lengths, plan_speed
 
 # Under this many training rows the run is told, at its start, what so little data will do.
 SMALL_DATA_ROWS = 200
@@ -387,7 +387,9 @@ def prepare(job: Job, recipe: Recipe) -> Prepared:
     if job.stop_requested():
         raise StoppedBeforeStart
     from studio.training.fast.probe import probe
-    plan = plan_speed(cfg, probe(cfg, location, device))
+    # The rows' own lengths, where the stage's rows carry them: the memory estimate then reads the data, not just
+    # batch_size x max_length.
+    plan = plan_speed(cfg, probe(cfg, location, device), data_lengths(train_rows.rows))
     apply.before_model_load(plan, device)
     # Seeded before PEFT draws its adapters' starting weights (the Trainer seeds only later, when it is built):
     # the same seed, data and settings give the same run, whatever this process did before.

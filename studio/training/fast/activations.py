@@ -26,12 +26,15 @@ first forward did (LoRA dropout included).
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 
 # Host buffers for offloaded layer inputs, one per checkpointed layer, reused from step to step (pinning memory is
-# slow, about a second per 10 GB); a longer input replaces its slot's buffer.
+# slow, seconds per 10 GB: bench/NOTES.md); a longer input replaces its slot's buffer.
 _host_buffers: dict[int, torch.Tensor] = {}
+# Seconds this process has spent pinning them: host time, during which the GPU may go on with work already queued.
+pinning_seconds = 0.0
 
 
 def _pinned(slot: int, like: torch.Tensor) -> torch.Tensor:
@@ -44,6 +47,8 @@ def _pinned(slot: int, like: torch.Tensor) -> torch.Tensor:
         return kept[:numel].view(like.shape)
     if kept is not None:
         _unpin(kept)
+    global pinning_seconds
+    started = time.perf_counter()
     buffer = torch.empty(numel, dtype=like.dtype)
     if torch.cuda.is_available():
         result = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0)
@@ -52,6 +57,7 @@ def _pinned(slot: int, like: torch.Tensor) -> torch.Tensor:
             buffer = torch.empty(numel, dtype=like.dtype)
         else:
             buffer._studio_registered = True
+    pinning_seconds += time.perf_counter() - started
     _host_buffers[slot] = buffer
     return buffer.view(like.shape)
 
@@ -60,6 +66,19 @@ def _unpin(buffer: torch.Tensor) -> None:
     if getattr(buffer, "_studio_registered", False):
         torch.cuda.synchronize()  # no copy may still be reading or writing it
         torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
+def pin_host_buffers(model, tokens: int, dtype: torch.dtype) -> int:
+    """Pin, now, the host buffers every offloaded layer of `model` will need for `tokens`-token inputs (batch x
+    sequence) of `dtype`, instead of in the first step's forward; returns how many bytes are pinned. Pinning is slow,
+    so a caller that times steps can keep it out of them; the pinned memory is then held before the trainer starts its
+    data loader's processes."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if hidden and isinstance(func, functools.partial) and func.func is offloaded_checkpoint:
+            _pinned(func.keywords["slot"], torch.empty((tokens, hidden), dtype=dtype, device="meta"))
+    return sum(b.numel() * b.element_size() for b in _host_buffers.values())
 
 
 def release_host_buffers() -> None:

@@ -23,7 +23,9 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
   process the GPU sat idle while each batch was built.
   On the CPU every core is already training, so batches are built in line.
 - Gradient checkpointing: layer by layer, only as many layers as the memory estimate (memory.py) says
-  the run needs to fit in the memory it may use (the GPU's free memory, or training.memory_limit_gib).
+  the run needs to fit in the memory it may use (the GPU's free memory, or training.memory_limit_gib). The
+  estimate counts the tokens a micro-batch holds from the run's own rows where they are known (the longest row,
+  or what the packed rows can hold of the data), else batch_size x max_length.
   Each checkpointed layer runs its forward twice; on a card with room it is all waste.
 - Long sequences and small cards (activations.py): where even every layer checkpointed does not fit, the
   checkpointed layers' inputs are offloaded to pinned host memory (copies that overlap the compute; one process
@@ -85,6 +87,26 @@ class Machine:
 
 
 @dataclass
+class DataLengths:
+    """The lengths of a run's encoded training rows (after truncation to data.max_length), where the data is known
+    before the model loads: what the memory estimate reads instead of assuming every row is max_length long."""
+    longest: int  # the longest row, in tokens
+    total: int  # every row's tokens together
+    rows: int
+
+
+def data_lengths(rows) -> DataLengths | None:
+    """The lengths of encoded supervised rows ({"input_ids": [...]}); None where a row has none (pairs, prompts)."""
+    lengths = []
+    for row in rows:
+        ids = row.get("input_ids") if isinstance(row, dict) else None
+        if ids is None:
+            return None
+        lengths.append(len(ids))
+    return DataLengths(longest=max(lengths), total=sum(lengths), rows=len(lengths)) if lengths else None
+
+
+@dataclass
 class SpeedPlan:
     packing: bool
     attention: str
@@ -106,6 +128,9 @@ class SpeedPlan:
     # The MLP runs over the sequence in tiles of this many tokens (activations.py); 0: whole.
     mlp_tile_tokens: int = 0
     layers: int = 0
+    # The most tokens a micro-batch puts through the model with gradients, as the memory estimate counted them:
+    # from the run's data where it was known (its longest row, or its packed rows), else batch_size x max_length.
+    micro_batch_tokens: int = 0
     memory_estimate_gib: float = 0.0
     memory_budget_gib: float = 0.0
     memory_limit_gib: float = 0.0  # enforced on the GPU (training.memory_limit_gib); 0: none
@@ -176,8 +201,9 @@ def plain_plan(cfg: RunConfig, machine: Machine) -> SpeedPlan:
     return plan
 
 
-def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
-    """The plan for `cfg` on `machine`; the reasons say why each choice was made."""
+def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None) -> SpeedPlan:
+    """The plan for `cfg` on `machine`; the reasons say why each choice was made. `data`: the lengths of the run's
+    training rows where they are known (a run's own set-up knows them; the Model tab's estimate does not)."""
     if cfg.training.speed == "plain":
         return plain_plan(cfg, machine)
     t, method, device = cfg.training, cfg.method.method, machine.device
@@ -247,6 +273,9 @@ def plan_speed(cfg: RunConfig, machine: Machine) -> SpeedPlan:
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_norm=fused_norm,
                      data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
                      memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0, long_rows_cudnn=long_rows_cudnn)
+    plan.micro_batch_tokens, why = micro_batch_tokens(cfg, packing, data)
+    if device == "cuda" and machine.shape is not None and t.gradient_checkpointing == "auto":
+        reasons.append(why)
     _plan_parallel(plan, cfg, machine)
     _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib, machine.host_free_gib)
     if cfg.stage in GENERATING_STAGES and device == "cuda":
@@ -267,6 +296,30 @@ def tokens_per_step(cfg: RunConfig) -> int:
         completions = -(-t.batch_size // s.num_generations) * s.num_generations  # as the GRPO stage rounds it
         return completions * (cfg.data.max_length + s.max_completion_length)
     return t.batch_size * cfg.data.max_length * SEQUENCES_PER_ROW.get(cfg.stage, 1)
+
+
+def micro_batch_tokens(cfg: RunConfig, packing: bool, data: DataLengths | None) -> tuple[int, str]:
+    """The most tokens one micro-batch puts through the model with gradients, and where that number comes from.
+    From the run's rows where they are known: packed rows hold at most batch_size x max_length tokens and never more
+    than the data has; unpacked rows are padded to the longest in their batch, at most the data's longest row. Else
+    (and for stages whose rows are pairs or generated completions) `tokens_per_step`'s batch_size x max_length."""
+    t = cfg.training
+    bound = tokens_per_step(cfg)
+    if data is None or not data.rows or cfg.stage != "sft":
+        return bound, (f"memory estimate: {bound:,} tokens a micro-batch (batch_size {t.batch_size} x max_length "
+                       f"{cfg.data.max_length:,}; the data's lengths are not known here)")
+    longest = min(data.longest, cfg.data.max_length)
+    if packing:
+        tokens = max(1, min(bound, data.total))
+        how = (f"packed rows of up to {cfg.data.max_length:,} tokens, {t.batch_size} a micro-batch" if tokens == bound
+               else f"all {data.rows:,} rows together are {data.total:,} tokens, less than {t.batch_size} packed "
+                    f"row{'s' if t.batch_size != 1 else ''} of {cfg.data.max_length:,}")
+    else:
+        tokens = t.batch_size * longest
+        how = (f"{t.batch_size} rows a micro-batch, padded to the longest; the data's longest row is "
+               f"{data.longest:,} tokens" + (f" (max_length {cfg.data.max_length:,})" if longest < cfg.data.max_length
+                                            else ""))
+    return tokens, f"memory estimate: {tokens:,} tokens a micro-batch from the data ({how})"
 
 
 def memory_budget_gib(cfg: RunConfig, free_gib: float | None) -> float | None:
@@ -297,7 +350,7 @@ def _plan_parallel(plan: SpeedPlan, cfg: RunConfig, machine: Machine) -> None:
         plan.strategy = "ddp"
         plan.reasons.append("strategy: DDP (the model's size is unknown, so memory could not be estimated)")
         return
-    tokens = tokens_per_step(cfg)
+    tokens = plan.micro_batch_tokens or tokens_per_step(cfg)
     least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, shape.layers, plan.liger)
     if t.gradient_checkpointing == "off":
         least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, 0, plan.liger)
@@ -343,7 +396,7 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
         reasons.append("checkpointing: " + ("on" if plan.gradient_checkpointing else "off") +
                        " (the model's size is unknown, so memory could not be estimated)")
         return
-    tokens = tokens_per_step(cfg)
+    tokens = plan.micro_batch_tokens or tokens_per_step(cfg)
     shards = plan.processes if plan.strategy == "fsdp" else 1
     checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger, shards)
     if checkpointed == shape.layers and peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
