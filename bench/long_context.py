@@ -1,13 +1,22 @@
 """Longest single sequence a shape trains on through the studio's path (CUDA only), under a memory limit.
 
     python bench/long_context.py [--lengths 16384,32768,65536] [--shape 8b] [--method qlora] [--limit GIB]
-                                 [--steps 3] [--plan FIELD=VALUE ...] [--out DIR]
+                                 [--steps 3] [--plan FIELD=VALUE ...] [--setup-apart] [--pin-ahead] [--out DIR]
 
 For each length: one document of that many tokens, batch 1, `--steps` optimizer steps through the studio's trainer
 with the speed plan it picks for that length and `training.memory_limit_gib` (--limit; 0: none). Prints, per length,
 the peak GPU memory, the seconds of each step (the first includes warm-up; the median is over the rest), the plan's
 summary and its memory reasons, or the out-of-memory error. Each length runs in its own process. With --out, the
 results are also written there as JSON lines.
+
+With --setup-apart, one forward and backward of the attention function the model calls, at the full length and in
+the layout the model hands it, runs and is timed before the steps (`setup_s`; cuDNN builds its plan for a shape on
+its first call). With --pin-ahead, the offloaded layers' host buffers are pinned there too, at their full size (on the
+H200's host, 98 GB pinned before training left the run killed once its trainer started; pinned in the first step, as
+runs do, it trained). Either way `pin_s_in_steps` is the host time the steps spent pinning: the GPU may have gone on
+with queued work meanwhile, so a first step's time less it is a lower bound for a later step, and the first step
+itself an upper one (it also holds the allocator's first requests and kernels compiled on first use). At lengths where
+one step takes minutes this is how a steady step is bounded within one device call.
 """
 
 from __future__ import annotations
@@ -23,7 +32,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def try_length(shape: str, method: str, length: int, limit: float, steps: int, plan_changes: dict) -> dict:
+def set_up_ahead(model, plan, length: int, pin: bool) -> dict:
+    """Call the attention once at `length` (and pin the offloaded layers' host buffers, `pin`), timed apart."""
+    import torch
+
+    from studio.training.fast import activations
+    from studio.training.fast.varlen_attention import varlen_attention_forward
+    config = model.config
+    out = {}
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    if plan.offloaded_layers and pin:
+        out["pinned_gb"] = round(activations.pin_host_buffers(model, length, torch.bfloat16) / 1e9, 2)
+    out["pin_s"] = round(time.perf_counter() - start, 2)
+    if plan.attention == "packed_varlen":
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+
+        def made(n):  # (1 x heads x tokens x d), a transposed view, as the model's attention gets it after RoPE
+            return torch.randn((1, length, n, head_dim), device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        query, key, value = (made(n).requires_grad_(True) for n in (heads, kv_heads, kv_heads))
+        bounds = torch.tensor([0, length], device="cuda", dtype=torch.int32)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result, _ = varlen_attention_forward(None, query, key, value, None, 0.0, head_dim ** -0.5,
+                                             cu_seq_lens_q=bounds, max_length_q=length)
+        result.sum().backward()
+        torch.cuda.synchronize()
+        out["attention_first_call_s"] = round(time.perf_counter() - start, 2)
+        del query, key, value, result
+        torch.cuda.empty_cache()
+    return out
+
+
+def try_length(shape: str, method: str, length: int, limit: float, steps: int, plan_changes: dict,
+               setup_apart: bool = False, pin_ahead: bool = False) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -70,6 +113,8 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
+            print(f"step {len(times)}: {times[-1]:.2f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+                  file=sys.stderr, flush=True)  # seen even where the process is stopped before its result
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -77,11 +122,16 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
 
     trainer = sft.build(prep, Job(run, cfg, False, lambda: False), loop.arguments(prep, run, Attempt(1, 1)),
                         [StepTimes(), *apply.trainer_callbacks(plan)])
+    setup = set_up_ahead(trainer.model, plan, length, pin_ahead) if setup_apart or pin_ahead else {}
+    from studio.training.fast import activations
+    pinned_before = activations.pinning_seconds
+    if setup:
+        print(f"set-up: {setup}", file=sys.stderr, flush=True)
     torch.cuda.reset_peak_memory_stats()
     memory = [r for r in plan.reasons if r.startswith(("checkpointing", "offloaded", "MLP"))]
     base = {"length": length, "shape": shape, "method": method, "limit_gib": limit, "plan": plan.summary(),
             "reasons": memory, "estimate_gib": plan.memory_estimate_gib,
-            "changes": plan_changes}
+            "changes": plan_changes, "setup_s": setup}
     try:
         trainer.train()
     except torch.cuda.OutOfMemoryError as err:
@@ -91,7 +141,9 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
         apply.finish(plan)
     torch.cuda.synchronize()
     rest = sorted(times[1:]) or times
-    return {**base, "ok": True, "step_s": [round(t, 2) for t in times], "step_s_median": rest[len(rest) // 2],
+    return {**base, "ok": True, "step_s": [round(t, 2) for t in times],
+            "pin_s_in_steps": round(activations.pinning_seconds - pinned_before, 2),
+            "step_s_median": rest[len(rest) // 2],
             "tokens_per_s": length / rest[len(rest) // 2], "losses": losses,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
@@ -106,12 +158,15 @@ def main() -> int:
     p.add_argument("--limit", type=float, default=0.0, help="training.memory_limit_gib (0: none)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--setup-apart", action="store_true", help="call the attention once before the steps, timed")
+    p.add_argument("--pin-ahead", action="store_true", help="pin the offloaded layers' host buffers before the steps")
     p.add_argument("--out", default="")
     p.add_argument("--child", type=int)
     args = p.parse_args()
     changes = parse_changes(args.plan)
     if args.child:
-        result = try_length(args.shape, args.method, args.child, args.limit, args.steps, changes)
+        result = try_length(args.shape, args.method, args.child, args.limit, args.steps, changes, args.setup_apart,
+                            args.pin_ahead)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -119,10 +174,21 @@ def main() -> int:
                    str(args.limit), "--steps", str(args.steps), "--child", str(length)]
         for item in args.plan:
             command += ["--plan", item]
-        done = subprocess.run(command, capture_output=True, text=True)
+        command += ["--setup-apart"] * args.setup_apart + ["--pin-ahead"] * args.pin_ahead
+        # The child's log goes to a file under --out as it runs: a run stopped from outside (a device call's time
+        # limit) still leaves its set-up and step times there.
+        log = Path(args.out) / f"long-{length}.log" if args.out else None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") if log is not None else open(os.devnull, "w") as err:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err if log is not None else subprocess.PIPE,
+                                  text=True)
+        errors = log.read_text() if log is not None else done.stderr
         found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        # A negative exit code is the signal that ended the child (-9: killed, e.g. for host memory).
         line = found[-1] if found else json.dumps({"length": length, "limit_gib": args.limit, "ok": False,
-                                                   "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]})
+                                                   "exit_code": done.returncode,
+                                                   "error": (errors.strip().splitlines() or ["?"])[-1][:300]})
         print(line, flush=True)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Where a training step of the studio's path spends its GPU time (CUDA only).
 
-    python bench/profile_step.py [--shape 1b] [--arm studio]
+    python bench/profile_step.py [--shape 1b] [--arm studio] [--host] [--shapes]
 
 Profiles 3 steps after the warm-up with torch.profiler and prints the kernels that took the most GPU
-time, plus a rough split into matmuls, attention, elementwise/normalisation and the rest.
+time, plus a rough split into matmuls, attention, elementwise/normalisation and the rest. With --shapes, the
+operators (matmuls above all) are also grouped by their input shapes, with the GPU time of their kernels: a kernel's
+name does not say which projection, or which pass, it ran for.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ def main() -> int:
     p.add_argument("--shape", default="1b")
     p.add_argument("--arm", default="studio")
     p.add_argument("--host", action="store_true", help="also record the CPU side: where the host waits on the GPU")
+    p.add_argument("--shapes", action="store_true", help="also group operators by input shape (implies --host)")
     args = p.parse_args()
+    args.host = args.host or args.shapes
     activities = [torch.profiler.ProfilerActivity.CUDA]
     if args.host:
         activities.append(torch.profiler.ProfilerActivity.CPU)
-    prof = torch.profiler.profile(activities=activities)
+    prof = torch.profiler.profile(activities=activities, record_shapes=args.shapes)
 
     import time
     wall = {}
@@ -51,11 +55,13 @@ def main() -> int:
     averages = prof.key_averages()
     if args.host:
         print_host_side(averages)
+    if args.shapes:
+        print_by_shape(prof)
     # Self time: with --host the CPU operators carry their kernels' time too, which would count it twice.
     events = [e for e in averages if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     groups = {"matmul (gemm)": ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm"),
-              "attention (flex)": ("flex", "triton_tem", "attention"),
+              "attention (flash, flex, cuDNN)": ("flash", "flex", "triton_tem", "attention", "cudnn", "fmha"),
               "triton fused (liger/inductor)": ("triton",), "elementwise/reduce": ("elementwise", "reduce",
                                                                                       "vectorized", "copy", "fill")}
     split = dict.fromkeys(groups, 0.0)
@@ -78,6 +84,19 @@ def main() -> int:
         print(f"{e.key[:90]:90} {e.self_device_time_total / 1e3:9.2f} {100 * e.self_device_time_total / total:6.1f} "
               f"{e.count:7d}")
     return 0
+
+
+def print_by_shape(prof) -> None:
+    """Operators by input shape, the GPU time of the kernels they launched (3 steps); matmuls first."""
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul")
+            and e.device_time_total > 0]
+    total = sum(e.device_time_total for e in rows)
+    print(f"matmul operators by input shape (3 steps, {total / 1e3:.1f} ms of GPU time):")
+    print(f"  {'operator':14} {'ms':>8} {'calls':>6} {'us/call':>8}  shapes")
+    for e in sorted(rows, key=lambda e: -e.device_time_total)[:40]:
+        print(f"  {e.key:14} {e.device_time_total / 1e3:8.2f} {e.count:6d} {e.device_time_total / e.count:8.1f}  "
+              f"{e.input_shapes}")
 
 
 def print_host_side(averages) -> None:
