@@ -1,4 +1,6 @@
 import os
+
+import studio  # noqa: F401 - first: it sets OMP_WAIT_POLICY before any test imports torch
 from pathlib import Path
 
 import pytest
