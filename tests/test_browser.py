@@ -176,7 +176,24 @@ def test_newcomer_tour_of_every_tab(page):
     page.screenshot(path=shots() / "6-dpo.png", full_page=True)
 
 
+# The Train tab's run panel: a refused Start must not put Gradio's red "Error" badge over these.
+RUN_PANEL = ("#train-status", "#train-progress", "#train-plot", "#train-log", "#train-samples")
+
+
+def visible_error_badges(page) -> int:
+    """Gradio's status tracker marks each output of a failed event with a span.error reading "Error"."""
+    return page.evaluate("""sels => sels.flatMap(s => [...document.querySelectorAll(s + ' span.error')])
+                                  .filter(e => e.offsetParent !== null && e.textContent.trim() === 'Error').length""",
+                         list(RUN_PANEL))
+
+
 def test_quick_demo_starts_and_stop_saves(page):
+    # A mistake first: the refusal names the field in one message, and no red badge covers the run panel.
+    tab(page, "3 · Train")
+    set_number(page, "training-warmup-ratio", 5)
+    page.locator("#train-start").click()
+    page.get_by_text(re.compile(r"Warm-up share")).first.wait_for()
+    assert visible_error_badges(page) == 0
     page.locator("#quick-demo").click()
     page.locator("#train-status").get_by_text("demo").wait_for()
     page.locator("#train-progress").get_by_text(re.compile(r"Step [1-9]\d* of 24")).wait_for()

@@ -83,7 +83,7 @@ def build_app(studio) -> gr.Blocks:
         def demo_start(values: dict, request: gr.Request):
             return train_tab.start_run(studio, form_config(studio, values, model, data, train), request)
         quick.click(demo_fill, None, {*form_targets, model.picker, data.data_path, data.source, tabs}).then(
-            demo_start, start_inputs, live).then(None, None, None, js=train_tab.SHOW_LIVE_PANEL)
+            demo_start, start_inputs, live, show_progress="hidden").then(None, None, None, js=train_tab.SHOW_LIVE_PANEL)
         # "Chat with it" on a finished run: the Chat tab, on that run.
         train.chat_with.click(bind(chat_tab.finished_runs, studio), train.watched, chat.run_pick).then(
             lambda: gr.Tabs(selected="chat"), None, tabs)

@@ -476,7 +476,10 @@ def wire_start(studio, train: SimpleNamespace, inputs: set, form_config) -> None
 
     def on_save(values: dict):
         return save_settings(studio, form_config(values), values[train.save_name])
-    train.start.click(on_start, inputs, [*train.live_outputs, train.timer, train.watched], concurrency_limit=None)
+    # The run panel is the progress display; a refused Start says why in one message (Gradio's toast) instead of
+    # a red "Error" badge over each of the panel's boxes.
+    train.start.click(on_start, inputs, [*train.live_outputs, train.timer, train.watched], concurrency_limit=None,
+                      show_progress="hidden")
     train.start.click(None, None, None, js=SHOW_LIVE_PANEL)
     train.save_preset.click(on_save, {*inputs, train.save_name}, train.preset)
 
