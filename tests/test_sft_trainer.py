@@ -61,6 +61,39 @@ def test_same_loss_and_metrics_as_trl_without_host_waits(trainer_and_batch, monk
         assert trainer._metric_count == 0
 
 
+def test_the_head_projects_only_labelled_positions_with_the_same_loss_and_gradients(trainer_and_batch, monkeypatch):
+    """On the CPU TRL's fused head projects every position; the studio's trainer projects only those with a label
+    (as TRL does on GPUs), and the loss and every LoRA gradient are TRL's."""
+    import trl.trainer.utils as trl_utils
+    trainer, batch = trainer_and_batch
+    model = trainer.model
+    projected = []
+    original = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        projected.append(hidden.shape[0])
+        return original(hidden, *args)
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_gradients(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+    reference_batch = {k: v for k, v in batch.items() if k != TOKEN_COUNT}
+    reference, reference_grads = loss_and_gradients(lambda: SFTTrainer.compute_loss(trainer, model,
+                                                                                    dict(reference_batch)))
+    loss, grads = loss_and_gradients(lambda: trainer.compute_loss(model, dict(batch)))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    every = batch["labels"].shape[0] * (batch["labels"].shape[1] - 1)
+    assert projected == [every, labelled] and labelled < every
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    for got, expected in zip(grads, reference_grads):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # TRL's own choice is back afterwards
+
+
 def test_token_count_of_packed_rows_leaves_out_the_padding():
     collator = CountRealTokens(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True,
                                                                return_position_ids=True, pad_to_multiple_of=64))

@@ -17,6 +17,11 @@ parameter count for its FLOP estimate, and `model.parameters()` for gradient cli
 layers has thousands of modules, and where the host is the bottleneck every walk costs the GPU time
 (bench/NOTES.md has the profile). Here the count and the trainable parameters are found once, and
 `model.train()` walks the model only when it is not already in training mode.
+
+TRL's fused head projects only the positions that have a label where Triton runs (a GPU); elsewhere it projects
+every position, padding and prompts included, so that a compiler sees one tile shape. Nothing compiles the CPU's
+steps, so this trainer has it project only the labelled positions there too: the same loss and gradients, and on
+the CPU demo about 15% less time a step (bench/NOTES.md, session 11).
 """
 
 from __future__ import annotations
@@ -44,6 +49,23 @@ def _fused_head_has_fields() -> bool:
 
 
 _FUSED_HEAD_FIELDS = _fused_head_has_fields()
+
+
+@contextmanager
+def _head_on_labelled_positions_only():
+    """TRL's fused head, told it may gather the labelled positions before projecting, as it does on GPUs (see the
+    module docstring). The choice is one module-level test in trl.trainer.utils, read only by the fused forward; it
+    is put back afterwards."""
+    import trl.trainer.utils as trl_utils
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:  # a TRL that decides otherwise: leave it to TRL
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 class CountRealTokens:
@@ -114,7 +136,8 @@ class StudioSFTTrainer(SFTTrainer):
         self._total_train_tokens += real_tokens
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
+        with _head_on_labelled_positions_only():
+            outputs = model(**inputs, fused_lm_head=True)
         valid = outputs.label_mask.sum()
         count = valid if num_items_in_batch is None else num_items_in_batch
         # TRL's normalisation: per-token log-probabilities are zero on ignored positions.
