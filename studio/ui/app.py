@@ -76,13 +76,15 @@ def build_app(studio) -> gr.Blocks:
 
         def demo_fill():
             updates = train.fill_from(train_tab.preset_settings("demo"))
+            # The demo set is now the data, so a reload must not bring back the last upload.
             updates.update({model.picker: BUNDLED_MODEL, data.data_path: DEMO_DATA,
-                            data.source: data_tab.DEMO_SOURCE, tabs: gr.Tabs(selected="train")})
+                            data.source: data_tab.DEMO_SOURCE, data.last_upload: None, tabs: gr.Tabs(selected="train")})
             return updates
 
         def demo_start(values: dict, request: gr.Request):
             return train_tab.start_run(studio, form_config(studio, values, model, data, train), request)
-        quick.click(demo_fill, None, {*form_targets, model.picker, data.data_path, data.source, tabs}).then(
+        quick.click(demo_fill, None, {*form_targets, model.picker, data.data_path, data.source, data.last_upload,
+                                      tabs}).then(
             demo_start, start_inputs, live, show_progress="hidden").then(None, None, None, js=train_tab.SHOW_LIVE_PANEL)
         # "Chat with it" on a finished run: the Chat tab, on that run.
         train.chat_with.click(bind(chat_tab.finished_runs, studio), train.watched, chat.run_pick).then(
