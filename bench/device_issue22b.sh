@@ -2,12 +2,7 @@
 # The device calls behind bench/NOTES.md's "Session 11 (issue 22)", one phase per call:
 #   bash bench/device_issue22b.sh 1|2|4|5 [args]   (on the device machine, from the repository root; results under $OUT)
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  NVSHMEM_DISABLE_NVLS=1 BENCH_CACHE=/tmp/studio-bench HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a $OUT/log.txt
-free -g | tee -a $OUT/log.txt
+source "$(dirname "$0")/device_env.sh"
 L="python3 bench/long_context.py --out $OUT"
 B="python3 bench/bench.py --out $OUT"
 case "$1" in
