@@ -327,10 +327,8 @@ class Studio:
         path = (path or "").strip() if isinstance(path, str) else ""
         if is_demo(path):
             return path or DEMO_DATA
-        if UPLOAD_NAME.match(path):
-            stored = self._upload_folder(visitor) / path
-            if stored.is_file():
-                return str(stored)
+        if self.own_upload(path, visitor) is not None:
+            return str(self._upload_folder(visitor) / path)
         if self.policy.share:
             raise StudioError("On a shared link, training data must be the demo set or a file you uploaded "
                               "(named as the upload returned it).")
