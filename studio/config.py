@@ -132,6 +132,11 @@ class MethodConfig:
         "of the model's own layer names such as ['q_proj', 'v_proj'].")
     num_virtual_tokens: int = setting(
         20, "Prompt/prefix tuning: how many learned virtual tokens to prepend.", minimum=1, maximum=512)
+    last_layers: int = setting(
+        0, "LoRA add-ons only in the model's last this many layers; 0 puts them in every layer. Training then "
+        "stops each backward pass at the lowest layer with add-ons, so a step costs less (half the layers: about a "
+        "third less), while the layers below only read. Enough for a new style, tone or format; for new "
+        "knowledge, keep every layer.", minimum=0, maximum=100_000)
 
 
 @dataclass
@@ -280,6 +285,9 @@ class RunConfig:
             check_safe_name(self.name, "run name")
         if self.method.method in LORA_FAMILY and not self.method.target_modules:
             raise StudioError("method.target_modules is empty: pick 'all-linear', 'attention' or some layer names.")
+        if self.method.last_layers and self.method.method not in LORA_FAMILY:
+            raise StudioError(f"method.last_layers = {self.method.last_layers} applies to the LoRA methods only "
+                              f"({', '.join(LORA_FAMILY)}); set it to 0 for {self.method.method}.")
         if self.training.packing == "on" and self.method.method in ("prompt_tuning", "prefix_tuning"):
             raise StudioError("training.packing cannot be combined with prompt or prefix tuning; turn packing off.")
         self._check_devices()

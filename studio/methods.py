@@ -35,9 +35,11 @@ def resolve_targets(targets: list[str], layer_names: list[str]) -> str | list[st
     return list(targets)
 
 
-def peft_config_for(cfg: MethodConfig, layer_names: list[str], head: str = "causal_lm", total_steps: int = 0):
+def peft_config_for(cfg: MethodConfig, layer_names: list[str], head: str = "causal_lm", total_steps: int = 0,
+                    layer_count: int = 0):
     """The PEFT config for a method, or None for full fine-tuning. head='score': a reward model, whose new score
-    head trains in full beside the adapters. total_steps: AdaLoRA spreads its rank budget over them."""
+    head trains in full beside the adapters. total_steps: AdaLoRA spreads its rank budget over them. layer_count:
+    the model's decoder layers, for method.last_layers."""
     from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
     task = TaskType.SEQ_CLS if head == "score" else TaskType.CAUSAL_LM
     extra = {"modules_to_save": ["score"]} if head == "score" else {}
@@ -50,6 +52,10 @@ def peft_config_for(cfg: MethodConfig, layer_names: list[str], head: str = "caus
     if cfg.method == "prefix_tuning":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     targets = resolve_targets(cfg.target_modules, layer_names)
+    if 0 < cfg.last_layers < layer_count:
+        # PEFT takes a layer list only with named targets: 'all-linear' becomes the model's own Linear names.
+        extra["layers_to_transform"] = list(range(layer_count - cfg.last_layers, layer_count))
+        targets = list(layer_names) if targets == "all-linear" else targets
     if cfg.method == "ia3":
         mlp = [n for n in layer_names if n in ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")]
         chosen = layer_names if targets == "all-linear" else targets

@@ -257,6 +257,13 @@ def linear_layer_names(model) -> list[str]:
     return sorted(names)
 
 
+def layer_count(model) -> int:
+    """How many decoder layers the (language part of the) model has; 0 when its config does not say."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text_config, "num_hidden_layers", 0) or 0)
+
+
 def inspect_model(cfg: ModelConfig) -> ModelInfo:
     """Build the model on the meta device (no memory, no weights read) to describe it.
 

@@ -126,6 +126,47 @@ def test_other_methods_train_and_save(tiny_model, method):
     assert isinstance(reply(chat, "What is the capital of France?", max_new_tokens=5), str)
 
 
+def _first_layer_output_needs_grad(prep):
+    """A list that records, at each training forward, whether the lowest decoder layer's output joined the autograd
+    graph (the sample replies' and evaluations' forwards run without gradients and are left out), and the hook's
+    handle to remove it."""
+    seen = []
+    layer = next(m for name, m in prep.model.named_modules() if name.endswith("layers.0"))
+    handle = layer.register_forward_hook(lambda module, args, output: seen.append(
+        (output[0] if isinstance(output, tuple) else output).requires_grad) if torch.is_grad_enabled() else None)
+    return seen, handle
+
+
+@pytest.mark.parametrize("last_layers", [1, 0, 5])
+def test_lora_in_the_last_layers_only_stops_the_backward_pass_below_them(tiny_model, last_layers):
+    from studio.inference import load_chat_model, reply
+    cfg = tiny_config(tiny_model, method={"last_layers": last_layers},
+                      training={"max_steps": 12, "learning_rate": 3e-2, "save_steps": 100, "eval_steps": 100})
+    trainer, prep = sft_trainer(cfg)
+    seen, handle = _first_layer_output_needs_grad(prep)
+    trainer.train()
+    handle.remove()
+    adapted = {n.split("layers.")[1].split(".")[0] for n, p in prep.model.named_parameters() if p.requires_grad}
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    if last_layers != 1:  # 0, or more than the model has: every layer
+        assert adapted == {"0", "1"} and seen and all(seen)
+        return
+    # the tiny model has 2 layers: only the top one adapts, and nothing flows back below it
+    assert adapted == {"1"} and seen and not any(seen)
+    # the saved adapter (with its layer list) loads back for chatting
+    run = new_run(tiny_config(tiny_model, method={"last_layers": 1}, training={"max_steps": 2}))
+    assert train_here(run).state is State.COMPLETED
+    chat = load_chat_model("adapter", run.id)
+    assert isinstance(reply(chat, "What is the capital of France?", max_new_tokens=4), str)
+
+
+def test_last_layers_is_refused_for_methods_without_lora_add_ons(tiny_model):
+    for method in ("ia3", "full", "prompt_tuning"):
+        with pytest.raises(StudioError, match="method.last_layers"):
+            tiny_config(tiny_model, method={"method": method, "last_layers": 1}).validate()
+
+
 def test_quantized_methods_on_cpu_fail_with_a_clear_message(tiny_model):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

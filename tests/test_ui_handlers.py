@@ -182,8 +182,9 @@ def test_a_persons_mistake_prints_no_traceback(caplog):
 def test_only_the_settings_a_method_uses_are_shown():
     from studio.ui.train_tab import applies_to
     assert applies_to("lora") == {"method.rank": True, "method.alpha": True, "method.dropout": True,
-                                  "method.num_virtual_tokens": False, "targets": True}
+                                  "method.last_layers": True, "method.num_virtual_tokens": False, "targets": True}
     assert applies_to("prompt_tuning") == {"method.rank": False, "method.alpha": False, "method.dropout": False,
-                                           "method.num_virtual_tokens": True, "targets": False}
+                                           "method.last_layers": False, "method.num_virtual_tokens": True,
+                                           "targets": False}
     assert not any(applies_to("full").values())
     assert applies_to("ia3")["targets"] and not applies_to("ia3")["method.rank"]

@@ -414,7 +414,8 @@ def add_adapters(model, cfg: RunConfig, quantization: str | None, plan: SpeedPla
     changes before and after wrapping."""
     from peft import get_peft_model
     apply.adapt_base_model(model, plan)
-    peft_config = peft_config_for(cfg.method, models.linear_layer_names(model), head, total_steps)
+    peft_config = peft_config_for(cfg.method, models.linear_layer_names(model), head, total_steps,
+                                  models.layer_count(model))
     if peft_config is None:
         return model  # full fine-tuning trains the model itself
     if quantization:

@@ -229,15 +229,17 @@ def device_plan(studio, cfg_dict: dict) -> str:
 
 
 # The settings that mean something only for some methods, in the order applies_to gives their visibility.
-METHOD_DEPENDENT = ("method.rank", "method.alpha", "method.dropout", "method.num_virtual_tokens", "targets")
+METHOD_DEPENDENT = ("method.rank", "method.alpha", "method.dropout", "method.last_layers", "method.num_virtual_tokens",
+                    "targets")
 LORA_FAMILY = ("lora", "dora", "rslora", "qlora", "lora8bit", "adalora")
 
 
 def applies_to(method: str) -> dict[str, bool]:
     """Which method-dependent settings the chosen method uses (the others are hidden): rank, alpha and dropout for
-    the LoRA family, the target layers for it and IA3, virtual tokens for prompt and prefix tuning."""
+    the LoRA family (and how many of the last layers get add-ons), the target layers for it and IA3, virtual tokens
+    for prompt and prefix tuning."""
     lora = method in LORA_FAMILY
-    return {"method.rank": lora, "method.alpha": lora, "method.dropout": lora,
+    return {"method.rank": lora, "method.alpha": lora, "method.dropout": lora, "method.last_layers": lora,
             "method.num_virtual_tokens": method in ("prompt_tuning", "prefix_tuning"),
             "targets": lora or method == "ia3"}
 
@@ -301,6 +303,8 @@ def build(studio) -> SimpleNamespace:
             target_pick = gr.Radio([ALL_LINEAR, ATTENTION, CHOOSE], value=ALL_LINEAR, label="LoRA target layers",
                                    info="Which of the model's layers get LoRA add-ons.", elem_id="train-targets",
                                    scale=1, visible=shown["targets"])
+            form.field("method", "last_layers", label="LoRA only in the last ... layers (0: every layer)", scale=1,
+                       visible=shown["method.last_layers"])
             layers = gr.CheckboxGroup([], label="The model's own layers (load the model on the Model tab to list "
                                       "them)", visible=False, elem_id="train-layers", scale=2)
         with gr.Row():
