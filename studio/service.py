@@ -38,6 +38,7 @@ from studio.records import ACTIVE, Progress, RunStatus
 from studio.rendering import BUILTIN_TEMPLATES
 from studio.runs import Run, list_runs, open_run
 from studio.training.fast.memory import peak_gib
+from studio.training.fast.plan import FROZEN_EMBEDDING_METHODS, MLP_TILE_TOKENS
 
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md")
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}-[0-9a-f]{8}\.(jsonl|json|csv|parquet|txt|md)$")
@@ -237,9 +238,12 @@ class Studio:
             known = bool(info.shape and info.shape.layers and info.shape.hidden)
             gib = peak_gib(info.shape, method, 16, 8 * 256, 0, liger=False, value_bytes=value_bytes) if known else None
             # The least the planner can bring the same run down to on a GPU with a memory limit: every layer
-            # checkpointed, their inputs offloaded to host memory (activations.py; on the CPU nothing is offloaded).
+            # checkpointed, their inputs offloaded to host memory, a frozen input embedding table there too, the MLP
+            # in its smallest tiles (activations.py, host_embeddings.py; on the CPU none of these is used).
+            gpu = info.device == "cuda"
             least = peak_gib(info.shape, method, 16, 8 * 256, info.shape.layers, liger=False, value_bytes=value_bytes,
-                             offloaded=info.shape.layers if info.device == "cuda" else 0) if known else None
+                             offloaded=info.shape.layers if gpu else 0, mlp_tile=MLP_TILE_TOKENS[-1] if gpu else 0,
+                             host_embeddings=gpu and method in FROZEN_EMBEDDING_METHODS) if known else None
             possible = "needs an NVIDIA GPU" if method in ("qlora", "lora8bit") and info.device != "cuda" else ""
             estimates.append({"method": label, "estimated GiB": None if gib is None else round(gib, 2),
                               "least GiB (with a memory limit)": None if least is None else round(least, 2),

@@ -8,14 +8,19 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-def _tiny_lora(dropout: float, seed: int = 0):
+def _tiny_lora(dropout: float, seed: int = 0, adapt_base=None, tied: bool = False):
+    """A tiny Llama with LoRA on every projection; `adapt_base(model)` runs before PEFT wraps it, as the studio's
+    adapt_base_model does."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         tie_word_embeddings=tied)
     torch.manual_seed(seed)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                 lora_dropout=dropout))
+    base = LlamaForCausalLM(config)
+    if adapt_base is not None:
+        adapt_base(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout))
     torch.manual_seed(seed + 1)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -119,13 +124,14 @@ def test_tiled_mlp_gives_the_plain_loss_and_gradients(dropout, offload):
     assert len(calls) == 3
 
 
-def _plan(length: int, limit: float, method: str = "qlora", host: float | None = 500.0, processes: int = 1):
+def _plan(length: int, limit: float, method: str = "qlora", host: float | None = 500.0, processes: int = 1,
+          tied: bool = False, stage: str = "sft"):
     from studio.config import from_dict
     from studio.shapes import ModelShape
     from studio.training.fast.plan import Machine, plan_speed
     shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
-                       vocab=128256, tied_embeddings=False)
-    cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": length},
+                       vocab=128256, tied_embeddings=tied)
+    cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": length}, "stage": stage,
                      "method": {"method": method, "rank": 16},
                      "training": {"batch_size": 1, "memory_limit_gib": limit, "precision": "bf16"}})
     machine = Machine(device="cuda", model_type="llama", shape=shape, free_gib=139.0, host_free_gib=host,
@@ -133,13 +139,14 @@ def _plan(length: int, limit: float, method: str = "qlora", host: float | None =
     return plan_speed(cfg, machine), shape, cfg
 
 
-def _peak(plan, shape, cfg, checkpointed=None, offloaded=None, mlp_tile=None):
+def _peak(plan, shape, cfg, checkpointed=None, offloaded=None, mlp_tile=None, host_embeddings=None):
     from studio.training.fast.memory import peak_gib
     from studio.training.fast.plan import tokens_per_step
     checkpointed = plan.layers - plan.uncheckpointed_layers if checkpointed is None else checkpointed
     return peak_gib(shape, cfg.method.method, cfg.method.rank, tokens_per_step(cfg), checkpointed, plan.liger,
                     offloaded=plan.offloaded_layers if offloaded is None else offloaded,
-                    mlp_tile=plan.mlp_tile_tokens if mlp_tile is None else mlp_tile)
+                    mlp_tile=plan.mlp_tile_tokens if mlp_tile is None else mlp_tile,
+                    host_embeddings=plan.host_embeddings if host_embeddings is None else host_embeddings)
 
 
 def test_planner_leaves_the_techniques_off_where_checkpointing_is_enough():
@@ -153,10 +160,10 @@ def test_planner_leaves_the_techniques_off_where_checkpointing_is_enough():
 
 def test_planner_offloads_where_every_layer_checkpointed_does_not_fit():
     from studio.training.fast.memory import FILL
-    for length, limit in ((65536, 20.0), (4096, 8.0)):
+    for length, limit in ((65536, 20.0), (4096, 8.5)):
         plan, shape, cfg = _plan(length, limit)
         assert plan.gradient_checkpointing and plan.offloaded_layers > 0, plan.reasons
-        assert plan.mlp_tile_tokens == 0
+        assert plan.mlp_tile_tokens == 0 and not plan.host_embeddings
         assert _peak(plan, shape, cfg, checkpointed=32, offloaded=0) > FILL * limit  # it had to
         assert _peak(plan, shape, cfg) < _peak(plan, shape, cfg, checkpointed=32, offloaded=0)
         assert plan.memory_estimate_gib <= limit
@@ -320,3 +327,95 @@ def test_host_buffers_pinned_ahead_are_the_ones_the_steps_use():
         assert activations._pinned(0, torch.empty((1, 40, 32), dtype=torch.bfloat16)).numel() == 40 * 32
     finally:
         activations.release_host_buffers()
+
+
+def _count_calls(cls, name: str, calls: list):
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+    return original, counted
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_host_embeddings_give_the_plain_loss_and_gradients(dropout):
+    """The table in host memory, alone and with every other technique (all layers checkpointed and offloaded, the MLP
+    in tiles): the plain path's loss and LoRA gradients; the table is no longer the model's to move."""
+    from studio.training.fast import activations
+    from studio.training.fast.apply import checkpoint_layers
+    from studio.training.fast.host_embeddings import HostEmbedding, embeddings_to_host
+    ids = torch.randint(0, 97, (2, 17))
+    plain = _tiny_lora(dropout)
+    alone = _tiny_lora(dropout, adapt_base=lambda base: embeddings_to_host(base))
+
+    def everything(base):
+        checkpoint_layers(base)
+        activations.offload_checkpoints(_layers(base))
+        assert embeddings_to_host(base)
+    together = _tiny_lora(dropout, adapt_base=everything)
+    activations.tile_mlps(together, 4)
+    if dropout:  # the tiles draw dropout masks tile by tile: the reference runs the same tiles under plain autograd
+        for model in (plain, alone):
+            for module in model.modules():
+                if hasattr(module, "self_attn"):
+                    module.mlp.forward = lambda x, inner=module.mlp.forward: torch.cat(
+                        [inner(t) for t in x.split(4, dim=-2)], dim=-2)
+    calls = []
+    original, counted = _count_calls(HostEmbedding, "forward", calls)
+    HostEmbedding.forward = counted
+    try:
+        want = _loss_and_grads(plain, ids)
+        for model in (alone, together):
+            table = model.get_base_model().get_input_embeddings()
+            assert isinstance(table, HostEmbedding)
+            assert all(p is not table.weight for p in model.parameters())  # model.to(device) leaves it on the host
+            assert not table.weight.requires_grad
+            _assert_same(_loss_and_grads(model, ids), want)
+    finally:
+        HostEmbedding.forward = original
+    assert len(calls) == 2  # both models looked their rows up through the host table
+
+
+def test_host_embeddings_leave_a_tied_table_on_the_gpu():
+    from studio.training.fast.host_embeddings import HostEmbedding, embeddings_to_host
+    kept = []
+    model = _tiny_lora(0.0, adapt_base=lambda base: kept.append(embeddings_to_host(base)), tied=True)
+    assert kept == [False]
+    assert not isinstance(model.get_base_model().get_input_embeddings(), HostEmbedding)
+
+
+def test_planner_moves_the_embeddings_then_tiles_the_mlp_as_large_as_fits_under_8_gib():
+    """From 4,096 tokens under 8 GiB every layer checkpointed and offloaded is not enough: the embedding table goes to
+    the host first, then the MLP runs in the largest tiles whose estimate fits, each only where it must."""
+    from studio.training.fast.memory import FILL
+    from studio.training.fast.plan import MLP_TILE_TOKENS
+    target = FILL * 8.0
+    for length in (4096, 6144, 8192, 12288, 16384):
+        plan, shape, cfg = _plan(length, 8.0)
+        assert plan.offloaded_layers > 0 and plan.host_embeddings, (length, plan.reasons)
+        assert _peak(plan, shape, cfg, host_embeddings=False, mlp_tile=0) > target  # it had to
+        assert plan.memory_estimate_gib <= target + 0.05, (length, plan.reasons)
+        assert any(r.startswith("input embeddings in host memory") for r in plan.reasons)
+        assert "input embeddings in host memory" in plan.summary()
+        if plan.mlp_tile_tokens:
+            assert _peak(plan, shape, cfg, mlp_tile=0) > target  # tiles were needed
+            larger = [t for t in MLP_TILE_TOKENS if t > plan.mlp_tile_tokens and length > t]
+            # the largest tile that fits: every larger one (and a whole MLP) is over
+            assert all(_peak(plan, shape, cfg, mlp_tile=t) > target for t in larger), (length, plan.reasons)
+            assert any(r.startswith(f"MLP in tiles of {plan.mlp_tile_tokens:,}") for r in plan.reasons)
+    tiles = {length: _plan(length, 8.0)[0].mlp_tile_tokens for length in (6144, 8192, 12288, 16384)}
+    assert tiles[6144] == 0 and 0 < tiles[16384] < tiles[12288] < 8192, tiles  # longer: smaller tiles
+    # A tied table is the LM head's weight, full fine-tuning trains it, and GRPO's decoding steps are CUDA graphs that
+    # cannot hold the lookup's copies: the table stays on the GPU there, tiles instead.
+    for tied, method, stage in ((True, "qlora", "sft"), (False, "full", "sft"), (False, "qlora", "grpo")):
+        plan, _, _ = _plan(12288, 8.0 if method == "qlora" else 40.0, method=method, tied=tied, stage=stage)
+        assert not plan.host_embeddings and plan.mlp_tile_tokens, (stage, plan.reasons)
+
+
+def test_planner_gives_the_smallest_footprint_where_nothing_fits():
+    from studio.training.fast.memory import FILL
+    from studio.training.fast.plan import MLP_TILE_TOKENS
+    plan, shape, cfg = _plan(65536, 8.0)
+    assert plan.host_embeddings and plan.mlp_tile_tokens == MLP_TILE_TOKENS[-1], plan.reasons
+    assert plan.memory_estimate_gib > FILL * 8.0 and any("may not fit" in r for r in plan.reasons)

@@ -4,8 +4,8 @@ leaves stock TRL and PEFT behaviour untouched.
 
   before_model_load(plan)          the attention kernel's registration, the GPU's memory limit and allocator
   model_load_options(plan)         arguments for from_pretrained (the attention implementation)
-  adapt_base_model(model, plan)    per-layer checkpointing (offloaded where planned), the fused RMSNorm: before
-                                   PEFT wraps the model
+  adapt_base_model(model, plan)    per-layer checkpointing (offloaded where planned), the input embeddings in
+                                   host memory (where planned), the fused RMSNorm: before PEFT wraps the model
   prepare_quantized(model, plan)   what 4-bit and 8-bit bases need before PEFT wraps them
   adapt_peft_model(model, plan)    the fused LoRA path, LoRA inputs kept in 16-bit
   trainer_options(plan, ...)       TRL/Trainer arguments: packing, Liger, data workers, pinned batches
@@ -66,6 +66,9 @@ def adapt_base_model(model, plan: SpeedPlan) -> None:
             from studio.training.fast.activations import offload_checkpoints
             layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
             offload_checkpoints(layers, plan.offloaded_layers)
+    if plan.host_embeddings:
+        from studio.training.fast.host_embeddings import embeddings_to_host
+        embeddings_to_host(model)
     if plan.fused_norm:
         from studio.training.fast.kernels import use_fused_rms_norm
         use_fused_rms_norm(model)

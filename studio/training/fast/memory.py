@@ -24,6 +24,8 @@ The estimate counts, in bytes:
   GPU only the input being recomputed and the one fetched ahead of it.
 - with the MLP in tiles (activations.py) a layer keeps the MLP's input but not its three intermediate-wide
   activations; one tile's of those live at a time, twice over in its backward (values and their gradients).
+- with the input embeddings in host memory (host_embeddings.py) their table leaves the GPU (untied models only:
+  a tied table is the LM head's weight too).
 Checked against the peaks the benchmark measured (bench/NOTES.md; tests/test_training.py keeps them).
 """
 
@@ -53,26 +55,32 @@ def mlp_tile_bytes(shape: ModelShape, tokens: int, tile_tokens: int, liger: bool
     return 2 * min(tokens, tile_tokens) * 3 * shape.intermediate * value_bytes * (1.0 if liger else 1.3)
 
 
-def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_bytes: int = 2, shards: int = 1) -> float:
+def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_bytes: int = 2, shards: int = 1,
+                host_embeddings: bool = False) -> float:
     """Everything except the activations: weights, trainable state, the last hidden states. `shards`: the GPUs
     FSDP splits the weights and the trainable state across (each holds its share between layers; the one layer
-    gathered at a time is small next to the rest and left out)."""
+    gathered at a time is small next to the rest and left out). `host_embeddings`: the input embedding table is in
+    host memory (only an untied one leaves the GPU)."""
     per_weight = {"qlora": 0.5 + 4 / 64, "lora8bit": 1.1, "full": 2 * value_bytes + 8}.get(method, value_bytes)
-    embeddings = shape.embedding_parameters * (per_weight if method == "full" else value_bytes)
+    embedding_parameters = shape.embedding_parameters
+    if host_embeddings and not shape.tied_embeddings:
+        embedding_parameters -= shape.vocab * shape.hidden
+    embeddings = embedding_parameters * (per_weight if method == "full" else value_bytes)
     trainable = 16 * shape.lora_parameters(rank) if method not in ("full", "prompt_tuning", "prefix_tuning") else 0
     held = shape.layer_parameters * per_weight + embeddings + trainable
     return held / max(1, shards) + tokens * 4 * value_bytes * shape.hidden
 
 
 def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointed: int, liger: bool,
-             value_bytes: int = 2, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0) -> float:
+             value_bytes: int = 2, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0,
+             host_embeddings: bool = False) -> float:
     """Estimated peak with `checkpointed` of the layers checkpointed (the first ones; see trainer.py).
 
     Two moments compete: the end of the forward (every layer's saved tensors, the LM head's chunk buffers)
     and the recomputation of a checkpointed layer in the backward (by then the layers that were not
     checkpointed and the chunk buffers are freed, one layer's full set is back). `offloaded`: how many of the
     checkpointed layers keep their inputs in host memory; `mlp_tile`: the MLP runs in tiles of this many tokens
-    (0: whole)."""
+    (0: whole); `host_embeddings`: the input embedding table is in host memory."""
     mlp_tile = mlp_tile if tokens > mlp_tile else 0  # sequences no longer than a tile run the MLP whole
     full_layer = tokens * layer_activation_bytes(shape, liger, value_bytes, mlp_tiled=bool(mlp_tile))
     tile = mlp_tile_bytes(shape, tokens, mlp_tile, liger, value_bytes)
@@ -81,17 +89,18 @@ def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointe
     end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS + tile
     dequantised = shape.layer_parameters / max(1, shape.layers) * value_bytes if method == "qlora" else 0.0
     recompute = full_layer + tile + dequantised if checkpointed else 0.0
-    fixed = fixed_bytes(shape, method, rank, tokens, value_bytes, shards)
+    fixed = fixed_bytes(shape, method, rank, tokens, value_bytes, shards, host_embeddings)
     return (fixed + inputs + max(end_of_forward, recompute)) / GIB
 
 
 def layers_to_checkpoint(shape: ModelShape, method: str, rank: int, tokens: int, budget_gib: float,
-                         liger: bool, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0) -> int:
+                         liger: bool, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0,
+                         host_embeddings: bool = False) -> int:
     """The fewest layers to checkpoint so the estimate fits in FILL x budget; all of them when even that
     does not fit (the run then relies on the out-of-memory retry with smaller batches)."""
     target = FILL * budget_gib
     for checkpointed in range(shape.layers + 1):
         if peak_gib(shape, method, rank, tokens, checkpointed, liger, shards=shards, offloaded=offloaded,
-                    mlp_tile=mlp_tile) <= target:
+                    mlp_tile=mlp_tile, host_embeddings=host_embeddings) <= target:
             return checkpointed
     return shape.layers

@@ -30,8 +30,10 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
 - Long sequences and small cards (activations.py): where even every layer checkpointed does not fit, the
   checkpointed layers' inputs are offloaded to pinned host memory (copies that overlap the compute; one process
   only, and only where the host has the memory), and then fewer layers may need checkpointing; where that is still
-  not enough, the MLP runs over the sequence in tiles. Each only where the estimate says it must, since each costs
-  some time. The LM head and loss never build the full logits (TRL's chunked head, above) at any length.
+  not enough, the input embedding table waits in host memory (host_embeddings.py; frozen and untied tables only,
+  not under generation's graphed decoding), then the MLP runs over the sequence in tiles, as large as fit (8,192
+  tokens down to 512). Each only where the estimate says it must, since each costs some time. The LM head and loss
+  never build the full logits (TRL's chunked head, above) at any length.
 - QLoRA keeps embeddings and the LM head in bf16 (PEFT's kbit preparation upcasts them to float32,
   4 GB more on an 8B model with a 128k vocabulary).
 - Several processes (studio/distributed.py): DDP when the model and its training state fit one GPU with every
@@ -127,6 +129,8 @@ class SpeedPlan:
     offloaded_layers: int = 0
     # The MLP runs over the sequence in tiles of this many tokens (activations.py); 0: whole.
     mlp_tile_tokens: int = 0
+    # The input embedding table waits in host memory (host_embeddings.py).
+    host_embeddings: bool = False
     layers: int = 0
     # The most tokens a micro-batch puts through the model with gradients, as the memory estimate counted them:
     # from the run's data where it was known (its longest row, or its packed rows), else batch_size x max_length.
@@ -179,6 +183,7 @@ class SpeedPlan:
 
     def checkpointing_text(self) -> str:
         tiled = f", MLP in tiles of {self.mlp_tile_tokens:,} tokens" if self.mlp_tile_tokens else ""
+        tiled += ", input embeddings in host memory" if self.host_embeddings else ""  # with the tiles: the smallest
         if not self.gradient_checkpointing:
             return "no checkpointing" + tiled
         offloaded = f" ({self.offloaded_layers} layers' inputs in host memory)" if self.offloaded_layers else ""
@@ -373,9 +378,12 @@ def _fit_to_strategy(plan: SpeedPlan, cfg: RunConfig) -> None:
         plan.reasons.append("fused LoRA: off (FSDP2 stores the 4-bit weights its own way; not checked with them)")
 
 
-# Tokens per MLP tile: large enough that each tile's matmuls keep the GPU busy, small enough that a tile's
-# activations (8192 x 3 x 14,336 x 2 bytes, 0.7 GB on an 8B model, twice in its backward) stay small.
-MLP_TILE_TOKENS = 8192
+# Tokens per MLP tile, largest first: a large tile keeps each tile's matmuls busy, a small one holds less (a tile's
+# activations are 3 x 14,336 values a token on an 8B model, twice over in its backward: 1.3 GiB for 8,192 tokens,
+# 84 MiB for 512). The planner takes the largest that fits.
+MLP_TILE_TOKENS = (8192, 4096, 2048, 1024, 512)
+# Methods whose input embedding table is frozen, so that it can wait in host memory (host_embeddings.py).
+FROZEN_EMBEDDING_METHODS = ("lora", "rslora", "dora", "qlora", "lora8bit")
 # Of the host's available memory, what offloaded checkpoints may pin (the rest: the data, the loaders, the OS).
 HOST_FILL = 0.8
 
@@ -404,7 +412,7 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
         checkpointed = _plan_memory_techniques(plan, cfg, shape, tokens, budget, host_free_gib)
     plan.memory_estimate_gib = round(peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
                                               shards=shards, offloaded=plan.offloaded_layers,
-                                              mlp_tile=plan.mlp_tile_tokens), 1)
+                                              mlp_tile=plan.mlp_tile_tokens, host_embeddings=plan.host_embeddings), 1)
     plan.memory_budget_gib = round(budget, 1)
     plan.gradient_checkpointing = checkpointed > 0
     plan.uncheckpointed_layers = shape.layers - checkpointed if checkpointed else 0
@@ -413,6 +421,8 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
         room += f", {plan.offloaded_layers} layers' inputs in host memory"
     if plan.mlp_tile_tokens:
         room += f", MLP in tiles of {plan.mlp_tile_tokens:,} tokens"
+    if plan.host_embeddings:
+        room += ", input embeddings in host memory"
     if not checkpointed:
         reasons.append(f"checkpointing: off, it fits without ({room})")
     elif checkpointed < shape.layers:
@@ -426,19 +436,21 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
 def _plan_memory_techniques(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, tokens: int, budget: float,
                             host_free_gib: float | None) -> int:
     """Every layer checkpointed still does not fit: offload the checkpointed inputs to host memory (as many layers'
-    as the host has room for), then, if still over, tile the MLP. Returns the layers to checkpoint with what was
-    chosen (offloading frees the inputs' memory, so fewer layers may need checkpointing). Each step records why."""
+    as the host has room for), then, if still over, the input embeddings to the host and the MLP in tiles
+    (`_plan_smaller_footprint`). Returns the layers to checkpoint with what was chosen (offloading frees the inputs'
+    memory, so fewer layers may need checkpointing). Each step records why."""
     method, rank, reasons = cfg.method.method, cfg.method.rank, plan.reasons
     target = FILL * budget
     offloadable = 0
 
-    def peak(checkpointed: int) -> float:
+    def peak(checkpointed: int, mlp_tile: int | None = None, host_embeddings: bool | None = None) -> float:
         return peak_gib(shape, method, rank, tokens, checkpointed, plan.liger, offloaded=offloadable,
-                        mlp_tile=plan.mlp_tile_tokens)
+                        mlp_tile=plan.mlp_tile_tokens if mlp_tile is None else mlp_tile,
+                        host_embeddings=plan.host_embeddings if host_embeddings is None else host_embeddings)
 
     def fewest() -> int:
         return layers_to_checkpoint(shape, method, rank, tokens, budget, plan.liger, offloaded=offloadable,
-                                    mlp_tile=plan.mlp_tile_tokens)
+                                    mlp_tile=plan.mlp_tile_tokens, host_embeddings=plan.host_embeddings)
 
     layer_input_gib = tokens * 2 * shape.hidden / 2**30
     over = f"every layer checkpointed needs {peak(shape.layers):.1f} GiB of the {budget:.1f} GiB this run may use"
@@ -458,10 +470,36 @@ def _plan_memory_techniques(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, 
                        f"({layer_input_gib:.2f} GiB each){host} wait in pinned host memory, copied while the GPU "
                        "computes")
     checkpointed = fewest()
-    if peak(checkpointed) > target and tokens > MLP_TILE_TOKENS:
-        plan.mlp_tile_tokens = MLP_TILE_TOKENS
+    if peak(checkpointed) > target:
+        _plan_smaller_footprint(plan, cfg, shape, tokens, peak, target)
         checkpointed = fewest()
-        reasons.append(f"MLP in tiles of {MLP_TILE_TOKENS:,} tokens: a layer's MLP activations for the whole sequence "
-                       f"would not fit (every layer checkpointed: {peak(shape.layers):.1f} GiB with them tiled)")
     plan.offloaded_layers = min(offloadable, checkpointed)
     return checkpointed
+
+
+def _plan_smaller_footprint(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, tokens: int, peak, target: float):
+    """Still over with the inputs offloaded: the first of these that fits, else the one that needs least. The input
+    embeddings in host memory first (a wait for a lookup each forward), then the MLP in tiles from the largest down
+    (each tile's MLP runs once more in the backward, and smaller tiles use the GPU less well).
+    `peak(checkpointed, mlp_tile, host_embeddings)`: the estimate with the inputs offloaded. Records why."""
+    # Not for generating stages: their decoding steps are captured as CUDA graphs (generation.py), which cannot hold
+    # the lookup's copies to and from the host.
+    host_ok = (cfg.method.method in FROZEN_EMBEDDING_METHODS and not shape.tied_embeddings
+               and cfg.stage not in GENERATING_STAGES)
+    tiles = [tile for tile in MLP_TILE_TOKENS if tokens > tile]  # a sequence within one tile runs the MLP whole
+    choices = [(host_ok, 0)] + [(host_ok, tile) for tile in tiles]
+    needs = [peak(shape.layers, tile, host) for host, tile in choices]
+    fits = [i for i, need in enumerate(needs) if need <= target]
+    pick = fits[0] if fits else min(range(len(choices)), key=lambda i: (needs[i], i))
+    host, tile = choices[pick]
+    if host:
+        plan.host_embeddings = True
+        table = shape.vocab * shape.hidden * 2 / 2**30
+        plan.reasons.append(f"input embeddings in host memory: every layer checkpointed with its input offloaded "
+                            f"still needs {peak(shape.layers, 0, False):.1f} GiB; the frozen table ({table:.2f} GiB) "
+                            f"waits on the host and each forward looks its rows up there (with it: {needs[0]:.1f} GiB)")
+    if tile:
+        plan.mlp_tile_tokens = tile
+        larger = f"; the next larger choice: {needs[pick - 1]:.1f} GiB" if pick > 1 else ""
+        plan.reasons.append(f"MLP in tiles of {tile:,} tokens: a layer's MLP activations for the whole sequence "
+                            f"would not fit (every layer checkpointed: {needs[pick]:.1f} GiB with them tiled{larger})")
