@@ -264,17 +264,18 @@ def studio_config(shape: str, arm: str, location: Path, strategy: str = "auto", 
                       "devices": {"strategy": strategy}})
 
 
-def studio_plan(cfg, location: Path, plan_changes: dict, machine_changes: dict):
+def studio_plan(cfg, location: Path, plan_changes: dict, machine_changes: dict, data=None):
     """The plan the studio makes for this GPU, then the A/B arm's changes: `machine_changes` alter the facts it
     is made from (liger_installed=false: planned as without Liger), `plan_changes` the plan itself
     (attention=flex_attention, fused_lora=false, gradient_checkpointing=true, uncheckpointed_layers=4,
-    pack_4bit_siblings=false, ...)."""
+    pack_4bit_siblings=false, ...). `data`: the training rows' lengths (plan.DataLengths), as a run's set-up
+    passes them; None: planned from batch_size x max_length."""
     from dataclasses import replace
 
     from studio.training.fast.plan import plan_speed
     from studio.training.fast.probe import probe
     machine = replace(probe(cfg, str(location), "cuda"), **machine_changes)
-    return plan_speed(cfg, machine).changed(**plan_changes)
+    return plan_speed(cfg, machine, data).changed(**plan_changes)
 
 
 def run_studio(shape: str, arm: str, docs, seconds: float, extra_callbacks: tuple = (), plan_changes: dict | None = None,

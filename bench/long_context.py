@@ -2,6 +2,7 @@
 
     python bench/long_context.py [--lengths 16384,32768,65536] [--shape 8b] [--method qlora] [--limit GIB]
                                  [--steps 3] [--plan FIELD=VALUE ...] [--setup-apart] [--pin-ahead] [--out DIR]
+                                 [--row-tokens N --batch B]
 
 For each length: one document of that many tokens, batch 1, `--steps` optimizer steps through the studio's trainer
 with the speed plan it picks for that length and `training.memory_limit_gib` (--limit; 0: none). Prints, per length,
@@ -17,6 +18,11 @@ runs do, it trained). Either way `pin_s_in_steps` is the host time the steps spe
 with queued work meanwhile, so a first step's time less it is a lower bound for a later step, and the first step
 itself an upper one (it also holds the allocator's first requests and kernels compiled on first use). At lengths where
 one step takes minutes this is how a steady step is bounded within one device call.
+
+With --row-tokens N the length is data.max_length only: the data is rows of N tokens each, --batch B of them a
+micro-batch, unpacked (padded to the longest in the batch), and the plan reads the rows' lengths as a run's set-up does
+(plan.data_lengths). The result then also gives the plan made without them (`plan_without_data`), to set the peak
+against both estimates.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -66,7 +73,7 @@ def set_up_ahead(model, plan, length: int, pin: bool) -> dict:
 
 
 def try_length(shape: str, method: str, length: int, limit: float, steps: int, plan_changes: dict,
-               setup_apart: bool = False, pin_ahead: bool = False) -> dict:
+               setup_apart: bool = False, pin_ahead: bool = False, row_tokens: int = 0, batch: int = 1) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -80,16 +87,27 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
     from studio.stages import Job, sft
     from studio.training import loop
     from studio.training.fast import apply
+    from studio.training.fast.plan import data_lengths
     os.environ.setdefault("STUDIO_HOME", "/tmp/studio-bench/home")
     quantization = quantization_for(method)
     location = model_folder(shape, with_weights=quantization is not None)
+    training = {"batch_size": batch, "max_steps": steps, "save_steps": 1000000, "eval_steps": 1000000,
+                "logging_steps": 1, "precision": "bf16", "memory_limit_gib": limit}
+    if row_tokens:
+        training["packing"] = "off"
     cfg = from_dict({"name": f"long-{length}", "model": {"name_or_path": str(location)},
                      "data": {"max_length": length},
                      "method": {"method": method, "rank": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
                                 "target_modules": PROJECTIONS},
-                     "training": {"batch_size": 1, "max_steps": steps, "save_steps": 1000000, "eval_steps": 1000000,
-                                  "logging_steps": 1, "precision": "bf16", "memory_limit_gib": limit}})
-    plan = studio_plan(cfg, location, plan_changes, {})
+                     "training": training})
+    docs = [torch.randint(10, 128000, (row_tokens or length,)).tolist() for _ in range(batch * steps)]
+    rows = [{"input_ids": doc, "labels": doc} for doc in docs]
+    plan = studio_plan(cfg, location, plan_changes, {}, data_lengths(rows) if row_tokens else None)
+    without_data = {}
+    if row_tokens:
+        assumed = studio_plan(cfg, location, plan_changes, {})
+        without_data = {"summary": assumed.summary(), "estimate_gib": assumed.memory_estimate_gib,
+                        "micro_batch_tokens": assumed.micro_batch_tokens}
     apply.before_model_load(plan, "cuda")
     if quantization:
         model = models.load_model(str(location), dtype=torch.bfloat16, device="cuda", quantization=quantization,
@@ -98,9 +116,7 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
         model = build_model(shape)
         model.set_attn_implementation(plan.attention)
     model = loop.add_adapters(model, cfg, quantization, plan, torch.bfloat16)
-    doc = torch.randint(10, 128000, (length,)).tolist()
-    prep = loop.Prepared(cfg, tokenizer(), model, EncodedSet(rows=[{"input_ids": doc, "labels": doc}] * steps),
-                         EncodedSet(), "cuda", torch.bfloat16, plan)
+    prep = loop.Prepared(cfg, tokenizer(), model, EncodedSet(rows=rows), EncodedSet(), "cuda", torch.bfloat16, plan)
     run = new_run(cfg)
     times: list[float] = []
     losses: list[float] = []
@@ -120,7 +136,7 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    trainer = sft.build(prep, Job(run, cfg, False, lambda: False), loop.arguments(prep, run, Attempt(1, 1)),
+    trainer = sft.build(prep, Job(run, cfg, False, lambda: False), loop.arguments(prep, run, Attempt(batch, 1)),
                         [StepTimes(), *apply.trainer_callbacks(plan)])
     setup = set_up_ahead(trainer.model, plan, length, pin_ahead) if setup_apart or pin_ahead else {}
     from studio.training.fast import activations
@@ -128,13 +144,18 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
     if setup:
         print(f"set-up: {setup}", file=sys.stderr, flush=True)
     torch.cuda.reset_peak_memory_stats()
-    memory = [r for r in plan.reasons if r.startswith(("checkpointing", "offloaded", "MLP"))]
+    memory = [r for r in plan.reasons if r.startswith(("memory estimate", "checkpointing", "offloaded", "MLP",
+                                                         "input embeddings"))]
     base = {"length": length, "shape": shape, "method": method, "limit_gib": limit, "plan": plan.summary(),
-            "reasons": memory, "estimate_gib": plan.memory_estimate_gib,
+            "reasons": memory, "estimate_gib": plan.memory_estimate_gib, "micro_batch_tokens": plan.micro_batch_tokens,
             "changes": plan_changes, "setup_s": setup}
+    if row_tokens:
+        base.update(row_tokens=row_tokens, batch=batch, plan_without_data=without_data)
+    tokens = batch * (row_tokens or length)
     try:
         trainer.train()
     except torch.cuda.OutOfMemoryError as err:
+        traceback.print_exc()  # into the child's log: where in the step memory ran out
         return {**base, "ok": False, "error": str(err)[:300], "step_s": times,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     finally:
@@ -144,7 +165,7 @@ def try_length(shape: str, method: str, length: int, limit: float, steps: int, p
     return {**base, "ok": True, "step_s": [round(t, 2) for t in times],
             "pin_s_in_steps": round(activations.pinning_seconds - pinned_before, 2),
             "step_s_median": rest[len(rest) // 2],
-            "tokens_per_s": length / rest[len(rest) // 2], "losses": losses,
+            "tokens_per_s": tokens / rest[len(rest) // 2], "losses": losses,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
@@ -160,13 +181,15 @@ def main() -> int:
     p.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--setup-apart", action="store_true", help="call the attention once before the steps, timed")
     p.add_argument("--pin-ahead", action="store_true", help="pin the offloaded layers' host buffers before the steps")
+    p.add_argument("--row-tokens", type=int, default=0, help="rows of this many tokens, max_length the length")
+    p.add_argument("--batch", type=int, default=1, help="with --row-tokens: rows a micro-batch")
     p.add_argument("--out", default="")
     p.add_argument("--child", type=int)
     args = p.parse_args()
     changes = parse_changes(args.plan)
     if args.child:
         result = try_length(args.shape, args.method, args.child, args.limit, args.steps, changes, args.setup_apart,
-                            args.pin_ahead)
+                            args.pin_ahead, args.row_tokens, args.batch)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -175,6 +198,7 @@ def main() -> int:
         for item in args.plan:
             command += ["--plan", item]
         command += ["--setup-apart"] * args.setup_apart + ["--pin-ahead"] * args.pin_ahead
+        command += ["--row-tokens", str(args.row_tokens), "--batch", str(args.batch)]
         # The child's log goes to a file under --out as it runs: a run stopped from outside (a device call's time
         # limit) still leaves its set-up and step times there.
         log = Path(args.out) / f"long-{length}.log" if args.out else None
