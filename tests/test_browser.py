@@ -203,3 +203,18 @@ def test_quick_demo_starts_and_stop_saves(page):
     page.locator("#train-stop").click()
     page.locator("#train-status").get_by_text("Stopped by you").wait_for()
     assert "completed" in page.locator("#train-status").inner_text()
+
+
+def test_an_upload_comes_back_checked_after_a_reload(page, tmp_path):
+    """The last upload is remembered by the browser: after a reload the Data tab is on it again, with its checks
+    and preview shown without pressing 'Check the data'."""
+    rows = tmp_path / "my-questions.jsonl"
+    rows.write_text("".join(f'{{"instruction": "Question {i}?", "output": "Answer {i}."}}\n' for i in range(12)))
+    tab(page, "2 · Data")
+    page.locator("#data-upload input[type=file]").set_input_files(str(rows))
+    page.locator("#data-summary").get_by_text("12 usable of 12 rows").wait_for()
+    page.reload()
+    tab(page, "2 · Data")
+    page.locator("#data-source").get_by_text("my-questions").wait_for()
+    page.locator("#data-summary").get_by_text("12 usable of 12 rows").wait_for()
+    assert "Question 3?" in page.locator("#data-preview").inner_text()

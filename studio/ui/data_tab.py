@@ -277,15 +277,24 @@ def build(studio, model_picker=None, stage=None) -> SimpleNamespace:
               mix_files, *form.fields.values()}
     outputs = [summary, preview, sample, chart, bad, prompt_col, reply_col, system_col, sample_rejected, tool_sample,
                placeholder_values]
-    upload.upload(bind(uploaded, studio), upload, [data_path, source, last_upload]).then(
-        on_check, inputs, outputs, concurrency_id="data").then(
-        bind(your_uploads, studio), mix_choice, mix_choice)
+    # An upload changes the remembered name, and the check below runs on that change.
+    upload.upload(bind(uploaded, studio), upload, [data_path, source, last_upload])
     # The demo set chosen: nothing to remember, so a reload opens on the demo set too.
     use_demo.click(lambda stage_name: (*demo_for(stage_name), None), stage, [data_path, source, last_upload]).then(
         on_check, inputs, outputs, concurrency_id="data")
-    # On page load (and when the remembered name changes), the visitor's last upload and their uploads to mix in.
+    def on_remembered_check(values: dict, request: gr.Request):
+        """Once the page is on the visitor's upload (just uploaded, or remembered across a reload): the checks and
+        preview 'Check the data' gives. Nothing for the demo set, whose preview is a click away."""
+        from studio.data import is_demo
+        return {summary: gr.skip()} if is_demo(values[data_path]) else on_check(values, request)
+
+    # When the page loads, and whenever the remembered name changes (an upload, or the browser's stored name
+    # arriving): the visitor's upload, checked, and their uploads to mix in.
+    # On a reload the name arrives twice (empty at load, then the stored one): "always_last" keeps the second check
+    # from being dropped while the first is still pending.
     gr.on(None, bind(remembered, studio), last_upload, [data_path, source]).then(
-        bind(your_uploads, studio), mix_choice, mix_choice)
+        on_remembered_check, inputs, outputs, concurrency_id="data", trigger_mode="always_last").then(
+        bind(your_uploads, studio), mix_choice, mix_choice, trigger_mode="always_last")
     mix_choice.input(bind(mix_pick, studio), [mix_choice, mix_files], mix_files)
     mix_file.upload(bind(mix_upload, studio), [mix_file, mix_files], [mix_files, mix_choice])
     inspect_btn.click(on_check, inputs, outputs, concurrency_id="data")
