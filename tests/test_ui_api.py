@@ -52,6 +52,11 @@ def test_whole_flow_upload_preview_train_stop_chat_export(launched, tiny_model, 
     assert report["format"] == "alpaca" and len(report["preview"]) == 10 and report["pages"] == 3
     assert report["bad_rows"] == [{"row": 31, "reason": "'output' is empty"}]
     assert len(report["lengths"]) == 30 and any(label == "trained" for _, label in report["sample"])
+    kept = client.predict({"path": stored, "max_length": 64}, str(tiny_model), 0, "sft", "keep",
+                          api_name="/inspect_data")
+    assert kept["sample"] and kept["format"] == "alpaca"
+    with pytest.raises(Exception, match="template_system_prompt"):  # the choice is checked, not passed on as is
+        client.predict({"path": stored}, str(tiny_model), 0, "sft", "bogus", api_name="/inspect_data")
 
     config = {"name": "ui-flow", "model": {"name_or_path": str(tiny_model)}, "data": {"path": stored, "max_length": 64},
               "method": {"rank": 4}, "training": {"max_steps": 100000, "batch_size": 4, "save_steps": 100000,

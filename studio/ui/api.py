@@ -32,10 +32,12 @@ def register(studio) -> list:
 
     @friendly
     def inspect_data(data: dict, model: str = "bundled", page: int = 0, stage: str = "sft",
-                     request: gr.Request = None) -> dict:
+                     template_system_prompt: str = "leave_out", request: gr.Request = None) -> dict:
         """Read and check data settings ({path, format, columns, max_length, ...}) for the rows `stage` reads
-        (sft, dpo, kto, grpo...): format, preview, lengths."""
-        return studio.inspect_data(data, model, visitor(request), page=page, stage=stage)
+        (sft, dpo, kto, grpo...): format, preview, lengths; the sample rendered with the model's own system prompt
+        left out or kept (leave_out / keep, as model.template_system_prompt)."""
+        return studio.inspect_data(data, model, visitor(request), page=page, stage=stage,
+                                   template_system_prompt=template_system_prompt)
 
     @friendly
     def start_training(config: dict, request: gr.Request) -> dict:
