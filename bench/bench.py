@@ -345,9 +345,24 @@ def loss_check(trainer, model, docs) -> dict:
         reference = total / count
         batch = trainer.data_collator([{"input_ids": d, "labels": d} for d in docs])
         batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in batch.items()}
-        studio = float(trainer.compute_loss(model, batch))
+        studio = float(trainer.compute_loss(model, dict(batch)))
     model.train()
-    return {"reference": reference, "studio": studio, "relative_difference": abs(studio - reference) / reference}
+    result = {"reference": reference, "studio": studio, "relative_difference": abs(studio - reference) / reference}
+    # In evaluation mode the studio's trainer hands the loss to TRL; in training mode it computes it itself (its own
+    # LM head path): checked too, its counters put back afterwards.
+    kept = {name: getattr(trainer, name) for name in ("_metric_sums", "_metric_count", "_total_train_tokens",
+                                                      "_tokens_not_summed") if hasattr(trainer, name)}
+    seen, metrics = trainer.state.num_input_tokens_seen, {k: list(v) for k, v in trainer._metrics["train"].items()}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        training = float(trainer.compute_loss(model, dict(batch)))
+    for name, value in kept.items():
+        setattr(trainer, name, value)
+    trainer.state.num_input_tokens_seen = seen
+    trainer._metrics["train"].clear()
+    trainer._metrics["train"].update(metrics)
+    result["studio_training_mode"] = training
+    result["relative_difference"] = max(result["relative_difference"], abs(training - reference) / reference)
+    return result
 
 
 def matmul_peak() -> float:

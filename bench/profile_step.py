@@ -1,11 +1,13 @@
 """Where a training step of the studio's path spends its GPU time (CUDA only).
 
-    python bench/profile_step.py [--shape 1b] [--arm studio] [--host] [--shapes]
+    python bench/profile_step.py [--shape 1b] [--arm studio] [--host] [--shapes] [--gaps]
 
 Profiles 3 steps after the warm-up with torch.profiler and prints the kernels that took the most GPU
 time, plus a rough split into matmuls, attention, elementwise/normalisation and the rest. With --shapes, the
 operators (matmuls above all) are also grouped by their input shapes, with the GPU time of their kernels: a kernel's
-name does not say which projection, or which pass, it ran for.
+name does not say which projection, or which pass, it ran for. With --gaps, where the GPU sat idle between kernels:
+the gaps summed by the host operation that launched the kernel after each (implies --host; the profiler's own host
+overhead widens them, so they are an upper bound).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ def main() -> int:
     p.add_argument("--arm", default="studio")
     p.add_argument("--host", action="store_true", help="also record the CPU side: where the host waits on the GPU")
     p.add_argument("--shapes", action="store_true", help="also group operators by input shape (implies --host)")
+    p.add_argument("--gaps", action="store_true", help="also where the GPU idles between kernels (implies --host)")
     args = p.parse_args()
-    args.host = args.host or args.shapes
+    args.host = args.host or args.shapes or args.gaps
     activities = [torch.profiler.ProfilerActivity.CUDA]
     if args.host:
         activities.append(torch.profiler.ProfilerActivity.CPU)
@@ -57,6 +60,8 @@ def main() -> int:
         print_host_side(averages)
     if args.shapes:
         print_by_shape(prof)
+    if args.gaps:
+        print_gaps(prof)
     # Self time: with --host the CPU operators carry their kernels' time too, which would count it twice.
     events = [e for e in averages if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
@@ -84,6 +89,57 @@ def main() -> int:
         print(f"{e.key[:90]:90} {e.self_device_time_total / 1e3:9.2f} {100 * e.self_device_time_total / total:6.1f} "
               f"{e.count:7d}")
     return 0
+
+
+def print_gaps(prof, smallest_us: float = 20.0) -> None:
+    """GPU idle time between consecutive kernels (over `smallest_us`), by the innermost host operation that launched
+    the kernel after the gap, and the largest single gaps with the kernels on either side."""
+    import collections
+    import json
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "ts" in e),
+                     key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime" and "args" in e}
+    import bisect
+    ops = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op" and "dur" in e:
+            ops[e["tid"]].append(e)
+    for found in ops.values():
+        found.sort(key=lambda e: e["ts"])
+    starts = {tid: [e["ts"] for e in found] for tid, found in ops.items()}
+
+    def launcher(kernel) -> str:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None:
+            return "?"
+        found = ops.get(launch["tid"], [])
+        at = bisect.bisect_right(starts.get(launch["tid"], []), launch["ts"])
+        for e in reversed(found[max(0, at - 300):at]):  # the latest-starting operation around the launch: innermost
+            if e["ts"] + e["dur"] >= launch["ts"]:
+                return e["name"]
+        return launch["name"]
+    by_op, largest, total = collections.Counter(), [], 0.0
+    end = kernels[0]["ts"] + kernels[0].get("dur", 0) if kernels else 0
+    for before, kernel in zip(kernels, kernels[1:]):
+        gap = kernel["ts"] - end
+        end = max(end, kernel["ts"] + kernel.get("dur", 0))
+        if gap < smallest_us:
+            continue
+        total += gap
+        name = launcher(kernel)
+        by_op[name] += gap
+        largest.append((gap, before["name"][:50], kernel["name"][:50], name))
+    print(f"GPU gaps over {smallest_us:g} us (3 steps): {total / 1e3:.1f} ms; by the host operation launching the "
+          "kernel after the gap:")
+    for name, gap in by_op.most_common(25):
+        print(f"  {gap / 1e3:8.2f} ms  {name[:90]}")
+    print("largest gaps (us, kernel before, kernel after, launched by):")
+    for gap, before, after, name in sorted(largest, reverse=True)[:25]:
+        print(f"  {gap:9.0f}  {before:50} {after:50} {name[:60]}")
 
 
 def print_by_shape(prof) -> None:
