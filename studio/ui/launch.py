@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import threading
 
 from studio.errors import StudioError
@@ -76,6 +77,10 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth:
         user, password = opts["generated"]
         print(f"Shared studio login -> user: {user}  password: {password}", flush=True)
     accounts = opts["accounts"]
+    if block and threading.current_thread() is threading.main_thread():
+        # Started in the background of a script, the process inherits Ctrl-C ignored, and Python then never raises
+        # KeyboardInterrupt: `kill -INT` would neither close the studio nor stop and save its runs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, share=opts["tunnel"],
                auth=accounts.verify if accounts else None,
