@@ -66,7 +66,12 @@ def tab(page, label):
 
 def set_number(page, elem_id, value):
     box = page.locator(f"#{elem_id} input[type=number]")
-    if not box.is_visible() and page.locator("#train-advanced").is_visible():
+    advanced = page.locator("#train-advanced")
+    for _ in range(1200):  # until the tab is drawn: on a busy machine, some time after its click
+        if box.is_visible() or advanced.is_visible():
+            break
+        time.sleep(0.5)
+    if not box.is_visible() and advanced.is_visible():
         # A setting under the Train tab's folded "Advanced settings": unfold it, as a person would.
         page.locator("#train-advanced").get_by_text("Advanced settings").first.click()
     box.fill(str(value))
