@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from studio.config import to_dict
+from studio.config import LORA_FAMILY, to_dict
 from studio.records import duration, format_loss
 from studio.ui.common import Form, bind, friendly, run_alone, visitor
 
@@ -231,7 +231,6 @@ def device_plan(studio, cfg_dict: dict) -> str:
 # The settings that mean something only for some methods, in the order applies_to gives their visibility.
 METHOD_DEPENDENT = ("method.rank", "method.alpha", "method.dropout", "method.last_layers", "method.num_virtual_tokens",
                     "targets")
-LORA_FAMILY = ("lora", "dora", "rslora", "qlora", "lora8bit", "adalora")
 
 
 def applies_to(method: str) -> dict[str, bool]:
