@@ -73,7 +73,7 @@ def set_number(page, elem_id, value):
         time.sleep(0.5)
     if not box.is_visible() and advanced.is_visible():
         # A setting under the Train tab's folded "Advanced settings": unfold it, as a person would.
-        page.locator("#train-advanced").get_by_text("Advanced settings").first.click()
+        advanced.get_by_text("Advanced settings").first.click()
     box.fill(str(value))
     box.press("Tab")
 
