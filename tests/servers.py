@@ -16,9 +16,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ignore_ctrl_c() -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Server:
     def __init__(self, log: Path, *args: str, port: int | None = None, env: dict | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, ctrl_c_ignored: bool = False):
+        """ctrl_c_ignored: start it as a script's background job is started, with SIGINT ignored (it inherits that)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
@@ -27,7 +33,8 @@ class Server:
         environment = {**os.environ, **(env or {})}
         environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), environment.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen([sys.executable, "-m", "studio", "--port", str(self.port), *args],
-                                        stdout=self._out, stderr=subprocess.STDOUT, env=environment, cwd=cwd)
+                                        stdout=self._out, stderr=subprocess.STDOUT, env=environment, cwd=cwd,
+                                        preexec_fn=_ignore_ctrl_c if ctrl_c_ignored else None)
 
     def wait_ready(self, timeout: float = 300) -> "Server":
         import httpx

@@ -176,7 +176,8 @@ def test_the_run_goes_on_when_the_page_server_is_killed(tiny_model, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", [False, True])
 def test_ctrl_c_of_the_server_stops_its_runs_unless_asked_to_keep_them(tiny_model, tmp_path, keep):
-    server = Server(tmp_path / "server.log", *(["--keep-training"] if keep else [])).wait_ready()
+    # Started with Ctrl-C ignored, as a script's background job is: the studio must still take it.
+    server = Server(tmp_path / "server.log", *(["--keep-training"] if keep else []), ctrl_c_ignored=True).wait_ready()
     client = Client(server.url, verbose=False)
     client.predict({"name": "mine", "model": {"name_or_path": str(tiny_model)}, "training": LONG},
                    api_name="/start_training")
