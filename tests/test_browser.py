@@ -186,10 +186,15 @@ RUN_PANEL = ("#train-status", "#train-progress", "#train-plot", "#train-log", "#
 
 
 def visible_error_badges(page) -> int:
-    """Gradio's status tracker marks each output of a failed event with a span.error reading "Error"."""
+    """Gradio's status tracker marks each output of a failed event with a span.error reading "Error". For an event
+    with hidden progress the span is still there, under a tracker made transparent, so a badge counts only where
+    neither it nor a box around it is undisplayed, invisible or transparent."""
     return page.evaluate("""sels => sels.flatMap(s => [...document.querySelectorAll(s + ' span.error')])
-                                  .filter(e => e.offsetParent !== null && e.textContent.trim() === 'Error').length""",
-                         list(RUN_PANEL))
+        .filter(e => e.textContent.trim() === 'Error' && e.offsetParent !== null)
+        .filter(e => { for (let n = e; n && n !== document.body; n = n.parentElement) {
+                           const st = getComputedStyle(n);
+                           if (st.visibility === 'hidden' || parseFloat(st.opacity) === 0) return false; }
+                       return true; }).length""", list(RUN_PANEL))
 
 
 def test_quick_demo_starts_and_stop_saves(page):
@@ -198,6 +203,11 @@ def test_quick_demo_starts_and_stop_saves(page):
     set_number(page, "training-warmup-ratio", 5)
     page.locator("#train-start").click()
     page.get_by_text(re.compile(r"Warm-up share")).first.wait_for()
+    assert visible_error_badges(page) == 0
+    # Resume with no run picked is refused the same way.
+    page.locator("#train-history").get_by_text("Past runs").first.click()
+    page.locator("#runs-resume").click()
+    page.get_by_text(re.compile(r"Pick a run to resume")).first.wait_for()
     assert visible_error_badges(page) == 0
     page.locator("#quick-demo").click()
     page.locator("#train-status").get_by_text("demo").wait_for()

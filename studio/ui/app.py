@@ -99,7 +99,9 @@ def build_app(studio) -> gr.Blocks:
             bind(export_tab.finished_runs, studio), export.run_pick, export.run_pick).then(
             bind(train_tab.start_points, studio), None, train.start_from)
         endpoints = api.register(studio)
-        app.load(bind(train_tab.reattach, studio), train.watched, live).then(
+        # Hidden progress, as for Start: the run panel shows its own state, and should the reattach fail, Gradio says
+        # so in one message rather than a red "Error" badge over the status line.
+        app.load(bind(train_tab.reattach, studio), train.watched, live, show_progress="hidden").then(
             bind(train_tab.runs_table, studio), None, [train.runs_table, train.run_pick]).then(
             model.describe, model.picker, model.outputs, concurrency_id="model")
     api.hide_page_events(app, endpoints)

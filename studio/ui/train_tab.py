@@ -390,7 +390,7 @@ def build(studio) -> SimpleNamespace:
     load_preset.click(lambda choice: fill_from(preset_settings(choice)), preset,
                       {*form.fields.values(), target_pick, layers, name, stage_pick})
     stop.click(bind(stop_run, studio), None, None)
-    resume.click(bind(resume_run, studio), run_pick, [*live_outputs, timer, watched])
+    resume.click(bind(resume_run, studio), run_pick, [*live_outputs, timer, watched], show_progress="hidden")
     refresh.click(bind(runs_table, studio), None, [table, run_pick])
     # The list follows the runs by itself: the status line changes when a run starts, moves on or ends.
     status.change(bind(runs_table, studio), None, [table, run_pick], show_progress="hidden")
