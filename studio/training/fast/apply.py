@@ -209,6 +209,8 @@ def distribute(trainer, plan: SpeedPlan) -> None:
 def trainer_class(plan: SpeedPlan):
     if plan.studio_trainer and not plan.plain:
         from studio.training.fast.sft_trainer import StudioSFTTrainer
+        if plan.head_keeps_logits:
+            return type("StudioSFTTrainer", (StudioSFTTrainer,), {"head_keeps_logits": True})
         return StudioSFTTrainer
     from trl import SFTTrainer
     return SFTTrainer

@@ -18,7 +18,9 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
 - Generation (GRPO): each decoding step replayed as one CUDA graph with a static KV cache (generation.py), since a
   step writes one token per reply and launching its kernels from Python was the whole cost; not under FSDP2,
   whose per-layer gathers are collectives a graph cannot hold.
-  The LM head and loss are already computed in chunks by TRL (no full-vocabulary logits in memory).
+  The LM head and loss are computed in chunks by TRL (no full-vocabulary logits in memory), except where
+  nothing is checkpointed and the logits fit: then the head keeps them for the backward instead of projecting
+  every token through the vocabulary a second time (lm_head.py; supervised fine-tuning).
 - Data loading: on a GPU, batches are put together in two worker processes ahead of time; in the main
   process the GPU sat idle while each batch was built.
   On the CPU every core is already training, so batches are built in line.
@@ -131,6 +133,8 @@ class SpeedPlan:
     mlp_tile_tokens: int = 0
     # The input embedding table waits in host memory (host_embeddings.py).
     host_embeddings: bool = False
+    # The LM head keeps its 16-bit logits for the backward instead of projecting them again (lm_head.py).
+    head_keeps_logits: bool = False
     layers: int = 0
     # The most tokens a micro-batch puts through the model with gradients, as the memory estimate counted them:
     # from the run's data where it was known (its longest row, or its packed rows), else batch_size x max_length.
@@ -169,6 +173,8 @@ class SpeedPlan:
                 name for name, used in (("LoRA", self.fused_lora), ("Liger", self.liger),
                                         ("RMSNorm", self.fused_norm and not self.liger)) if used) + ")")
         parts.append(self.checkpointing_text())
+        if self.head_keeps_logits:
+            parts.append("LM head logits kept for the backward")
         text = ", ".join(p for p in parts if p)
         if self.memory_estimate_gib and self.memory_budget_gib:
             text += f"; about {self.memory_estimate_gib:.1f} GiB of the {self.memory_budget_gib:.1f} GiB it may use"
@@ -283,6 +289,7 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
         reasons.append(why)
     _plan_parallel(plan, cfg, machine)
     _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib, machine.host_free_gib)
+    _plan_kept_logits(plan, cfg, machine)
     if cfg.stage in GENERATING_STAGES and device == "cuda":
         plan.graphed_decoding = plan.strategy != "fsdp"
         reasons.append("generation: each decoding step replayed as a CUDA graph (static cache)" if
@@ -376,6 +383,27 @@ def _fit_to_strategy(plan: SpeedPlan, cfg: RunConfig) -> None:
         # FSDP2 splits 4-bit weights stored in the compute type; the fused path reads bitsandbytes' own packing.
         plan.fused_lora = plan.pack_4bit_siblings = False
         plan.reasons.append("fused LoRA: off (FSDP2 stores the 4-bit weights its own way; not checked with them)")
+
+
+def _plan_kept_logits(plan: SpeedPlan, cfg: RunConfig, machine: Machine) -> None:
+    """Supervised fine-tuning on a GPU where nothing is checkpointed: the LM head keeps its logits for the backward
+    (lm_head.py) if they fit on top of the estimate. Where layers are checkpointed, memory is already short, and a
+    layer recomputed costs more than the head's second projection saves."""
+    shape, budget = machine.shape, memory_budget_gib(cfg, machine.free_gib)
+    if (cfg.stage != "sft" or machine.device != "cuda" or not plan.studio_trainer or plan.plain
+            or plan.gradient_checkpointing or plan.strategy == "fsdp" or shape is None or not shape.vocab
+            or not plan.memory_estimate_gib or budget is None):
+        return
+    logits = 2 * plan.micro_batch_tokens * shape.vocab / 2**30  # lm_head.kept_logits_gib (that module needs torch)
+    need = plan.memory_estimate_gib + logits
+    if need > FILL * budget:
+        plan.reasons.append(f"LM head: projects its logits again in the backward (keeping them, {logits:.1f} GiB, "
+                            f"would need {need:.1f} GiB of the {budget:.1f} GiB this run may use)")
+        return
+    plan.head_keeps_logits = True
+    plan.memory_estimate_gib = round(need, 1)
+    plan.reasons.append(f"LM head: keeps its 16-bit logits for the backward ({logits:.1f} GiB, counted in the "
+                        "estimate) instead of projecting them a second time")
 
 
 # Tokens per MLP tile, largest first: a large tile keeps each tile's matmuls busy, a small one holds less (a tile's

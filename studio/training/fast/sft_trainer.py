@@ -22,6 +22,9 @@ TRL's fused head projects only the positions that have a label where Triton runs
 every position, padding and prompts included, so that a compiler sees one tile shape. Nothing compiles the CPU's
 steps, so this trainer has it project only the labelled positions there too: the same loss and gradients, and on
 the CPU demo about 15% less time a step (bench/NOTES.md, session 11).
+
+Where the plan says the logits fit (plan.head_keeps_logits), the head inside TRL's fused forward is the studio's
+own (lm_head.py), which keeps the logits for the backward instead of projecting them a second time.
 """
 
 from __future__ import annotations
@@ -49,6 +52,24 @@ def _fused_head_has_fields() -> bool:
 
 
 _FUSED_HEAD_FIELDS = _fused_head_has_fields()
+
+
+@contextmanager
+def _head_keeping_logits(keep: bool):
+    """Inside TRL's fused head, the studio's head that keeps its logits for the backward (lm_head.py) in place of
+    TRL's chunked function, for this call only; TRL's own where `keep` is off. Found, like `_use_triton` below, as
+    a module-level name of trl.trainer.utils; a TRL without it keeps its own head."""
+    import trl.trainer.utils as trl_utils
+    original = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if not keep or original is None:
+        yield
+        return
+    from studio.training.fast.lm_head import TRLHeadWithKeptLogits
+    trl_utils._ChunkedLogProbFunction = TRLHeadWithKeptLogits(original)
+    try:
+        yield
+    finally:
+        trl_utils._ChunkedLogProbFunction = original
 
 
 @contextmanager
@@ -84,6 +105,8 @@ class CountRealTokens:
 class StudioSFTTrainer(SFTTrainer):
     """SFTTrainer whose training steps never wait on the GPU for metrics (see the module docstring).
     Build it with `include_num_input_tokens_seen="no"`: it keeps `state.num_input_tokens_seen` itself."""
+
+    head_keeps_logits = False  # plan.head_keeps_logits: apply.trainer_class makes a subclass that sets it
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -136,7 +159,7 @@ class StudioSFTTrainer(SFTTrainer):
         self._total_train_tokens += real_tokens
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         inputs["use_cache"] = False
-        with _head_on_labelled_positions_only():
+        with _head_on_labelled_positions_only(), _head_keeping_logits(self.head_keeps_logits):
             outputs = model(**inputs, fused_lm_head=True)
         valid = outputs.label_mask.sum()
         count = valid if num_items_in_batch is None else num_items_in_batch
