@@ -7,12 +7,13 @@ projects once and keeps the logits (2 bytes a token and vocabulary entry: 2 GiB 
 vocabulary); the planner turns it on only where that fits (plan.head_keeps_logits).
 
 Each row of the kept logits is read once in the forward, by one kernel that keeps a running maximum, the sum of
-exponentials and the sum of exponential x logit (both relative to the maximum), and so gives the log-probability of the label, the entropy, and
-whether the label is the most likely token (the first of equal maxima, as TRL counts it). The backward is one more
-pass per row that writes the logits' gradient over the logits themselves, followed by one matmul back to the hidden
-states (and the weight's and bias's gradients when they train). With triton's interpreter (TRITON_INTERPRET=1) the
-same kernels run on the CPU, which is how the tests check them on machines without a GPU; elsewhere without Triton
-the same arithmetic runs as PyTorch operations.
+exponentials and the sum of exponential x (logit - maximum), and so gives the log-probability of the label, the
+entropy, and whether the label is the most likely token (the first of equal maxima, as TRL counts it). The backward
+is one more pass per row that writes the logits' gradient over the logits themselves, followed by one matmul back
+to the hidden states (and the weight's and bias's gradients when they train). The logits are the 16-bit product with
+the bias added after it, as in TRL's head, so both heads round them alike. With triton's interpreter
+(TRITON_INTERPRET=1) the same kernels run on the CPU, which is how the tests check them on machines without a GPU;
+elsewhere without Triton the same arithmetic runs as PyTorch operations, a bounded tile of rows at a time.
 
 The entropy and the top-1 flag are metrics: they carry no gradient here (the studio's SFT loss reads only the
 log-probabilities).
@@ -32,9 +33,10 @@ except ImportError:  # the CPU-only torch build has no Triton
 
 # Vocabulary entries each program of the kernels reads at a time.
 BLOCK = 4096
-# Tokens projected per matmul in the forward and back: bounds the float32 temporaries of the PyTorch path only
-# (the Triton kernels need none).
-ROWS_PER_TILE = 8192
+# The PyTorch path works through the logits this many float32 values at a time (each of its few temporaries is
+# then 256 MiB at most); the Triton kernels need no temporaries.
+TILE_VALUES = 2**26
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def triton_runs(device: torch.device) -> bool:
@@ -71,7 +73,7 @@ if triton is not None:
             e = tl.where(inside, tl.exp(shifted), 0.0)
             # Both sums are relative to the running maximum, so the entropy below is a difference of two small
             # numbers, not of two large ones. (The first block's 0 x -inf never happens: its sums are 0.)
-            moved = tl.where(sum_exp > 0, sum_exp * (running_max - new_max), 0.0)
+            moved = sum_exp * tl.where(sum_exp > 0, running_max - new_max, 0.0)
             sum_exp_shifted = (sum_exp_shifted + moved) * rescale + tl.sum(e * shifted, axis=0)
             sum_exp = sum_exp * rescale + tl.sum(e, axis=0)
             running_max = new_max
@@ -111,9 +113,10 @@ def _statistics(logits: torch.Tensor, labels: torch.Tensor):
                                      BLOCK_SIZE=BLOCK)
         return lse, log_probs, entropy, top1.bool()
     parts = []
-    for start in range(0, rows, ROWS_PER_TILE):
-        x = logits[start:start + ROWS_PER_TILE].float()
-        y = labels[start:start + ROWS_PER_TILE]
+    step = _rows_per_tile(vocab)
+    for start in range(0, rows, step):
+        x = logits[start:start + step].float()
+        y = labels[start:start + step]
         top = x.amax(-1, keepdim=True)
         shifted = x - top  # as in the kernel: the entropy from numbers near zero
         shifted_lse = torch.logsumexp(shifted, dim=-1)
@@ -121,9 +124,14 @@ def _statistics(logits: torch.Tensor, labels: torch.Tensor):
         p = torch.exp(shifted - shifted_lse[:, None])
         parts.append((lse, x.gather(1, y[:, None]).squeeze(1) - lse, shifted_lse - (p * shifted).sum(-1),
                       x.argmax(-1) == y))
-    return tuple(torch.cat(column) for column in zip(*parts)) if parts else (
-        torch.empty(0, device=logits.device), torch.empty(0, device=logits.device),
-        torch.empty(0, device=logits.device), torch.empty(0, dtype=torch.bool, device=logits.device))
+    if not parts:
+        nothing = torch.empty(0, device=logits.device)
+        return nothing, nothing.clone(), nothing.clone(), nothing.bool()
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
+def _rows_per_tile(vocab: int) -> int:
+    return max(1, TILE_VALUES // max(1, vocab))
 
 
 def _to_gradient(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -133,27 +141,31 @@ def _to_gradient(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, 
         if rows:
             _logits_to_gradient[(rows,)](logits, logits.stride(0), labels, lse, grad, vocab, BLOCK_SIZE=BLOCK)
         return logits
-    for start in range(0, rows, ROWS_PER_TILE):
-        tile = logits[start:start + ROWS_PER_TILE]
-        g = grad[start:start + ROWS_PER_TILE, None]
-        d = -g * torch.exp(tile.float() - lse[start:start + ROWS_PER_TILE, None])
-        d.scatter_add_(1, labels[start:start + ROWS_PER_TILE, None], g)
+    step = _rows_per_tile(vocab)
+    for start in range(0, rows, step):
+        tile = logits[start:start + step]
+        g = grad[start:start + step, None]
+        d = -g * torch.exp(tile.float() - lse[start:start + step, None])
+        d.scatter_add_(1, labels[start:start + step, None], g)
         tile.copy_(d)
     return logits
 
 
 class KeptLogitsHead(torch.autograd.Function):
     """log p(label), entropy and is-top-1 of each row of `hidden` through the LM head (`weight`, `bias`), with the
-    logits kept for the backward. `hidden`: [rows, hidden size]; `labels`: [rows], each a valid index."""
+    logits kept for the backward. `hidden`: [rows, hidden size], in the weight's type; `labels`: [rows], each a
+    valid index. The logits are in the weight's type too (16-bit where the planner turns this head on)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels):
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight,
-                                                None if bias is None else bias.to(weight.dtype))
+            logits = hidden @ weight.t()
+            if bias is not None:  # added after the 16-bit product, as TRL does, so both heads round alike
+                logits.add_(bias.to(logits.dtype))
         labels = labels.contiguous()
         lse, log_probs, entropy, top1 = _statistics(logits, labels)
-        ctx.save_for_backward(hidden, weight, logits, labels, lse)
+        # The hidden states only make the weight's gradient (a frozen head, as under LoRA, needs none).
+        ctx.save_for_backward(hidden if ctx.needs_input_grad[1] else None, weight, logits, labels, lse)
         ctx.has_bias = bias is not None
         ctx.consumed = False
         ctx.mark_non_differentiable(entropy, top1)
@@ -169,9 +181,9 @@ class KeptLogitsHead(torch.autograd.Function):
         if grad_log_probs is None:
             return None, None, None, None
         grad_logits = _to_gradient(logits, labels, lse, grad_log_probs.float().contiguous())
-        with torch.autocast(hidden.device.type, enabled=False):
-            grad_hidden = (grad_logits @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-            grad_weight = (grad_logits.t() @ hidden.to(weight.dtype)) if ctx.needs_input_grad[1] else None
+        with torch.autocast(weight.device.type, enabled=False):
+            grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+            grad_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None
             grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None
 
@@ -184,14 +196,17 @@ def kept_logits_gib(tokens: int, vocab: int) -> float:
 class TRLHeadWithKeptLogits:
     """Stands in for TRL's chunked log-probability function (same call, same five per-token results) inside the
     fused head's forward. Where the call asks for anything this head does not compute (a temperature, soft-capped
-    or scaled logits, other outputs), TRL's own function runs."""
+    or scaled logits, other outputs), or where TRL would compute in another type than this head (anything but
+    16-bit hidden states and weight of one type: TRL follows autocast or the hidden states' type), TRL's own
+    function runs."""
 
     def __init__(self, trl_function):
         self.trl_function = trl_function
 
     def apply(self, hidden, weight, bias, labels, temperature, chunk_size, softcap, logit_scale, outputs):
         plain = (temperature == 1.0 and softcap is None and logit_scale == 1.0
-                 and set(outputs) <= {"log_probs", "entropy", "is_top1"})
+                 and set(outputs) <= {"log_probs", "entropy", "is_top1"}
+                 and weight.dtype in SIXTEEN_BIT and hidden.dtype == weight.dtype)
         if not plain:
             return self.trl_function.apply(hidden, weight, bias, labels, temperature, chunk_size, softcap,
                                            logit_scale, outputs)

@@ -391,6 +391,7 @@ def _plan_kept_logits(plan: SpeedPlan, cfg: RunConfig, machine: Machine) -> None
     layer recomputed costs more than the head's second projection saves."""
     shape, budget = machine.shape, memory_budget_gib(cfg, machine.free_gib)
     if (cfg.stage != "sft" or machine.device != "cuda" or not plan.studio_trainer or plan.plain
+            or cfg.training.precision == "fp32"  # the head keeps 16-bit logits only (TRL's head runs otherwise)
             or plan.gradient_checkpointing or plan.strategy == "fsdp" or shape is None or not shape.vocab
             or not plan.memory_estimate_gib or budget is None):
         return
