@@ -161,6 +161,30 @@ def test_lora_in_the_last_layers_only_stops_the_backward_pass_below_them(tiny_mo
     assert isinstance(reply(chat, "What is the capital of France?", max_new_tokens=4), str)
 
 
+def test_with_checkpointing_the_backward_still_stops_below_the_adapted_layers(tiny_model):
+    """PEFT makes the input embeddings' output need a gradient whenever the model checkpoints; the studio's
+    checkpointing does not need that, and takes it off again: the frozen layer below joins no autograd graph, so
+    the backward (and the recomputation of a checkpointed layer) stops above it, and neither does the embeddings'
+    output. (Checked without the fix: the layer's output needed a gradient at every step.)"""
+    cfg = tiny_config(tiny_model, method={"last_layers": 1},
+                      training={"max_steps": 3, "gradient_checkpointing": "on", "save_steps": 100,
+                                "eval_steps": 100})
+    trainer, prep = sft_trainer(cfg)
+    assert prep.plan.gradient_checkpointing and not prep.plan.plain
+    seen, handle = _first_layer_output_needs_grad(prep)
+    embedded = []
+    embeddings = prep.model.get_base_model().get_input_embeddings()
+    embedded_handle = embeddings.register_forward_hook(
+        lambda module, args, output: embedded.append(output.requires_grad) if torch.is_grad_enabled() else None)
+    trainer.train()
+    handle.remove()
+    embedded_handle.remove()
+    micro_batches = trainer.state.global_step * trainer.args.gradient_accumulation_steps
+    assert trainer.state.global_step == 3
+    assert len(seen) == micro_batches and not any(seen)
+    assert embedded and not any(embedded)
+
+
 def test_last_layers_is_refused_for_methods_without_lora_add_ons(tiny_model):
     for method in ("ia3", "full", "prompt_tuning"):
         with pytest.raises(StudioError, match="method.last_layers"):

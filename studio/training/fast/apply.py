@@ -122,6 +122,14 @@ def adapt_peft_model(model, plan: SpeedPlan, dtype=None) -> None:
     if plan.fused_lora:
         from studio.training.fast.fused_lora import fuse_lora_layers
         fuse_lora_layers(model, pack_4bit=plan.pack_4bit_siblings)
+    if plan.gradient_checkpointing:
+        # PEFT puts back the hook checkpoint_layers took off (it adds it to any unquantized model that
+        # checkpoints): the input embeddings' output then needs a gradient, so the backward goes on below the
+        # lowest adapted layer, an input-gradient pass through the first layer that nothing uses, and with
+        # method.last_layers the whole backward (and recomputation) of the frozen layers beneath.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "disable_input_require_grads"):
+            base.disable_input_require_grads()
 
 
 def padding_free(plan: SpeedPlan, stage: str) -> bool:
