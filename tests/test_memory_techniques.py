@@ -75,6 +75,32 @@ def test_offloaded_checkpoints_give_the_plain_loss_and_gradients(dropout, fused,
     assert len(calls) == checkpointed  # every checkpointed layer went through the offloaded path
 
 
+def test_offloaded_checkpoints_leave_frozen_layers_below_out_of_the_backward():
+    """With method.last_layers the layers below the adapted ones train nothing and get no gradient: the offloaded
+    checkpoint runs them once without a graph instead of recomputing them in the backward, with the same loss and
+    gradients."""
+    from studio.training.fast import activations
+    from studio.training.fast.apply import checkpoint_layers
+    ids = torch.randint(0, 97, (2, 13))
+
+    def first_layer_frozen(model):
+        for name, param in model.named_parameters():
+            if ".layers.0." in name:
+                param.requires_grad_(False)
+        return model
+    plain, offloaded = first_layer_frozen(_tiny_lora(0.0)), first_layer_frozen(_tiny_lora(0.0))
+    checkpointed = checkpoint_layers(offloaded.get_base_model())
+    assert activations.offload_checkpoints(_layers(offloaded)) == checkpointed == 3
+    calls = []
+    original = activations._OffloadedCheckpoint.backward
+    activations._OffloadedCheckpoint.backward = staticmethod(lambda ctx, *g: calls.append(1) or original(ctx, *g))
+    try:
+        _assert_same(_loss_and_grads(offloaded, ids), _loss_and_grads(plain, ids))
+    finally:
+        activations._OffloadedCheckpoint.backward = original
+    assert len(calls) == 2  # the two adapted layers; the frozen first one is not recomputed
+
+
 def test_offloaded_checkpoints_pass_the_input_gradient_on():
     """A layer input that needs its gradient (an earlier trainable layer's output) gets it through the offloaded
     checkpoint as through the plain layer."""

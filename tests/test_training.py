@@ -176,6 +176,7 @@ def test_with_checkpointing_the_backward_still_stops_below_the_adapted_layers(ti
     embeddings = prep.model.get_base_model().get_input_embeddings()
     embedded_handle = embeddings.register_forward_hook(
         lambda module, args, output: embedded.append(output.requires_grad) if torch.is_grad_enabled() else None)
+    before = {n: p.detach().clone() for n, p in prep.model.named_parameters() if p.requires_grad}
     trainer.train()
     handle.remove()
     embedded_handle.remove()
@@ -183,6 +184,9 @@ def test_with_checkpointing_the_backward_still_stops_below_the_adapted_layers(ti
     assert trainer.state.global_step == 3
     assert len(seen) == micro_batches and not any(seen)
     assert embedded and not any(embedded)
+    # and the adapted layer above still learned: its add-on's B weights moved from their zeros
+    moved = [n for n, p in prep.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert any("layers.1." in n and "lora_B" in n for n in moved), moved
 
 
 def test_last_layers_is_refused_for_methods_without_lora_add_ons(tiny_model):

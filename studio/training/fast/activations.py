@@ -193,14 +193,27 @@ def _anchor(device) -> torch.Tensor:
     return _anchors[key]
 
 
-def offloaded_checkpoint(run, hidden, *args, slot: int = 0, fallback=None):
+def offloaded_checkpoint(run, hidden, *args, slot: int = 0, fallback=None, layer=None):
     """transformers' `_gradient_checkpointing_func` signature: `run` is the layer's forward with its keyword
     arguments bound. Anything other than one differentiable hidden state (a tensor argument that needs a gradient)
-    goes to the ordinary checkpoint, `fallback`."""
+    goes to the ordinary checkpoint, `fallback`. A frozen `layer` reached by no gradient (below the adapted layers of
+    method.last_layers) runs once without a graph: the anchor would make the backward recompute it for nothing."""
     extra = list(args) + list(getattr(run, "keywords", {}).values())
     if not torch.is_tensor(hidden) or any(torch.is_tensor(a) and a.requires_grad for a in extra):
         return fallback(run, hidden, *args)
+    if layer is not None and not hidden.requires_grad and not _trains(layer):
+        with torch.no_grad():
+            return run(hidden, *args)
     return _OffloadedCheckpoint.apply(run, slot, _anchor(hidden.device), hidden, *args)
+
+
+def _trains(layer) -> bool:
+    """Whether any of the layer's parameters trains, found at its first training forward (PEFT adds and freezes
+    parameters after the layers are routed here, and nothing changes them during training)."""
+    trains = getattr(layer, "_studio_trains", None)
+    if trains is None:
+        trains = layer._studio_trains = any(p.requires_grad for p in layer.parameters())
+    return trains
 
 
 def offload_checkpoints(layers, count: int | None = None) -> int:
@@ -211,7 +224,8 @@ def offload_checkpoints(layers, count: int | None = None) -> int:
         if not getattr(layer, "gradient_checkpointing", False) or (count is not None and routed >= count):
             continue
         fallback = getattr(layer, "_gradient_checkpointing_func", None)
-        layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, slot=slot, fallback=fallback)
+        layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, slot=slot, fallback=fallback,
+                                                               layer=layer)
         routed += 1
     return routed
 
