@@ -51,6 +51,19 @@ def _assert_same(got, want):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _same_as_plain_counting_offloaded_backwards(offloaded, plain, ids) -> int:
+    """Check `offloaded` gives `plain`'s loss and gradients; how many offloaded-checkpoint backwards that ran."""
+    from studio.training.fast import activations
+    calls = []
+    original = activations._OffloadedCheckpoint.backward
+    activations._OffloadedCheckpoint.backward = staticmethod(lambda ctx, *g: calls.append(1) or original(ctx, *g))
+    try:
+        _assert_same(_loss_and_grads(offloaded, ids), _loss_and_grads(plain, ids))
+    finally:
+        activations._OffloadedCheckpoint.backward = original
+    return len(calls)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("uncheckpointed", [0, 1])
@@ -65,14 +78,8 @@ def test_offloaded_checkpoints_give_the_plain_loss_and_gradients(dropout, fused,
         fuse_lora_layers(offloaded)
     checkpointed = checkpoint_layers(offloaded.get_base_model(), uncheckpointed)
     assert activations.offload_checkpoints(_layers(offloaded)) == checkpointed == 3 - uncheckpointed
-    calls = []
-    original = activations._OffloadedCheckpoint.backward
-    activations._OffloadedCheckpoint.backward = staticmethod(lambda ctx, *g: calls.append(1) or original(ctx, *g))
-    try:
-        _assert_same(_loss_and_grads(offloaded, ids), _loss_and_grads(plain, ids))
-    finally:
-        activations._OffloadedCheckpoint.backward = original
-    assert len(calls) == checkpointed  # every checkpointed layer went through the offloaded path
+    calls = _same_as_plain_counting_offloaded_backwards(offloaded, plain, ids)
+    assert calls == checkpointed  # every checkpointed layer went through the offloaded path
 
 
 def test_offloaded_checkpoints_leave_frozen_layers_below_out_of_the_backward():
@@ -91,14 +98,8 @@ def test_offloaded_checkpoints_leave_frozen_layers_below_out_of_the_backward():
     plain, offloaded = first_layer_frozen(_tiny_lora(0.0)), first_layer_frozen(_tiny_lora(0.0))
     checkpointed = checkpoint_layers(offloaded.get_base_model())
     assert activations.offload_checkpoints(_layers(offloaded)) == checkpointed == 3
-    calls = []
-    original = activations._OffloadedCheckpoint.backward
-    activations._OffloadedCheckpoint.backward = staticmethod(lambda ctx, *g: calls.append(1) or original(ctx, *g))
-    try:
-        _assert_same(_loss_and_grads(offloaded, ids), _loss_and_grads(plain, ids))
-    finally:
-        activations._OffloadedCheckpoint.backward = original
-    assert len(calls) == 2  # the two adapted layers; the frozen first one is not recomputed
+    # the two adapted layers; the frozen first one is not recomputed
+    assert _same_as_plain_counting_offloaded_backwards(offloaded, plain, ids) == 2
 
 
 def test_offloaded_checkpoints_pass_the_input_gradient_on():
