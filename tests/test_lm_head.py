@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from studio.training.fast import lm_head
+from studio.training.fast.memory import kept_logits_gib
 from tests.conftest import ROOT
 
 # scripts/setup.sh --test puts triton in a folder of its own (on sys.path it would change what TRL imports).
@@ -218,7 +219,7 @@ def _plan(limit: float = 0.0, stage: str = "sft", length: int = 4096, batch: int
 def test_the_planner_keeps_the_logits_only_where_nothing_is_checkpointed_and_they_fit():
     from studio.training.fast.memory import FILL
     plan, _ = _plan()
-    logits = lm_head.kept_logits_gib(2 * 4096, 128256)
+    logits = kept_logits_gib(2 * 4096, 128256)
     assert plan.head_keeps_logits and not plan.gradient_checkpointing
     without, _ = _plan(speed="plain")
     assert not without.head_keeps_logits
@@ -254,5 +255,5 @@ def test_the_planner_counts_the_logits_in_the_estimate():
     shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
                        vocab=128256)
     base = peak_gib(shape, "lora", 16, plan.micro_batch_tokens, 0, plan.liger)
-    assert plan.memory_estimate_gib == pytest.approx(base + lm_head.kept_logits_gib(plan.micro_batch_tokens, 128256),
+    assert plan.memory_estimate_gib == pytest.approx(base + kept_logits_gib(plan.micro_batch_tokens, 128256),
                                                      abs=0.06)

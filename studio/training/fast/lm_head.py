@@ -188,11 +188,6 @@ class KeptLogitsHead(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None
 
 
-def kept_logits_gib(tokens: int, vocab: int) -> float:
-    """What the kept 16-bit logits of `tokens` labelled positions hold."""
-    return 2 * tokens * vocab / 2**30
-
-
 class TRLHeadWithKeptLogits:
     """Stands in for TRL's chunked log-probability function (same call, same five per-token results) inside the
     fused head's forward. Where the call asks for anything this head does not compute (a temperature, soft-capped

@@ -93,6 +93,11 @@ def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointe
     return (fixed + inputs + max(end_of_forward, recompute)) / GIB
 
 
+def kept_logits_gib(tokens: int, vocab: int, value_bytes: int = 2) -> float:
+    """What the LM head's kept logits of `tokens` labelled positions hold (lm_head.py, plan.head_keeps_logits)."""
+    return value_bytes * tokens * vocab / GIB
+
+
 def layers_to_checkpoint(shape: ModelShape, method: str, rank: int, tokens: int, budget_gib: float,
                          liger: bool, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0,
                          host_embeddings: bool = False) -> int:

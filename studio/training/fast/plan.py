@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from studio.config import RunConfig
 from studio.shapes import ModelShape
-from studio.training.fast.memory import FILL, layers_to_checkpoint, peak_gib
+from studio.training.fast.memory import FILL, kept_logits_gib, layers_to_checkpoint, peak_gib
 
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
 FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # their norm is kernels.PLAIN_RMS_NORMS
@@ -395,7 +395,7 @@ def _plan_kept_logits(plan: SpeedPlan, cfg: RunConfig, machine: Machine) -> None
             or plan.gradient_checkpointing or plan.strategy == "fsdp" or shape is None or not shape.vocab
             or not plan.memory_estimate_gib or budget is None):
         return
-    logits = 2 * plan.micro_batch_tokens * shape.vocab / 2**30  # lm_head.kept_logits_gib (that module needs torch)
+    logits = kept_logits_gib(plan.micro_batch_tokens, shape.vocab)
     need = plan.memory_estimate_gib + logits
     if need > FILL * budget:
         plan.reasons.append(f"LM head: projects its logits again in the backward (keeping them, {logits:.1f} GiB, "
