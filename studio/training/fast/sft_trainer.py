@@ -30,7 +30,7 @@ own (lm_head.py), which keeps the logits for the backward instead of projecting 
 from __future__ import annotations
 
 import gc
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import TrainerCallback
@@ -55,38 +55,34 @@ _FUSED_HEAD_FIELDS = _fused_head_has_fields()
 
 
 @contextmanager
-def _head_keeping_logits(keep: bool):
-    """Inside TRL's fused head, the studio's head that keeps its logits for the backward (lm_head.py) in place of
-    TRL's chunked function, for this call only; TRL's own where `keep` is off. Found, like `_use_triton` below, as
-    a module-level name of trl.trainer.utils; a TRL without it keeps its own head."""
+def _trl_name_replaced(name: str, replacement):
+    """trl.trainer.utils.<name> (a module-level name read only by TRL's fused forward) replaced by
+    `replacement(original)` for one call and put back afterwards; a TRL without that name is left to itself."""
     import trl.trainer.utils as trl_utils
-    original = getattr(trl_utils, "_ChunkedLogProbFunction", None)
-    if not keep or original is None:
+    original = getattr(trl_utils, name, None)
+    if original is None:
         yield
         return
-    from studio.training.fast.lm_head import TRLHeadWithKeptLogits
-    trl_utils._ChunkedLogProbFunction = TRLHeadWithKeptLogits(original)
+    setattr(trl_utils, name, replacement(original))
     try:
         yield
     finally:
-        trl_utils._ChunkedLogProbFunction = original
+        setattr(trl_utils, name, original)
 
 
-@contextmanager
 def _head_on_labelled_positions_only():
     """TRL's fused head, told it may gather the labelled positions before projecting, as it does on GPUs (see the
-    module docstring). The choice is one module-level test in trl.trainer.utils, read only by the fused forward; it
-    is put back afterwards."""
-    import trl.trainer.utils as trl_utils
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None:  # a TRL that decides otherwise: leave it to TRL
-        yield
-        return
-    trl_utils._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
+    module docstring): TRL's choice is its `_use_triton` test."""
+    return _trl_name_replaced("_use_triton", lambda original: lambda device: True)
+
+
+def _head_keeping_logits(keep: bool):
+    """Inside TRL's fused head, the studio's head that keeps its logits for the backward (lm_head.py) in place of
+    TRL's chunked function `_ChunkedLogProbFunction`; TRL's own where `keep` is off."""
+    if not keep:
+        return nullcontext()
+    from studio.training.fast.lm_head import TRLHeadWithKeptLogits
+    return _trl_name_replaced("_ChunkedLogProbFunction", TRLHeadWithKeptLogits)
 
 
 class CountRealTokens:
