@@ -5,9 +5,6 @@
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 B="python3 bench/bench.py --out $OUT"
-python3 -c "import torch, transformers, peft, trl, triton; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'triton', triton.__version__)" 2>&1 \
-  | tail -1 | tee -a $OUT/log.txt
 timeout 120 python3 bench/head_check.py 2>&1 | grep -v Warning | tail -4 | tee -a $OUT/log.txt
 $B --shapes 8b --arms studio --seconds 10 --tag lora-8b-kept 2>&1 | tail -2 | tee -a $OUT/log.txt
 $B --shapes 8b --arms studio --seconds 10 --plan head_keeps_logits=false --tag lora-8b-trl-head 2>&1 | tail -2 \

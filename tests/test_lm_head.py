@@ -1,19 +1,12 @@
 """The LM head that keeps its logits for the backward (studio/training/fast/lm_head.py): the same numbers as a
 float64 reference and as TRL's chunked head, through the trainer too, and the planner's rule for when it is used."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from studio.training.fast import lm_head
 from studio.training.fast.memory import kept_logits_gib
-from tests.conftest import ROOT
-
-# scripts/setup.sh --test puts triton in a folder of its own (on sys.path it would change what TRL imports).
-TRITON_FOLDER = ROOT / ".venv" / "triton-interpreter"
+from tests.interpreter import passes_under_the_interpreter
 
 
 def _case(rows=37, hidden=16, vocab=10_000, bias=False, dtype=torch.float64, seed=0):
@@ -98,19 +91,12 @@ def test_the_pytorch_path_matches_a_float64_reference_over_several_tiles(monkeyp
 def test_the_triton_kernels_match_the_reference_under_the_interpreter():
     """The kernels that run on GPUs, run by triton's interpreter on this CPU, in a process of their own (the
     interpreter is chosen when triton is imported). Vocabulary 10,000: three blocks of 4,096, the last one short."""
-    if not (TRITON_FOLDER / "triton").is_dir():
-        pytest.skip("triton is not installed for the interpreter (scripts/setup.sh --test installs it)")
-    script = ("import torch\nfrom studio.training.fast import lm_head\nfrom tests.test_lm_head import "
-              "_check_against_reference\nassert lm_head.triton_runs(torch.device('cpu'))\n"
-              "_check_against_reference(rows=9, bias=True)\n_check_against_reference(rows=5, vocab=4096, bias=False)\n"
-              "from tests.test_lm_head import _check_16_bit_against_reference\n"
-              "_check_16_bit_against_reference(torch.bfloat16)\n_check_16_bit_against_reference(torch.float16)\n"
-              "print('kernels ok')\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(TRITON_FOLDER), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
+    passes_under_the_interpreter(
+        "import torch\nfrom studio.training.fast import lm_head\nfrom tests.test_lm_head import "
+        "_check_against_reference\nassert lm_head.triton_runs(torch.device('cpu'))\n"
+        "_check_against_reference(rows=9, bias=True)\n_check_against_reference(rows=5, vocab=4096, bias=False)\n"
+        "from tests.test_lm_head import _check_16_bit_against_reference\n"
+        "_check_16_bit_against_reference(torch.bfloat16)\n_check_16_bit_against_reference(torch.float16)")
 
 
 def test_one_backward_per_forward():

@@ -21,15 +21,9 @@ log-probabilities).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU-only torch build has no Triton
-    triton = None
+from studio.training.fast.triton_support import tl, triton, triton_runs
 
 # Vocabulary entries each program of the kernels reads at a time.
 BLOCK = 4096
@@ -37,13 +31,6 @@ BLOCK = 4096
 # then 256 MiB at most); the Triton kernels need no temporaries.
 TILE_VALUES = 2**26
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-
-
-def triton_runs(device: torch.device) -> bool:
-    """Whether the Triton kernels run for tensors on `device`: on a CUDA GPU, or anywhere under the interpreter."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
