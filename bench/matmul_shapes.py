@@ -48,6 +48,14 @@ def main() -> int:
     xa, xa3 = torch.randn(m, r, **bf), torch.randn(m, 3 * r, **bf)
     a_i = torch.randn(r, inter, **bf)
     out_h, out_i, out_qkv = torch.empty(m, h, **bf), torch.empty(m, inter, **bf), torch.empty(m, h + 2 * kv, **bf)
+    # The LoRA terms folded into the base matmuls along K without copies per call: the layer input between two slots of
+    # `pad` columns (the gate's rank-r input on its left, the up's on its right) and the weights laid out to match.
+    pad = 64
+    x_ext, x_ext_r = torch.randn(m, pad + h + pad, **bf), torch.randn(m, r + h + r, **bf)
+    w_gate_ext, w_up_ext = torch.randn(inter, pad + h, **bf) * 0.02, torch.randn(inter, h + pad, **bf) * 0.02
+    w_gate_ext_r = torch.randn(inter, r + h, **bf) * 0.02
+    x_k = torch.randn(m, h + pad, **bf)
+    g_ext, w_down_ext = torch.randn(m, h + pad, **bf), torch.randn(h + pad, inter, **bf) * 0.02
     cases = {
         # forward: base projections
         "fwd q   x@Wq^T": (lambda: F.linear(x, w["q"]), m * h * h),
@@ -82,6 +90,18 @@ def main() -> int:
         "bwd gd@Wd (base alone, for the K-fold)": (lambda: torch.mm(g["q"], w["down"]), m * h * inter),
         "bwd [gd,g_xa]@[Wd;A] K-fold with cats": (lambda: torch.cat([g["q"], xa], 1) @ torch.cat([w["down"], a_i]),
                                                   m * (h + r) * inter),
+        "fwd gate K-fold [xa|x]@[B|Wg]^T, K 4096+64, input strided": (
+            lambda: F.linear(x_ext[:, :pad + h], w_gate_ext), m * (h + pad) * inter),
+        "fwd up K-fold [x|xa]@[Wu|B]^T, K 4096+64, input strided at +64": (
+            lambda: F.linear(x_ext[:, pad:], w_up_ext), m * (h + pad) * inter),
+        "fwd gate K-fold, K 4096+r, input strided": (
+            lambda: F.linear(x_ext_r[:, :r + h], w_gate_ext_r), m * (h + r) * inter),
+        "fwd gate K 4096+64 contiguous": (lambda: F.linear(x_k, w_gate_ext), m * (h + pad) * inter),
+        "fwd gate x@Wg^T, Wg a strided view": (lambda: F.linear(x, w_gate_ext[:, pad:]), m * h * inter),
+        "bwd gg@Wg, Wg a strided view": (lambda: g["gate"] @ w_gate_ext[:, pad:], m * h * inter),
+        "copy x into its slot of x_ext": (lambda: x_ext[:, pad:pad + h].copy_(x), 0),
+        "bwd down K-fold [gd|g_xa]@[Wd;A], K 4096+64": (lambda: g_ext @ w_down_ext, m * (h + pad) * inter),
+        "bwd gd@Wd, Wd the first rows of [Wd;A]": (lambda: g["q"] @ w_down_ext[:h], m * h * inter),
         "fwd out+=xa@B^T (14336) transposed": (lambda: out_i.t().addmm_(b_i, xa.t()), m * inter * r),
         "bwd g@B (4096)": (lambda: g["q"] @ b_h, m * h * r),
         "bwd g@B (14336)": (lambda: g["gate"] @ b_i, m * inter * r),

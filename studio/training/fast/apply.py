@@ -9,7 +9,8 @@ leaves stock TRL and PEFT behaviour untouched.
   prepare_quantized(model, plan)   what 4-bit and 8-bit bases need before PEFT wraps them
   adapt_peft_model(model, plan)    the fused LoRA path, LoRA inputs kept in 16-bit
   trainer_options(plan, ...)       TRL/Trainer arguments: packing, Liger, data workers, pinned batches
-  trainer_class(plan) / trainer_callbacks(plan)   (the MLP in tiles, once the trainer has put Liger's in place)
+  trainer_class(plan) / trainer_callbacks(plan)   (the LoRA MLP kernel and the MLP in tiles, once the trainer has
+                                   put Liger's MLP in place)
   finish(plan)                     undo what binds the process (collector freeze), for in-process callers
 """
 
@@ -229,18 +230,23 @@ def trainer_callbacks(plan: SpeedPlan) -> list:
         return []
     from studio.training.fast.sft_trainer import FreezeSetupObjects
     callbacks = [FreezeSetupObjects()]
-    if plan.mlp_tile_tokens:
+    if plan.fused_lora_mlp or plan.mlp_tile_tokens:
         from transformers import TrainerCallback
 
-        class TileMLPs(TrainerCallback):
-            """At the start of training: the trainer has put Liger's MLP forward in place by then, and the tiles wrap
-            whichever forward the MLP has."""
+        class PrepareMLPs(TrainerCallback):
+            """At the start of training: the trainer has put Liger's MLP forward in place by then. The LoRA MLP path
+            replaces it (keeping it for the calls it does not cover), then the tiles wrap whichever forward the MLP
+            has."""
 
             def on_train_begin(self, args, state, control, model=None, **kwargs):
-                from studio.training.fast.activations import tile_mlps
-                tile_mlps(model, plan.mlp_tile_tokens)
+                if plan.fused_lora_mlp:
+                    from studio.training.fast.lora_mlp import fuse_lora_mlps
+                    fuse_lora_mlps(model)
+                if plan.mlp_tile_tokens:
+                    from studio.training.fast.activations import tile_mlps
+                    tile_mlps(model, plan.mlp_tile_tokens)
 
-        callbacks.append(TileMLPs())
+        callbacks.append(PrepareMLPs())
     return callbacks
 
 

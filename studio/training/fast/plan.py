@@ -83,6 +83,7 @@ class Machine:
     free_gib: float | None = None  # the GPU's free memory
     host_free_gib: float | None = None  # the host's available memory (for offloaded checkpoints); None: unknown
     liger_installed: bool = False
+    triton_installed: bool = False  # the studio's own Triton kernels can run (lora_mlp.py)
     fused_rms_norm: bool = False  # this torch has aten::_fused_rms_norm
     varlen_ok: bool = False  # the variable-length flash kernel runs for this model, GPU and precision
     cudnn_attention_ok: bool = False  # SDPA's cuDNN attention runs for this head size and precision (long rows)
@@ -117,6 +118,8 @@ class SpeedPlan:
     liger: bool
     gradient_checkpointing: bool
     fused_lora: bool = False
+    # LoRA MLPs as one node whose SwiGLU kernel adds the gate, up and down LoRA terms (lora_mlp.py)
+    fused_lora_mlp: bool = False
     fused_norm: bool = False  # PyTorch's fused RMSNorm (kernels.py), where Liger's is not used
     graphed_decoding: bool = False  # generation's decoding steps as CUDA graphs (generation.py; GRPO on a GPU)
     # With the variable-length kernel: packed rows that are one sequence of at least this many tokens run through
@@ -170,7 +173,8 @@ class SpeedPlan:
                  f"{ATTENTION_NAMES.get(self.attention, self.attention)} attention"]
         if self.liger or self.fused_lora or self.fused_norm:
             parts.append("fused kernels (" + ", ".join(
-                name for name, used in (("LoRA", self.fused_lora), ("Liger", self.liger),
+                name for name, used in (("LoRA", self.fused_lora), ("LoRA MLP", self.fused_lora_mlp),
+                                        ("Liger", self.liger),
                                         ("RMSNorm", self.fused_norm and not self.liger)) if used) + ")")
         parts.append(self.checkpointing_text())
         if self.head_keeps_logits:
@@ -272,6 +276,9 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
     # PEFT's own forward there.
     fused_lora = method in ("lora", "rslora", "qlora") and (
         t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
+    # The LoRA MLP's kernel is Triton (GPUs) and 16-bit; generation's one-token steps are left as measured.
+    fused_lora_mlp = (fused_lora and method in ("lora", "rslora") and device == "cuda" and machine.triton_installed
+                      and not generates and t.precision != "fp32")
     fused_norm = (not liger and not generates and t.fused_kernels != "off" and device == "cuda"
                   and machine.fused_rms_norm and machine.model_type in FUSED_NORM_MODEL_TYPES)  # not measured there
     long_rows_cudnn = 0
@@ -281,7 +288,8 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
                        "fused attention (no boundaries to keep, and faster than FlashAttention-2 there: "
                        "bench/NOTES.md)")
     workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
-    plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_norm=fused_norm,
+    plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_lora_mlp=fused_lora_mlp,
+                     fused_norm=fused_norm,
                      data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
                      memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0, long_rows_cudnn=long_rows_cudnn)
     plan.micro_batch_tokens, why = micro_batch_tokens(cfg, packing, data)
@@ -383,6 +391,9 @@ def _fit_to_strategy(plan: SpeedPlan, cfg: RunConfig) -> None:
         # FSDP2 splits 4-bit weights stored in the compute type; the fused path reads bitsandbytes' own packing.
         plan.fused_lora = plan.pack_4bit_siblings = False
         plan.reasons.append("fused LoRA: off (FSDP2 stores the 4-bit weights its own way; not checked with them)")
+    if plan.strategy == "fsdp" and plan.fused_lora_mlp:
+        plan.fused_lora_mlp = False
+        plan.reasons.append("LoRA MLP kernel: off (not checked under FSDP2's sharded weights)")
 
 
 def _plan_kept_logits(plan: SpeedPlan, cfg: RunConfig, machine: Machine) -> None:

@@ -31,6 +31,7 @@ def probe(cfg: RunConfig, location: str, device: str) -> Machine:
         machine.free_gib = torch.cuda.mem_get_info()[0] / 2**30
         machine.host_free_gib = host_available_gib()
         machine.liger_installed = importlib.util.find_spec("liger_kernel") is not None
+        machine.triton_installed = importlib.util.find_spec("triton") is not None
         machine.fused_rms_norm = kernels.fused_rms_norm_available()
     return machine
 

@@ -1,0 +1,271 @@
+"""A SwiGLU MLP with LoRA on its gate, up and down projections as one autograd node, whose activation kernel also
+adds the three rank-r LoRA terms that are 14,336 columns wide on an 8B model.
+
+With LoRA on every projection, fused_lora.py adds each projection's rank-r term into its base result with one more
+matmul (``out += (x A^T) (s B)^T``): for the gate and up outputs, and for the down projection's input gradient, that
+matmul does almost no arithmetic but reads and writes the whole (tokens x intermediate) matrix, three times a layer
+(bench/NOTES.md: 188 us each on the 8B step, about 18 ms a step). The SwiGLU activation reads those same matrices
+right after. Here the activation kernel adds the rank-r terms itself, tile by tile, from the small rank-r factors
+(a dot of rank r per value, which the tensor cores do for nothing next to the memory traffic; in float32 under
+triton's interpreter, whose bf16 dot is wrong):
+
+  forward:   h = silu(G + xa_g (s B_g)^T) * (U + xa_u (s B_u)^T), from the base products G = x W_g^T, U = x W_u^T
+  backward:  dh = dH + gd A_d (dH = dy W_d, gd = dy (s B_d)); then the gradients of the gate and the up values,
+             written over G and U, which are not needed after
+
+G and U are kept for the backward without their LoRA terms, which the backward adds again: what is kept is what
+Liger's SwiGLU keeps (the two pre-activations and h), and no full-size matrix is written that the step did not
+write before. The rest is the matmuls fused_lora.py makes, with the adapters' kept casts.
+
+Only the plain case takes this path: one active adapter on each of the three projections, no dropout, no bias, a 16-bit
+unquantized base, SiLU; anything else runs the MLP's own forward. With triton's interpreter (TRITON_INTERPRET=1) the
+kernels run on the CPU, which is how the tests check them; elsewhere without Triton the same arithmetic runs as
+PyTorch operations (the tests' reference; the planner turns this path on only where Triton runs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio.training.fast import fused_lora
+from studio.training.fast.fused_lora import _adapter_weight, _base_parts, _has_dropout, _runnable, _stacked_adapters
+from studio.training.fast.triton_support import interpreted, tl, triton, triton_runs
+
+# Tokens and columns each program of the kernels covers (they are bound by memory): the fastest of the tilings
+# bench/mlp_check.py tried on the H200 (bench/NOTES.md).
+BLOCK_M = 32
+BLOCK_N = 128
+NUM_WARPS = 4
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+    @triton.jit
+    def _plus_lora_terms(base, xa_ptr, xa_stride, first, b_ptr, b_col_stride, b_rank_stride, rows, cols, row_in,
+                         col_in, rank, RANK: tl.constexpr, F32_DOT: tl.constexpr):
+        """base (a float32 tile) + the (rows x cols) tile of xa[:, first:first + rank] @ b^T, where b[col, k] is at
+        b_ptr + col x b_col_stride + k x b_rank_stride: one dot accumulating onto the tile."""
+        r = tl.arange(0, RANK)
+        xa = tl.load(xa_ptr + rows[:, None] * xa_stride + first + r[None, :],
+                     mask=row_in[:, None] & (r[None, :] < rank), other=0.0)
+        b_t = tl.load(b_ptr + cols[None, :] * b_col_stride + r[:, None] * b_rank_stride,
+                      mask=col_in[None, :] & (r[:, None] < rank), other=0.0)
+        if F32_DOT:
+            return tl.dot(xa.to(tl.float32), b_t.to(tl.float32), acc=base)
+        return tl.dot(xa, b_t, acc=base)
+
+    @triton.jit
+    def _swiglu_forward(g_ptr, u_ptr, h_ptr, xa_ptr, bg_ptr, bu_ptr, tokens, width, xa_stride, rank_g, rank_u,
+                        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        row_in, col_in = rows < tokens, cols < width
+        inside = row_in[:, None] & col_in[None, :]
+        at = rows[:, None] * width + cols[None, :]
+        gate = _plus_lora_terms(tl.load(g_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, 0,
+                                bg_ptr, rank_g, 1, rows, cols, row_in, col_in, rank_g, RANK, F32_DOT)
+        up = _plus_lora_terms(tl.load(u_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, rank_g,
+                              bu_ptr, rank_u, 1, rows, cols, row_in, col_in, rank_u, RANK, F32_DOT)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _swiglu_backward(dh_ptr, g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, gd_ptr, ad_ptr, tokens, width, xa_stride,
+                         gd_stride, rank_g, rank_u, rank_d, RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         F32_DOT: tl.constexpr):
+        """The gate's and the up values' gradients, over G and U."""
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        row_in, col_in = rows < tokens, cols < width
+        inside = row_in[:, None] & col_in[None, :]
+        at = rows[:, None] * width + cols[None, :]
+        # A_d is (rank x intermediate), row-major: its [col, k] is at k x width + col.
+        dh = _plus_lora_terms(tl.load(dh_ptr + at, mask=inside, other=0.0).to(tl.float32), gd_ptr, gd_stride, 0,
+                              ad_ptr, 1, width, rows, cols, row_in, col_in, rank_d, RANK, F32_DOT)
+        gate = _plus_lora_terms(tl.load(g_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, 0,
+                                bg_ptr, rank_g, 1, rows, cols, row_in, col_in, rank_g, RANK, F32_DOT)
+        up = _plus_lora_terms(tl.load(u_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, rank_g,
+                              bu_ptr, rank_u, 1, rows, cols, row_in, col_in, rank_u, RANK, F32_DOT)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        d_gate = dh * up * (sig + silu * (1.0 - sig))
+        tl.store(g_ptr + at, d_gate.to(g_ptr.dtype.element_ty), mask=inside)
+        tl.store(u_ptr + at, (dh * silu).to(u_ptr.dtype.element_ty), mask=inside)
+
+
+def path_runs(device: torch.device) -> bool:
+    """Whether MLPs on `device` take this path (where the kernels run; the tests also send the PyTorch path)."""
+    return triton_runs(device)
+
+
+def _float32_dot() -> bool:
+    """The rank-r dots take 16-bit operands on GPUs, float32 ones under triton's interpreter (its bf16 dot is wrong)."""
+    return interpreted()
+
+
+def _rank_block(*ranks: int) -> int:
+    """The rank dimension of the kernels' dots: a power of two, at least 16 (the tensor cores' smallest)."""
+    return max(16, 1 << (max(ranks) - 1).bit_length())
+
+
+def _grid(tokens: int, width: int) -> tuple:
+    return (triton.cdiv(tokens, BLOCK_M), triton.cdiv(width, BLOCK_N))
+
+
+def swiglu_forward(gate, up, xa, b_gate, b_up) -> torch.Tensor:
+    """silu(gate + xa_g b_gate^T) * (up + xa_u b_up^T), xa = [xa_g | xa_u]; `gate` and `up` are left as they are."""
+    rank_g, rank_u = b_gate.shape[1], b_up.shape[1]
+    if triton_runs(gate.device):
+        h = torch.empty_like(gate)
+        tokens, width = gate.shape
+        if tokens:
+            _swiglu_forward[_grid(tokens, width)](gate, up, h, xa, b_gate, b_up, tokens, width, xa.stride(0),
+                                                  rank_g, rank_u, RANK=_rank_block(rank_g, rank_u), BM=BLOCK_M,
+                                                  BN=BLOCK_N, F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
+        return h
+    g, u = _with_lora_terms(gate, up, xa, b_gate, b_up)
+    return (torch.nn.functional.silu(g) * u).to(gate.dtype)
+
+
+def swiglu_backward(grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down) -> None:
+    """Turns `gate` and `up` (the base products the forward kept) into their gradients, in place, for the incoming
+    gradient `grad_h` + grad_xa_down a_down (the down projection's base and LoRA input gradients)."""
+    rank_g, rank_u, rank_d = b_gate.shape[1], b_up.shape[1], a_down.shape[0]
+    if triton_runs(gate.device):
+        tokens, width = gate.shape
+        if tokens:
+            _swiglu_backward[_grid(tokens, width)](grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down, tokens,
+                                                   width, xa.stride(0), grad_xa_down.stride(0), rank_g, rank_u,
+                                                   rank_d, RANK=_rank_block(rank_g, rank_u, rank_d), BM=BLOCK_M,
+                                                   BN=BLOCK_N, F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
+        return
+    dh = grad_h.float() + grad_xa_down.float() @ a_down.float()
+    g, u = _with_lora_terms(gate, up, xa, b_gate, b_up)
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    gate.copy_(dh * u * (sig + silu * (1.0 - sig)))
+    up.copy_(dh * silu)
+
+
+def _with_lora_terms(gate, up, xa, b_gate, b_up):
+    rank_g = b_gate.shape[1]
+    xa = xa.float()
+    return (gate.float() + xa[:, :rank_g] @ b_gate.float().t(), up.float() + xa[:, rank_g:] @ b_up.float().t())
+
+
+class _LoraSwiGLU(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)), each projection a frozen base weight plus LoRA (A, B, scale)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, scalings, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down):
+        hidden = x.shape[-1]
+        x2 = x.reshape(-1, hidden).to(dtype)
+        s_gate, s_up, s_down = scalings
+        with torch.autocast(x.device.type, enabled=False):  # every operand is already in `dtype`
+            a_stack = _stacked_adapters([a_gate, a_up], dtype)
+            bg, bu = _adapter_weight(b_gate, dtype, s_gate), _adapter_weight(b_up, dtype, s_up)
+            ad, bd = _adapter_weight(a_down, dtype), _adapter_weight(b_down, dtype, s_down)
+            xa = x2 @ a_stack.t()  # (tokens x rank_g + rank_u): the input read once for both adapters
+            gate, up = x2 @ w_gate.to(dtype).t(), x2 @ w_up.to(dtype).t()
+            h = swiglu_forward(gate, up, xa, bg, bu)
+            ha = h @ ad.t()
+            out = h @ w_down.to(dtype).t()
+            out.addmm_(ha, bd.t())  # 4,096 columns on the 8B: the plain accumulation, as fused_lora.py does it
+        ctx.save_for_backward(x2, xa, gate, up, h, ha, a_stack, bg, bu, ad, bd, w_gate, w_up, w_down)
+        ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = scalings, dtype, x.shape, x.dtype
+        ctx.param_dtypes = [p.dtype for p in (a_gate, b_gate, a_up, b_up, a_down, b_down)]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, gate, up, h, ha, a_stack, bg, bu, ad, bd, w_gate, w_up, w_down = ctx.saved_tensors
+        dtype = ctx.dtype
+        s_gate, s_up, s_down = ctx.scalings
+        rank_g = bg.shape[1]
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        with torch.autocast(g.device.type, enabled=False):
+            grad_ha = g @ bd  # (tokens x rank_d)
+            grad_b_down = (g.t() @ ha).mul_(s_down)
+            grad_a_down = grad_ha.t() @ h
+            grad_h = g @ w_down.to(dtype)
+            swiglu_backward(grad_h, gate, up, xa, bg, bu, grad_ha, ad)
+            del grad_h
+            grad_gate, grad_up = gate, up  # written in place by the kernel
+            grad_xa = torch.cat([grad_gate @ bg, grad_up @ bu], dim=1)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_gate @ w_gate.to(dtype)
+                grad_x.addmm_(grad_up, w_up.to(dtype))
+                grad_x.addmm_(grad_xa, a_stack)
+                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+            grad_a = grad_xa.t() @ x2
+            grad_b_gate = (grad_gate.t() @ xa[:, :rank_g]).mul_(s_gate)
+            grad_b_up = (grad_up.t() @ xa[:, rank_g:]).mul_(s_up)
+        grads = (grad_a[:rank_g], grad_b_gate, grad_a[rank_g:], grad_b_up, grad_a_down, grad_b_down)
+        return (grad_x, None, None, None, None, None, *(t.to(d) for t, d in zip(grads, ctx.param_dtypes)))
+
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _is_silu(mlp) -> bool:
+    act = getattr(mlp, "act_fn", None)
+    if isinstance(act, torch.nn.SiLU):
+        return True
+    return getattr(getattr(mlp, "config", None), "hidden_act", None) in ("silu", "swish") and act is not None \
+        and type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _eligible(mlp) -> bool:
+    """A SwiGLU MLP whose three projections are LoRA layers the fused path covers (fused_lora.fuse_lora_layers set
+    their forward), with a plain unquantized base, no bias, and no dropout."""
+    projections = [getattr(mlp, name, None) for name in PROJECTIONS]
+    if any(p is None or getattr(p.forward, "__func__", None) is not fused_lora._fused_forward for p in projections):
+        return False
+    if not _is_silu(mlp) or any(_has_dropout(p) for p in projections):
+        return False
+    parts = [_base_parts(p) for p in projections]
+    return all(part is not None and part[1] is None and part[2] is None for part in parts)
+
+
+def _forward_parts(mlp, x: torch.Tensor):
+    """The tensors and scales for `_LoraSwiGLU` when this call can take the path now, else None."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if dtype not in SIXTEEN_BIT or not path_runs(x.device):
+        return None
+    tensors, scalings = [], []
+    for name in PROJECTIONS:
+        layer = getattr(mlp, name)
+        parts = _runnable(layer, allow_dropout=False)
+        if parts is None:  # adapters disabled or merged, another adapter active: the MLP's own forward
+            return None
+        adapter, weight, bias, quant_state = parts
+        if bias is not None or quant_state is not None:
+            return None
+        tensors.append((weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight))
+        scalings.append(float(layer.scaling[adapter]))
+    (wg, ag, bg), (wu, au, bu), (wd, ad, bd) = tensors
+    return dtype, tuple(scalings), (wg, wu, wd, ag, bg, au, bu, ad, bd)
+
+
+def fuse_lora_mlps(model) -> int:
+    """Route every eligible MLP of `model` through `_LoraSwiGLU`; returns how many. Called once the trainer is built
+    (Liger replaces the MLP's forward then), and before the MLPs are tiled, so that the tiles wrap this forward."""
+    fused = 0
+    for module in model.modules():
+        if getattr(module, "_studio_lora_mlp", False) or not _eligible(module):
+            continue
+        inner = module.forward
+
+        def forward(x, mlp=module, inner=inner):
+            parts = _forward_parts(mlp, x)
+            if parts is None:
+                return inner(x)
+            dtype, scalings, tensors = parts
+            return _LoraSwiGLU.apply(x, dtype, scalings, *tensors)
+
+        module.forward = forward
+        module._studio_lora_mlp = True
+        fused += 1
+    return fused
+

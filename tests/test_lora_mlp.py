@@ -1,0 +1,172 @@
+"""The LoRA MLP as one node (studio/training/fast/lora_mlp.py): the same numbers and gradients as a float64 reference
+and as the per-projection fused LoRA path, its Triton kernels under triton's interpreter, its fallbacks, and the
+planner's rule for when it is used."""
+
+import torch
+
+from studio.training.fast import lora_mlp
+from tests.interpreter import passes_under_the_interpreter
+
+
+def _case(tokens=70, hidden=24, width=200, ranks=(8, 16, 4), dtype=torch.float64, seed=0):
+    """x and the MLP's parameters: (w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down). 70 tokens and
+    200 columns: two kernel tiles each way, the last ones short; the ranks differ and are below the dots' 16."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    rg, ru, rd = ranks
+    x = rand(tokens, hidden)
+    params = (rand(width, hidden, scale=0.3), rand(width, hidden, scale=0.3), rand(hidden, width, scale=0.1),
+              rand(rg, hidden, scale=0.3), rand(width, rg, scale=0.3), rand(ru, hidden, scale=0.3),
+              rand(width, ru, scale=0.3), rand(rd, width, scale=0.1), rand(hidden, rd, scale=0.3))
+    return x, params
+
+
+SCALINGS = (2.0, 0.5, 1.5)
+
+
+def _reference(x, params, scalings=SCALINGS):
+    wg, wu, wd, ag, bg, au, bu, ad, bd = params
+    sg, su, sd = scalings
+    gate = x @ wg.T + sg * (x @ ag.T) @ bg.T
+    up = x @ wu.T + su * (x @ au.T) @ bu.T
+    h = torch.nn.functional.silu(gate) * up
+    return h @ wd.T + sd * (h @ ad.T) @ bd.T
+
+
+def _check_against_reference(dtype=torch.float32, tolerance=1e-4, **case):
+    """`_LoraSwiGLU` in `dtype` against float64 autograd on the same inputs: output, input and LoRA gradients."""
+    x, params = _case(dtype=dtype, **case)
+    frozen = params[:3]
+    leaves = [x.clone().requires_grad_(True)] + [p.clone().requires_grad_(True) for p in params[3:]]
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    out = lora_mlp._LoraSwiGLU.apply(leaves[0], dtype, SCALINGS, *frozen, *leaves[1:])
+    ref = _reference(ref_leaves[0], (*(w.double() for w in frozen), *ref_leaves[1:]))
+    weights = torch.linspace(-1, 2, out.numel(), dtype=torch.float64).view(out.shape)
+    (out.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert out.dtype == dtype
+    assert (out.double() - ref).abs().max() <= tolerance * ref.abs().max()
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == dtype and want.grad.abs().max() > 0
+        assert (got.grad.double() - want.grad).abs().max() <= tolerance * want.grad.abs().max()
+
+
+def test_the_pytorch_path_matches_a_float64_reference():
+    assert not lora_mlp.triton_runs(torch.device("cpu"))  # the PyTorch arithmetic, in this process
+    _check_against_reference(torch.float32, 1e-5)
+    _check_against_reference(torch.bfloat16, 3e-2)
+
+
+def test_the_triton_kernels_match_the_reference_under_the_interpreter():
+    """The kernels that run on GPUs, run by triton's interpreter on this CPU, in a process of their own (the
+    interpreter is chosen when triton is imported)."""
+    passes_under_the_interpreter(
+        "import torch\nfrom studio.training.fast import lora_mlp\nfrom tests.test_lora_mlp import "
+        "_check_against_reference\nassert lora_mlp.triton_runs(torch.device('cpu'))\n"
+        "_check_against_reference(torch.float32, 1e-5)\n"
+        "_check_against_reference(torch.bfloat16, 3e-2)\n"
+        "_check_against_reference(torch.float16, 3e-2, ranks=(32, 32, 32), tokens=64, width=128)")
+
+
+def _peft_pair(dropout=0.0):
+    from tests.test_fused_lora import _twins
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    return [m.to(torch.bfloat16) for m in _twins(lambda: LlamaForCausalLM(config), lora_dropout=dropout)]
+
+
+def _loss_and_grads(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_bf16_model_trains_the_same_through_the_one_node(monkeypatch):
+    """A tiny bf16 Llama with LoRA on every projection: the same loss and LoRA gradients as with each projection
+    fused on its own (within bf16 rounding: the one node rounds the gate and up values once, not twice)."""
+    from studio.training.fast.fused_lora import fuse_lora_layers
+    monkeypatch.setattr(lora_mlp, "path_runs", lambda device: True)  # the PyTorch arithmetic on this CPU
+    reference, fused = _peft_pair()
+    fuse_lora_layers(reference), fuse_lora_layers(fused)
+    assert lora_mlp.fuse_lora_mlps(fused) == 2 and lora_mlp.fuse_lora_mlps(fused) == 0  # once only
+    calls = []
+    original = lora_mlp._LoraSwiGLU.apply
+    monkeypatch.setattr(lora_mlp._LoraSwiGLU, "apply", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(3))
+    ref_loss, ref_grads = _loss_and_grads(reference, ids)
+    loss, grads = _loss_and_grads(fused, ids)
+    assert len(calls) == 2  # both layers' MLPs took the one node
+    assert abs(loss - ref_loss) <= 1e-2 * ref_loss
+    assert grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        if ".mlp." in name:
+            assert want.abs().max() > 0, name
+        assert (grads[name] - want).abs().max() <= 0.05 * want.abs().max() + 1e-6, name
+
+
+def test_calls_it_does_not_cover_run_the_mlps_own_forward(monkeypatch):
+    """Adapters turned off (the forgetting check's base model) run the MLP's own forward and give the base's output;
+    MLPs with LoRA dropout are not routed at all; without the kernels the MLP's own forward runs."""
+    from studio.training.fast.fused_lora import fuse_lora_layers
+    monkeypatch.setattr(lora_mlp, "path_runs", lambda device: True)
+    model, dropped = _peft_pair()[0], _peft_pair(dropout=0.1)[0]
+    fuse_lora_layers(model), fuse_lora_layers(dropped)
+    assert lora_mlp.fuse_lora_mlps(dropped) == 0
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    lora_mlp.fuse_lora_mlps(model)
+    calls = []
+    original = lora_mlp._LoraSwiGLU.apply
+    monkeypatch.setattr(lora_mlp._LoraSwiGLU, "apply", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad(), model.disable_adapter():
+        again = model(input_ids=ids).logits
+    assert not calls and torch.equal(again, base)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == 2
+    monkeypatch.setattr(lora_mlp, "path_runs", lambda device: False)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == 2
+
+
+def test_the_trainers_callback_routes_the_mlps(monkeypatch):
+    from studio.training.fast import apply
+    from studio.training.fast.fused_lora import fuse_lora_layers
+    from studio.training.fast.plan import SpeedPlan
+    monkeypatch.setattr(lora_mlp, "path_runs", lambda device: True)
+    model = _peft_pair()[0]
+    fuse_lora_layers(model)
+    plan = SpeedPlan(packing=True, attention="sdpa", liger=False, gradient_checkpointing=False, fused_lora=True,
+                     fused_lora_mlp=True)
+    for callback in apply.trainer_callbacks(plan):
+        callback.on_train_begin(None, None, None, model=model)
+    assert all(getattr(layer.mlp, "_studio_lora_mlp", False) for layer in model.base_model.model.model.layers)
+
+
+def test_the_planner_uses_it_for_16_bit_lora_on_gpus_with_triton():
+    plan = _plan()
+    assert plan.fused_lora_mlp and "LoRA MLP" in plan.summary()
+    assert not _plan(triton=False).fused_lora_mlp
+    assert not _plan(device="cpu", fused_kernels="on").fused_lora_mlp
+    assert not _plan(precision="fp32").fused_lora_mlp
+    assert not _plan(method="qlora").fused_lora_mlp
+    assert not _plan(stage="grpo").fused_lora_mlp
+    assert not _plan(speed="plain").fused_lora_mlp
+
+
+def _plan(stage="sft", method="lora", triton=True, device="cuda", **facts):
+    from studio.config import from_dict
+    from studio.shapes import ModelShape
+    from studio.training.fast.plan import Machine, plan_speed
+    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024, vocab=128256)
+    cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": 4096}, "stage": stage,
+                     "method": {"method": method, "rank": 16},
+                     "training": {"batch_size": 2, "precision": "bf16", **facts}})
+    machine = Machine(device=device, model_type="llama", shape=shape, free_gib=139.0, host_free_gib=500.0,
+                      liger_installed=True, triton_installed=triton, varlen_ok=True)
+    return plan_speed(cfg, machine)
