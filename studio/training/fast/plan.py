@@ -12,7 +12,9 @@ import; ``apply.py`` is the one place where a plan acts on a model, a trainer or
   (block-sparse document masks). DPO's rows are padded on the right, so they need no mask either: the same
   kernel runs on them as plain causal attention.
 - Fused kernels: LoRA projections with the add-on folded into the base matmul (fused_lora.py, on
-  GPUs), and Liger's RMSNorm, RoPE and SwiGLU kernels when the package is installed (NVIDIA only);
+  GPUs); with 16-bit LoRA on a GPU with Triton, each SwiGLU MLP as one node whose activation kernels add the
+  gate, up and down LoRA terms themselves (lora_mlp.py); and Liger's RMSNorm, RoPE and SwiGLU kernels when the
+  package is installed (NVIDIA only);
   without Liger, PyTorch's own fused RMSNorm (kernels.py). Neither for GRPO: its steps are mostly generation,
   where Liger measured no faster (0.88x at 1B, 1.00x at 8B; the fused norm is unmeasured there).
 - Generation (GRPO): each decoding step replayed as one CUDA graph with a static KV cache (generation.py), since a
