@@ -26,6 +26,7 @@ PyTorch operations (the tests' reference; the planner turns this path on only wh
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from studio.training.fast import fused_lora
 from studio.training.fast.fused_lora import _adapter_weight, _base_parts, _has_dropout, _runnable, _stacked_adapters
@@ -116,6 +117,7 @@ def swiglu_forward(gate, up, xa, b_gate, b_up) -> torch.Tensor:
     """silu(gate + xa_g b_gate^T) * (up + xa_u b_up^T), xa = [xa_g | xa_u]; `gate` and `up` are left as they are."""
     rank_g, rank_u = b_gate.shape[1], b_up.shape[1]
     if triton_runs(gate.device):
+        gate, up, xa, b_gate, b_up = _row_major(gate, up, xa, b_gate, b_up)
         h = torch.empty_like(gate)
         tokens, width = gate.shape
         if tokens:
@@ -132,12 +134,18 @@ def swiglu_backward(grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down) ->
     gradient `grad_h` + grad_xa_down a_down (the down projection's base and LoRA input gradients)."""
     rank_g, rank_u, rank_d = b_gate.shape[1], b_up.shape[1], a_down.shape[0]
     if triton_runs(gate.device):
+        if not (gate.is_contiguous() and up.is_contiguous()):
+            raise ValueError("swiglu_backward writes the gradients over `gate` and `up`: they must be contiguous")
+        grad_h, xa, b_gate, b_up, grad_xa_down, a_down = _row_major(grad_h, xa, b_gate, b_up, grad_xa_down, a_down)
         tokens, width = gate.shape
         if tokens:
             _swiglu_backward[_grid(tokens, width)](grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down, tokens,
                                                    width, xa.stride(0), grad_xa_down.stride(0), rank_g, rank_u,
                                                    rank_d, RANK=_rank_block(rank_g, rank_u, rank_d), BM=BLOCK_M,
                                                    BN=BLOCK_N, F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
+        # Written by the kernel, behind autograd's back: a second backward over this node must see them changed.
+        torch.autograd.graph.increment_version(gate)
+        torch.autograd.graph.increment_version(up)
         return
     dh = grad_h.float() + grad_xa_down.float() @ a_down.float()
     g, u = _with_lora_terms(gate, up, xa, b_gate, b_up)
@@ -145,6 +153,12 @@ def swiglu_backward(grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down) ->
     silu = g * sig
     gate.copy_(dh * u * (sig + silu * (1.0 - sig)))
     up.copy_(dh * silu)
+
+
+def _row_major(*tensors):
+    """The kernels index every matrix as contiguous rows (a no-op for what the node passes them: matmul results and
+    the adapters' kept casts)."""
+    return tuple(t.contiguous() for t in tensors)
 
 
 def _with_lora_terms(gate, up, xa, b_gate, b_up):
@@ -177,6 +191,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable  # the kernels are not differentiable, and the backward writes over what it saved
     def backward(ctx, grad_out):
         x2, xa, gate, up, h, ha, a_stack, bg, bu, ad, bd, w_gate, w_up, w_down = ctx.saved_tensors
         dtype = ctx.dtype
@@ -206,6 +221,11 @@ class _LoraSwiGLU(torch.autograd.Function):
 
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# MLP classes whose forward is exactly down(silu(gate(x)) * up(x)) (others with the same projections scale, clamp or
+# normalise in between).
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+# Above this rank the kernels' rank-wide dots would need more shared memory than a GPU has: the MLP's own forward runs.
+MAX_RANK = 128
 
 
 def _is_silu(mlp) -> bool:
@@ -219,6 +239,8 @@ def _is_silu(mlp) -> bool:
 def _eligible(mlp) -> bool:
     """A SwiGLU MLP whose three projections are LoRA layers the fused path covers (fused_lora.fuse_lora_layers set
     their forward), with a plain unquantized base, no bias, and no dropout."""
+    if type(mlp).__name__ not in SWIGLU_MLPS:
+        return False
     projections = [getattr(mlp, name, None) for name in PROJECTIONS]
     if any(p is None or getattr(p.forward, "__func__", None) is not fused_lora._fused_forward for p in projections):
         return False
@@ -240,7 +262,7 @@ def _forward_parts(mlp, x: torch.Tensor):
         if parts is None:  # adapters disabled or merged, another adapter active: the MLP's own forward
             return None
         adapter, weight, bias, quant_state = parts
-        if bias is not None or quant_state is not None:
+        if bias is not None or quant_state is not None or layer.r[adapter] > MAX_RANK:
             return None
         tensors.append((weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight))
         scalings.append(float(layer.scaling[adapter]))

@@ -31,7 +31,8 @@ def probe(cfg: RunConfig, location: str, device: str) -> Machine:
         machine.free_gib = torch.cuda.mem_get_info()[0] / 2**30
         machine.host_free_gib = host_available_gib()
         machine.liger_installed = importlib.util.find_spec("liger_kernel") is not None
-        machine.triton_installed = importlib.util.find_spec("triton") is not None
+        # The studio's Triton kernels are checked on NVIDIA GPUs only (not on ROCm's HIP build of torch).
+        machine.triton_kernels_ok = importlib.util.find_spec("triton") is not None and torch.version.hip is None
         machine.fused_rms_norm = kernels.fused_rms_norm_available()
     return machine
 
