@@ -290,23 +290,36 @@ class _LoraLinearGroup(torch.autograd.Function):
         b_scaled, weights = saved[3:3 + n], saved[3 + n:]
         dtype = ctx.dtype
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
-        grad_x = None
         param_grads = []
+        denses = ()
+        if ctx.needs_input_grad[0] and ctx.packed is not None:
+            denses = _saved_weight(weights[0], ctx.packed.state, dtype).split_with_sizes(ctx.packed.rows)
+        elif ctx.needs_input_grad[0]:  # one at a time: only one member's dense weight lives at once
+            denses = (_saved_weight(w, spec[0], dtype) for w, spec in zip(weights, ctx.specs))
         with torch.autocast(x2.device.type, enabled=False):
-            g_xa = torch.cat([g @ b for g, b in zip(gs, b_scaled)], dim=1)  # (tokens x sum of ranks)
-            if ctx.needs_input_grad[0]:
-                if ctx.packed is not None:
-                    denses = iter(_saved_weight(weights[0], ctx.packed.state, dtype).split_with_sizes(ctx.packed.rows))
-                else:  # one at a time: only one member's dense weight lives at once
-                    denses = (_saved_weight(w, spec[0], dtype) for w, spec in zip(weights, ctx.specs))
-                for g, dense in zip(gs, denses):
-                    grad_x = g @ dense if grad_x is None else grad_x.addmm_(g, dense)
-                grad_x = grad_x.addmm_(g_xa, a_stack).view(ctx.x_shape).to(ctx.x_dtype)
-            grad_a = (g_xa.t() @ x2).split_with_sizes(ctx.ranks, dim=0)
-            for i, (g, part) in enumerate(zip(gs, xa.split_with_sizes(ctx.ranks, dim=1))):
-                grad_b = (g.t() @ part).mul_(ctx.specs[i][1])
-                param_grads += [None, None, grad_a[i].to(ctx.param_dtypes[i][0]), grad_b.to(ctx.param_dtypes[i][1])]
+            grad_x, grad_a, grad_b = siblings_backward(gs, denses, x2, xa, a_stack, b_scaled, ctx.ranks,
+                                                       [spec[1] for spec in ctx.specs], ctx.needs_input_grad[0])
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        for i, (a, b) in enumerate(zip(grad_a, grad_b)):
+            param_grads += [None, None, a.to(ctx.param_dtypes[i][0]), b.to(ctx.param_dtypes[i][1])]
         return (grad_x, None, None, None, *param_grads)
+
+
+def siblings_backward(gs, denses, x2, xa, a_stack, b_scaled, ranks, scalings, input_grad: bool):
+    """The backward of sibling LoRA projections that read one input `x2` (q/k/v, gate/up), given their output
+    gradients `gs`: the input gradient (tokens x in_features, or None without `input_grad`), accumulated by the matmuls
+    themselves, and each member's A and B gradients. `denses`: the members' dense base weights, in order (read only
+    for the input gradient); `xa`: x2 @ a_stack^T from the forward; `b_scaled`: each B x its scale."""
+    g_xa = torch.cat([g @ b for g, b in zip(gs, b_scaled)], dim=1)  # (tokens x sum of ranks)
+    grad_x = None
+    if input_grad:
+        for g, dense in zip(gs, denses):
+            grad_x = g @ dense if grad_x is None else grad_x.addmm_(g, dense)
+        grad_x.addmm_(g_xa, a_stack)
+    grad_a = (g_xa.t() @ x2).split_with_sizes(ranks, dim=0)
+    grad_b = [(g.t() @ part).mul_(scale) for g, part, scale in zip(gs, xa.split_with_sizes(ranks, dim=1), scalings)]
+    return grad_x, grad_a, grad_b
 
 
 class _PackedState:

@@ -29,7 +29,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from studio.training.fast import fused_lora
-from studio.training.fast.fused_lora import _adapter_weight, _base_parts, _has_dropout, _runnable, _stacked_adapters
+from studio.training.fast.fused_lora import (_adapter_weight, _base_parts, _has_dropout, _runnable, _stacked_adapters,
+                                            siblings_backward)
 from studio.training.fast.triton_support import interpreted, tl, triton, triton_runs
 
 # Tokens and columns each program of the kernels covers (they are bound by memory): the fastest of the tilings
@@ -56,17 +57,29 @@ if triton is not None:
         return tl.dot(xa, b_t, acc=base)
 
     @triton.jit
-    def _swiglu_forward(g_ptr, u_ptr, h_ptr, xa_ptr, bg_ptr, bu_ptr, tokens, width, xa_stride, rank_g, rank_u,
-                        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+    def _tile(tokens, width, BM: tl.constexpr, BN: tl.constexpr):
+        """This program's rows and columns of the (tokens x width) matrices, which of them exist, and their offsets."""
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         row_in, col_in = rows < tokens, cols < width
-        inside = row_in[:, None] & col_in[None, :]
-        at = rows[:, None] * width + cols[None, :]
+        return rows, cols, row_in, col_in, row_in[:, None] & col_in[None, :], rows[:, None] * width + cols[None, :]
+
+    @triton.jit
+    def _gate_and_up(g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, xa_stride, rank_g, rank_u, rows, cols, row_in, col_in,
+                     inside, at, RANK: tl.constexpr, F32_DOT: tl.constexpr):
+        """The tile's gate and up values in float32: the kept base products plus their LoRA terms."""
         gate = _plus_lora_terms(tl.load(g_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, 0,
                                 bg_ptr, rank_g, 1, rows, cols, row_in, col_in, rank_g, RANK, F32_DOT)
         up = _plus_lora_terms(tl.load(u_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, rank_g,
                               bu_ptr, rank_u, 1, rows, cols, row_in, col_in, rank_u, RANK, F32_DOT)
+        return gate, up
+
+    @triton.jit
+    def _swiglu_forward(g_ptr, u_ptr, h_ptr, xa_ptr, bg_ptr, bu_ptr, tokens, width, xa_stride, rank_g, rank_u,
+                        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+        rows, cols, row_in, col_in, inside, at = _tile(tokens, width, BM, BN)
+        gate, up = _gate_and_up(g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, xa_stride, rank_g, rank_u, rows, cols, row_in,
+                                col_in, inside, at, RANK, F32_DOT)
         h = gate * tl.sigmoid(gate) * up
         tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=inside)
 
@@ -75,18 +88,12 @@ if triton is not None:
                          gd_stride, rank_g, rank_u, rank_d, RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          F32_DOT: tl.constexpr):
         """The gate's and the up values' gradients, over G and U."""
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        row_in, col_in = rows < tokens, cols < width
-        inside = row_in[:, None] & col_in[None, :]
-        at = rows[:, None] * width + cols[None, :]
+        rows, cols, row_in, col_in, inside, at = _tile(tokens, width, BM, BN)
         # A_d is (rank x intermediate), row-major: its [col, k] is at k x width + col.
         dh = _plus_lora_terms(tl.load(dh_ptr + at, mask=inside, other=0.0).to(tl.float32), gd_ptr, gd_stride, 0,
                               ad_ptr, 1, width, rows, cols, row_in, col_in, rank_d, RANK, F32_DOT)
-        gate = _plus_lora_terms(tl.load(g_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, 0,
-                                bg_ptr, rank_g, 1, rows, cols, row_in, col_in, rank_g, RANK, F32_DOT)
-        up = _plus_lora_terms(tl.load(u_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, rank_g,
-                              bu_ptr, rank_u, 1, rows, cols, row_in, col_in, rank_u, RANK, F32_DOT)
+        gate, up = _gate_and_up(g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, xa_stride, rank_g, rank_u, rows, cols, row_in,
+                                col_in, inside, at, RANK, F32_DOT)
         sig = tl.sigmoid(gate)
         silu = gate * sig
         d_gate = dh * up * (sig + silu * (1.0 - sig))
@@ -196,7 +203,6 @@ class _LoraSwiGLU(torch.autograd.Function):
         x2, xa, gate, up, h, ha, a_stack, bg, bu, ad, bd, w_gate, w_up, w_down = ctx.saved_tensors
         dtype = ctx.dtype
         s_gate, s_up, s_down = ctx.scalings
-        rank_g = bg.shape[1]
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         with torch.autocast(g.device.type, enabled=False):
             grad_ha = g @ bd  # (tokens x rank_d)
@@ -205,18 +211,13 @@ class _LoraSwiGLU(torch.autograd.Function):
             grad_h = g @ w_down.to(dtype)
             swiglu_backward(grad_h, gate, up, xa, bg, bu, grad_ha, ad)
             del grad_h
-            grad_gate, grad_up = gate, up  # written in place by the kernel
-            grad_xa = torch.cat([grad_gate @ bg, grad_up @ bu], dim=1)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_gate @ w_gate.to(dtype)
-                grad_x.addmm_(grad_up, w_up.to(dtype))
-                grad_x.addmm_(grad_xa, a_stack)
-                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-            grad_a = grad_xa.t() @ x2
-            grad_b_gate = (grad_gate.t() @ xa[:, :rank_g]).mul_(s_gate)
-            grad_b_up = (grad_up.t() @ xa[:, rank_g:]).mul_(s_up)
-        grads = (grad_a[:rank_g], grad_b_gate, grad_a[rank_g:], grad_b_up, grad_a_down, grad_b_down)
+            # gate and up now hold their gradients (written in place by the kernel): the gate/up siblings' backward
+            grad_x, (grad_a_gate, grad_a_up), (grad_b_gate, grad_b_up) = siblings_backward(
+                [gate, up], (w.to(dtype) for w in (w_gate, w_up)), x2, xa, a_stack, [bg, bu],
+                [bg.shape[1], bu.shape[1]], [s_gate, s_up], ctx.needs_input_grad[0])
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        grads = (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down)
         return (grad_x, None, None, None, None, None, *(t.to(d) for t, d in zip(grads, ctx.param_dtypes)))
 
 
@@ -229,11 +230,9 @@ MAX_RANK = 128
 
 
 def _is_silu(mlp) -> bool:
+    """The MLP's activation is SiLU (PyTorch's module, or the class older transformers used for it)."""
     act = getattr(mlp, "act_fn", None)
-    if isinstance(act, torch.nn.SiLU):
-        return True
-    return getattr(getattr(mlp, "config", None), "hidden_act", None) in ("silu", "swish") and act is not None \
-        and type(act).__name__ in ("SiLU", "SiLUActivation")
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def _eligible(mlp) -> bool:
@@ -252,7 +251,7 @@ def _eligible(mlp) -> bool:
 
 def _forward_parts(mlp, x: torch.Tensor):
     """The tensors and scales for `_LoraSwiGLU` when this call can take the path now, else None."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = fused_lora._compute_dtype(x)
     if dtype not in SIXTEEN_BIT or not path_runs(x.device):
         return None
     tensors, scalings = [], []
