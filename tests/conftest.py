@@ -113,6 +113,13 @@ def sft_trainer(cfg, callbacks=()):
     return sft.build(prep, job, loop.arguments(prep, run, attempt), list(callbacks)), prep
 
 
+def llama_8b_shape(tied_embeddings=False):
+    """Llama-3.1-8B's sizes, as the planner's estimates read them (the bench's 8B shape)."""
+    from studio.shapes import ModelShape
+    return ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024, vocab=128256,
+                      tied_embeddings=tied_embeddings)
+
+
 def machine(device="cuda", model_type="llama", shape=None, free_gib=None, **facts):
     """The facts a speed plan is made from, as a test states them (no GPU needed)."""
     from studio.training.fast.plan import Machine

@@ -6,6 +6,7 @@ import torch
 
 from studio.training.fast import lm_head
 from studio.training.fast.memory import kept_logits_gib
+from tests.conftest import llama_8b_shape
 from tests.interpreter import passes_under_the_interpreter
 
 
@@ -190,10 +191,8 @@ def test_through_the_trainer_the_loss_and_lora_gradients_are_trls(tiny_model):
 
 def _plan(limit: float = 0.0, stage: str = "sft", length: int = 4096, batch: int = 2, **facts):
     from studio.config import from_dict
-    from studio.shapes import ModelShape
     from studio.training.fast.plan import Machine, plan_speed
-    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
-                       vocab=128256)
+    shape = llama_8b_shape()
     cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": length}, "stage": stage,
                      "method": {"method": "lora", "rank": 16},
                      "training": {"batch_size": batch, "memory_limit_gib": limit, "precision": "bf16", **facts}})
@@ -235,11 +234,9 @@ def test_the_planner_keeps_the_logits_only_where_nothing_is_checkpointed_and_the
 
 
 def test_the_planner_counts_the_logits_in_the_estimate():
-    from studio.shapes import ModelShape
     from studio.training.fast.memory import peak_gib
     plan, _ = _plan()
-    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
-                       vocab=128256)
+    shape = llama_8b_shape()
     base = peak_gib(shape, "lora", 16, plan.micro_batch_tokens, 0, plan.liger)
     assert plan.memory_estimate_gib == pytest.approx(base + kept_logits_gib(plan.micro_batch_tokens, 128256),
                                                      abs=0.06)

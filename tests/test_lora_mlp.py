@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from studio.training.fast import lora_mlp
+from tests.conftest import llama_8b_shape, machine
 from tests.interpreter import passes_under_the_interpreter
 
 
@@ -232,12 +233,9 @@ def test_the_planner_uses_it_for_16_bit_lora_without_dropout_on_gpus_with_triton
 def _plan(stage="sft", method="lora", triton=True, device="cuda", dropout=0.0, targets=("all-linear",),
           model_type="llama", **facts):
     from studio.config import from_dict
-    from studio.shapes import ModelShape
-    from studio.training.fast.plan import Machine, plan_speed
-    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024, vocab=128256)
+    from studio.training.fast.plan import plan_speed
     cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": 4096}, "stage": stage,
                      "method": {"method": method, "rank": 16, "dropout": dropout, "target_modules": list(targets)},
                      "training": {"batch_size": 2, "precision": "bf16", **facts}})
-    machine = Machine(device=device, model_type=model_type, shape=shape, free_gib=139.0, host_free_gib=500.0,
-                      liger_installed=True, triton_kernels_ok=triton, varlen_ok=True)
-    return plan_speed(cfg, machine)
+    return plan_speed(cfg, machine(device, model_type, llama_8b_shape(), 139.0, host_free_gib=500.0,
+                                   liger_installed=True, triton_kernels_ok=triton, varlen_ok=True))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import llama_8b_shape
+
 torch = pytest.importorskip("torch")
 
 
@@ -154,10 +156,8 @@ def test_tiled_mlp_gives_the_plain_loss_and_gradients(dropout, offload):
 def _plan(length: int, limit: float, method: str = "qlora", host: float | None = 500.0, processes: int = 1,
           tied: bool = False, stage: str = "sft"):
     from studio.config import from_dict
-    from studio.shapes import ModelShape
     from studio.training.fast.plan import Machine, plan_speed
-    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
-                       vocab=128256, tied_embeddings=tied)
+    shape = llama_8b_shape(tied)
     cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": length}, "stage": stage,
                      "method": {"method": method, "rank": 16},
                      "training": {"batch_size": 1, "memory_limit_gib": limit, "precision": "bf16"}})
@@ -218,10 +218,8 @@ def test_planner_tiles_the_mlp_where_offloading_is_not_enough_and_respects_the_h
 
 
 def test_estimate_counts_the_techniques():
-    from studio.shapes import ModelShape
     from studio.training.fast.memory import peak_gib
-    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
-                       vocab=128256, tied_embeddings=False)
+    shape = llama_8b_shape()
     plain = peak_gib(shape, "qlora", 16, 65536, 32, True)
     offloaded = peak_gib(shape, "qlora", 16, 65536, 32, True, offloaded=32)
     tiled = peak_gib(shape, "qlora", 16, 65536, 32, True, offloaded=32, mlp_tile=8192)
@@ -260,10 +258,8 @@ def test_planner_sends_long_single_rows_to_cudnn_only_where_it_runs():
     from studio.training.fast.plan import LONG_ROW_TOKENS, plan_speed
     plan, _, cfg = _plan(65536, 20.0)
     assert plan.long_rows_cudnn == 0  # the probe did not find cuDNN's attention working
-    from studio.shapes import ModelShape
     from studio.training.fast.plan import Machine
-    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
-                       vocab=128256, tied_embeddings=False)
+    shape = llama_8b_shape()
     machine = Machine(device="cuda", model_type="llama", shape=shape, free_gib=139.0, varlen_ok=True,
                       cudnn_attention_ok=True)
     assert plan_speed(cfg, machine).long_rows_cudnn == LONG_ROW_TOKENS
@@ -285,10 +281,8 @@ def test_model_tab_estimate_shows_the_least_with_the_techniques(tiny_model):
 
 def _plan_with_data(max_length: int, batch: int, limit: float, packing: str, rows: list[int] | None):
     from studio.config import from_dict
-    from studio.shapes import ModelShape
     from studio.training.fast.plan import Machine, data_lengths, plan_speed
-    shape = ModelShape(layers=32, hidden=4096, intermediate=14336, attention_width=4096, kv_width=1024,
-                       vocab=128256, tied_embeddings=False)
+    shape = llama_8b_shape()
     cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": max_length},
                      "method": {"method": "qlora", "rank": 16},
                      "training": {"batch_size": batch, "memory_limit_gib": limit, "precision": "bf16",
