@@ -12,7 +12,8 @@ from tests.interpreter import passes_under_the_interpreter
 
 def _case(tokens=70, hidden=24, width=200, ranks=(8, 16, 4), dtype=torch.float64, seed=0):
     """x and the MLP's parameters: (w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down). 70 tokens and
-    200 columns: two kernel tiles each way, the last ones short; the ranks differ and are below the dots' 16."""
+    200 columns: several kernel blocks of tokens and two column tiles, the last ones short; the ranks differ and are
+    below the dots' 16."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -89,6 +90,8 @@ def test_the_triton_kernels_match_the_reference_under_the_interpreter():
         "_check_against_reference(torch.float32, 1e-5)\n"
         "_check_against_reference(torch.bfloat16, 3e-2)\n"
         "_check_against_reference(torch.float16, 3e-2, ranks=(32, 32, 32), tokens=64, width=128)\n"
+        # five column tiles: the backward's programs walk two each, the last one's second tile past the width
+        "_check_against_reference(torch.float32, 1e-5, tokens=20, width=600)\n"
         "import pytest\nfrom tests.test_lora_mlp import test_a_second_backward_is_refused_not_wrong\n"
         "test_a_second_backward_is_refused_not_wrong(None)\n"
         "from tests.test_lora_mlp import _check_any_layout_of_the_factors\n_check_any_layout_of_the_factors()")

@@ -31,25 +31,37 @@ from torch.autograd.function import once_differentiable
 from studio.training.fast import fused_lora
 from studio.training.fast.fused_lora import (_adapter_weight, _base_parts, _has_dropout, _runnable, _stacked_adapters,
                                             siblings_backward)
+from studio.training.fast.low_rank import accumulate_
 from studio.training.fast.triton_support import interpreted, tl, triton, triton_runs
 
-# Tokens and columns each program of the kernels covers (they are bound by memory): the fastest of the tilings
-# bench/mlp_check.py tried on the H200 (bench/NOTES.md).
-BLOCK_M = 32
+# Each program takes BLOCK_M tokens and walks a run of BLOCK_N-column tiles (the forward the whole width, the backward
+# a quarter of it), fetching the next tiles asynchronously into shared memory while it computes (STAGES deep): read
+# from there, a tile reaches the rank-r dot in the tensor cores' layout without a separate conversion. The ranks are
+# compile-time constants, so the factors' loads are whole contiguous runs that can be fetched ahead too. The fastest
+# form bench/lowrank_check.py found on the H200 (bench/NOTES.md), close to the speed of Liger's plain SwiGLU.
+BLOCK_M = 16
 BLOCK_N = 128
 NUM_WARPS = 4
+STAGES = 3
+FORWARD_SPLIT = 1  # how many programs share a block of tokens' columns
+BACKWARD_SPLIT = 4
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 if triton is not None:
     @triton.jit
-    def _plus_lora_terms(base, xa_ptr, xa_stride, first, b_ptr, b_col_stride, b_rank_stride, rows, cols, row_in,
-                         col_in, rank, RANK: tl.constexpr, F32_DOT: tl.constexpr):
-        """base (a float32 tile) + the (rows x cols) tile of xa[:, first:first + rank] @ b^T, where b[col, k] is at
-        b_ptr + col x b_col_stride + k x b_rank_stride: one dot accumulating onto the tile."""
+    def _factor_rows(xa_ptr, xa_stride, first, rows, row_in, rank, RANK: tl.constexpr):
+        """The (BM x RANK) block of xa[:, first:first + rank] for this program's tokens, zero past the rank."""
         r = tl.arange(0, RANK)
-        xa = tl.load(xa_ptr + rows[:, None] * xa_stride + first + r[None, :],
-                     mask=row_in[:, None] & (r[None, :] < rank), other=0.0)
+        return tl.load(xa_ptr + rows[:, None] * xa_stride + first + r[None, :],
+                       mask=row_in[:, None] & (r[None, :] < rank), other=0.0)
+
+    @triton.jit
+    def _plus_lora_terms(base, xa, b_ptr, b_col_stride, b_rank_stride, cols, col_in, rank, RANK: tl.constexpr,
+                         F32_DOT: tl.constexpr):
+        """base (a float32 tile) + xa @ b^T over the tile's columns, where b[col, k] is at b_ptr + col x b_col_stride
+        + k x b_rank_stride: one dot accumulating onto the tile."""
+        r = tl.arange(0, RANK)
         b_t = tl.load(b_ptr + cols[None, :] * b_col_stride + r[:, None] * b_rank_stride,
                       mask=col_in[None, :] & (r[:, None] < rank), other=0.0)
         if F32_DOT:
@@ -57,48 +69,63 @@ if triton is not None:
         return tl.dot(xa, b_t, acc=base)
 
     @triton.jit
-    def _tile(tokens, width, BM: tl.constexpr, BN: tl.constexpr):
-        """This program's rows and columns of the (tokens x width) matrices, which of them exist, and their offsets."""
+    def _row_block(tokens, BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr):
+        """This program's tokens, which of them exist, and the first of its TILES column tiles."""
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        row_in, col_in = rows < tokens, cols < width
-        return rows, cols, row_in, col_in, row_in[:, None] & col_in[None, :], rows[:, None] * width + cols[None, :]
+        return rows, rows < tokens, tl.program_id(1) * (TILES * BN)
 
     @triton.jit
-    def _gate_and_up(g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, xa_stride, rank_g, rank_u, rows, cols, row_in, col_in,
-                     inside, at, RANK: tl.constexpr, F32_DOT: tl.constexpr):
+    def _column_tile(first, i, width, rows, row_in, BN: tl.constexpr):
+        """The i-th column tile from `first`: its columns, which exist, which values exist, and their offsets."""
+        cols = first + i * BN + tl.arange(0, BN)
+        col_in = cols < width
+        return cols, col_in, row_in[:, None] & col_in[None, :], rows[:, None] * width + cols[None, :]
+
+    @triton.jit
+    def _gate_and_up(g_ptr, u_ptr, xa_g, xa_u, bg_ptr, bu_ptr, rank_g, rank_u, cols, col_in, inside, at,
+                     RANK: tl.constexpr, F32_DOT: tl.constexpr):
         """The tile's gate and up values in float32: the kept base products plus their LoRA terms."""
-        gate = _plus_lora_terms(tl.load(g_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, 0,
-                                bg_ptr, rank_g, 1, rows, cols, row_in, col_in, rank_g, RANK, F32_DOT)
-        up = _plus_lora_terms(tl.load(u_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_ptr, xa_stride, rank_g,
-                              bu_ptr, rank_u, 1, rows, cols, row_in, col_in, rank_u, RANK, F32_DOT)
+        gate = _plus_lora_terms(tl.load(g_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_g, bg_ptr, rank_g, 1,
+                                cols, col_in, rank_g, RANK, F32_DOT)
+        up = _plus_lora_terms(tl.load(u_ptr + at, mask=inside, other=0.0).to(tl.float32), xa_u, bu_ptr, rank_u, 1,
+                              cols, col_in, rank_u, RANK, F32_DOT)
         return gate, up
 
     @triton.jit
-    def _swiglu_forward(g_ptr, u_ptr, h_ptr, xa_ptr, bg_ptr, bu_ptr, tokens, width, xa_stride, rank_g, rank_u,
-                        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
-        rows, cols, row_in, col_in, inside, at = _tile(tokens, width, BM, BN)
-        gate, up = _gate_and_up(g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, xa_stride, rank_g, rank_u, rows, cols, row_in,
-                                col_in, inside, at, RANK, F32_DOT)
-        h = gate * tl.sigmoid(gate) * up
-        tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=inside)
+    def _swiglu_forward(g_ptr, u_ptr, h_ptr, xa_ptr, bg_ptr, bu_ptr, tokens, width, xa_stride, rank_g: tl.constexpr,
+                        rank_u: tl.constexpr, RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        TILES: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr):
+        rows, row_in, first = _row_block(tokens, BM, BN, TILES)
+        xa_g = _factor_rows(xa_ptr, xa_stride, 0, rows, row_in, rank_g, RANK)
+        xa_u = _factor_rows(xa_ptr, xa_stride, rank_g, rows, row_in, rank_u, RANK)
+        for i in tl.range(0, TILES, num_stages=STAGES):
+            cols, col_in, inside, at = _column_tile(first, i, width, rows, row_in, BN)
+            gate, up = _gate_and_up(g_ptr, u_ptr, xa_g, xa_u, bg_ptr, bu_ptr, rank_g, rank_u, cols, col_in, inside,
+                                    at, RANK, F32_DOT)
+            tl.store(h_ptr + at, (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _swiglu_backward(dh_ptr, g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, gd_ptr, ad_ptr, tokens, width, xa_stride,
-                         gd_stride, rank_g, rank_u, rank_d, RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         F32_DOT: tl.constexpr):
+                         gd_stride, rank_g: tl.constexpr, rank_u: tl.constexpr, rank_d: tl.constexpr,
+                         RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr,
+                         STAGES: tl.constexpr, F32_DOT: tl.constexpr):
         """The gate's and the up values' gradients, over G and U."""
-        rows, cols, row_in, col_in, inside, at = _tile(tokens, width, BM, BN)
-        # A_d is (rank x intermediate), row-major: its [col, k] is at k x width + col.
-        dh = _plus_lora_terms(tl.load(dh_ptr + at, mask=inside, other=0.0).to(tl.float32), gd_ptr, gd_stride, 0,
-                              ad_ptr, 1, width, rows, cols, row_in, col_in, rank_d, RANK, F32_DOT)
-        gate, up = _gate_and_up(g_ptr, u_ptr, xa_ptr, bg_ptr, bu_ptr, xa_stride, rank_g, rank_u, rows, cols, row_in,
-                                col_in, inside, at, RANK, F32_DOT)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        d_gate = dh * up * (sig + silu * (1.0 - sig))
-        tl.store(g_ptr + at, d_gate.to(g_ptr.dtype.element_ty), mask=inside)
-        tl.store(u_ptr + at, (dh * silu).to(u_ptr.dtype.element_ty), mask=inside)
+        rows, row_in, first = _row_block(tokens, BM, BN, TILES)
+        xa_g = _factor_rows(xa_ptr, xa_stride, 0, rows, row_in, rank_g, RANK)
+        xa_u = _factor_rows(xa_ptr, xa_stride, rank_g, rows, row_in, rank_u, RANK)
+        gd = _factor_rows(gd_ptr, gd_stride, 0, rows, row_in, rank_d, RANK)
+        for i in tl.range(0, TILES, num_stages=STAGES):
+            cols, col_in, inside, at = _column_tile(first, i, width, rows, row_in, BN)
+            # A_d is (rank x intermediate), row-major: its [col, k] is at k x width + col.
+            dh = _plus_lora_terms(tl.load(dh_ptr + at, mask=inside, other=0.0).to(tl.float32), gd, ad_ptr, 1, width,
+                                  cols, col_in, rank_d, RANK, F32_DOT)
+            gate, up = _gate_and_up(g_ptr, u_ptr, xa_g, xa_u, bg_ptr, bu_ptr, rank_g, rank_u, cols, col_in, inside,
+                                    at, RANK, F32_DOT)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            d_gate = dh * up * (sig + silu * (1.0 - sig))
+            tl.store(g_ptr + at, d_gate.to(g_ptr.dtype.element_ty), mask=inside)
+            tl.store(u_ptr + at, (dh * silu).to(u_ptr.dtype.element_ty), mask=inside)
 
 
 def path_runs(device: torch.device) -> bool:
@@ -116,8 +143,12 @@ def _rank_block(*ranks: int) -> int:
     return max(16, 1 << (max(ranks) - 1).bit_length())
 
 
-def _grid(tokens: int, width: int) -> tuple:
-    return (triton.cdiv(tokens, BLOCK_M), triton.cdiv(width, BLOCK_N))
+def _launch(kernel, split: int, tokens: int, width: int, *args, ranks: tuple) -> None:
+    """`kernel` over (tokens x width) matrices: blocks of BLOCK_M tokens, each split among `split` programs."""
+    tiles = triton.cdiv(triton.cdiv(width, BLOCK_N), split)
+    grid = (triton.cdiv(tokens, BLOCK_M), triton.cdiv(width, tiles * BLOCK_N))
+    kernel[grid](*args, RANK=_rank_block(*ranks), BM=BLOCK_M, BN=BLOCK_N, TILES=tiles, STAGES=STAGES,
+                 F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
 
 
 def swiglu_forward(gate, up, xa, b_gate, b_up) -> torch.Tensor:
@@ -127,10 +158,9 @@ def swiglu_forward(gate, up, xa, b_gate, b_up) -> torch.Tensor:
         gate, up, xa, b_gate, b_up = _row_major(gate, up, xa, b_gate, b_up)
         h = torch.empty_like(gate)
         tokens, width = gate.shape
-        if tokens:
-            _swiglu_forward[_grid(tokens, width)](gate, up, h, xa, b_gate, b_up, tokens, width, xa.stride(0),
-                                                  rank_g, rank_u, RANK=_rank_block(rank_g, rank_u), BM=BLOCK_M,
-                                                  BN=BLOCK_N, F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
+        if tokens and width:
+            _launch(_swiglu_forward, FORWARD_SPLIT, tokens, width, gate, up, h, xa, b_gate, b_up, tokens, width,
+                    xa.stride(0), rank_g, rank_u, ranks=(rank_g, rank_u))
         return h
     g, u = _with_lora_terms(gate, up, xa, b_gate, b_up)
     return (torch.nn.functional.silu(g) * u).to(gate.dtype)
@@ -145,11 +175,10 @@ def swiglu_backward(grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down) ->
             raise ValueError("swiglu_backward writes the gradients over `gate` and `up`: they must be contiguous")
         grad_h, xa, b_gate, b_up, grad_xa_down, a_down = _row_major(grad_h, xa, b_gate, b_up, grad_xa_down, a_down)
         tokens, width = gate.shape
-        if tokens:
-            _swiglu_backward[_grid(tokens, width)](grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down, tokens,
-                                                   width, xa.stride(0), grad_xa_down.stride(0), rank_g, rank_u,
-                                                   rank_d, RANK=_rank_block(rank_g, rank_u, rank_d), BM=BLOCK_M,
-                                                   BN=BLOCK_N, F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
+        if tokens and width:
+            _launch(_swiglu_backward, BACKWARD_SPLIT, tokens, width, grad_h, gate, up, xa, b_gate, b_up, grad_xa_down,
+                    a_down, tokens, width, xa.stride(0), grad_xa_down.stride(0), rank_g, rank_u, rank_d,
+                    ranks=(rank_g, rank_u, rank_d))
         # Written by the kernel, behind autograd's back: a second backward over this node must see them changed.
         torch.autograd.graph.increment_version(gate)
         torch.autograd.graph.increment_version(up)
@@ -191,7 +220,7 @@ class _LoraSwiGLU(torch.autograd.Function):
             h = swiglu_forward(gate, up, xa, bg, bu)
             ha = h @ ad.t()
             out = h @ w_down.to(dtype).t()
-            out.addmm_(ha, bd.t())  # 4,096 columns on the 8B: the plain accumulation, as fused_lora.py does it
+            accumulate_(out, ha, bd.t())  # 4,096 columns on the 8B: as fused_lora.py adds its LoRA terms
         ctx.save_for_backward(x2, xa, gate, up, h, ha, a_stack, bg, bu, ad, bd, w_gate, w_up, w_down)
         ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = scalings, dtype, x.shape, x.dtype
         ctx.param_dtypes = [p.dtype for p in (a_gate, b_gate, a_up, b_up, a_down, b_down)]
