@@ -1,5 +1,6 @@
 #!/bin/bash
-# The device calls behind bench/NOTES.md's "Session 16 (issue 22)".
+# The device calls behind bench/NOTES.md's "Session 16 (issue 22)". `bench`, `clocks` and `others` ran at commit f3cc6b2,
+# whose plan had the field lora_accumulate_kernel (low_rank.py), taken out again after they measured it neutral.
 #   bash bench/device_issue22g.sh kernels   the rank-r accumulation and SwiGLU kernels in every tiling and loop form
 #   bash bench/device_issue22g.sh bench     one MLP alone, then the 8B LoRA A-B-A with and without low_rank.py's
 #                                           accumulation kernel, then the 1B (results under $OUT)

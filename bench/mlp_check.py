@@ -91,18 +91,12 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="also print each path's kernels (first tiling)")
     args = p.parse_args()
-    from studio.training.fast import lora_mlp, low_rank
+    from studio.training.fast import lora_mlp
     model, mlp, liger = one_mlp(args.hidden, args.intermediate, args.rank)
     x = torch.randn(1, args.tokens, args.hidden, device="cuda", dtype=torch.bfloat16)
     (ref_out, ref_dx, ref_grads), ref_ms = run(mlp, x, args.calls)
     if args.profile:
         kernels(mlp, x, "per projection")
-    low_rank.use_kernel(True)  # each projection's rank-r accumulation through low_rank.py instead of cuBLAS
-    (out, dx, grads), ms = run(mlp, x, args.calls)
-    print(json.dumps({"path": "per projection, low_rank.py accumulations", "ms": round(ms, 3),
-                      "per_projection_ms": round(ref_ms, 3), "output_difference": difference(out, ref_out),
-                      "input_grad_difference": difference(dx, ref_dx)}), flush=True)
-    low_rank.use_kernel(False)
     assert lora_mlp.fuse_lora_mlps(model) == 1
     for block_m, block_n, warps in TILINGS:
         lora_mlp.BLOCK_M, lora_mlp.BLOCK_N, lora_mlp.NUM_WARPS = block_m, block_n, warps
@@ -116,14 +110,6 @@ def main() -> None:
                           "output_difference": difference(out, ref_out), "input_grad_difference": difference(dx, ref_dx),
                           "lora_grad_difference": max(difference(g, r) for g, r in zip(grads, ref_grads))}),
               flush=True)
-    lora_mlp.BLOCK_M, lora_mlp.BLOCK_N, lora_mlp.NUM_WARPS = TILINGS[0]
-    low_rank.use_kernel(True)  # the node's down projection accumulation too
-    (out, dx, grads), ms = run(mlp, x, args.calls)
-    print(json.dumps({"path": "one node, low_rank.py accumulation", "ms": round(ms, 3),
-                      "per_projection_ms": round(ref_ms, 3), "output_difference": difference(out, ref_out),
-                      "input_grad_difference": difference(dx, ref_dx)}), flush=True)
-    if args.profile:
-        kernels(mlp, x, "one node, low_rank.py accumulation")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@ leaves stock TRL and PEFT behaviour untouched.
   adapt_base_model(model, plan)    per-layer checkpointing (offloaded where planned), the input embeddings in
                                    host memory (where planned), the fused RMSNorm: before PEFT wraps the model
   prepare_quantized(model, plan)   what 4-bit and 8-bit bases need before PEFT wraps them
-  adapt_peft_model(model, plan)    the fused LoRA path (and its accumulation kernel), LoRA inputs kept in 16-bit
+  adapt_peft_model(model, plan)    the fused LoRA path, LoRA inputs kept in 16-bit
   trainer_options(plan, ...)       TRL/Trainer arguments: packing, Liger, data workers, pinned batches
   trainer_class(plan) / trainer_callbacks(plan)   (the LoRA MLP kernel and the MLP in tiles, once the trainer has
                                    put Liger's MLP in place)
-  finish(plan)                     undo what binds the process (collector freeze, the accumulation kernel's switch),
-                                   for in-process callers
+  finish(plan)                     undo what binds the process (collector freeze), for in-process callers
 """
 
 from __future__ import annotations
@@ -122,10 +121,8 @@ def adapt_peft_model(model, plan: SpeedPlan, dtype=None) -> None:
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
     if plan.fused_lora:
-        from studio.training.fast import low_rank
         from studio.training.fast.fused_lora import fuse_lora_layers
         fuse_lora_layers(model, pack_4bit=plan.pack_4bit_siblings)
-        low_rank.use_kernel(plan.lora_accumulate_kernel)
     if plan.gradient_checkpointing:
         # PEFT puts back the hook checkpoint_layers took off (it adds it to any unquantized model that
         # checkpoints): the input embeddings' output then needs a gradient, so the backward goes on below the
@@ -258,9 +255,6 @@ def finish(plan: SpeedPlan) -> None:
     checkpoints' pinned host memory is given back."""
     if not plan.plain:
         gc.unfreeze()
-    if plan.lora_accumulate_kernel:
-        from studio.training.fast import low_rank
-        low_rank.use_kernel(False)
     if plan.offloaded_layers:
         from studio.training.fast.activations import release_host_buffers
         release_host_buffers()

@@ -6,8 +6,7 @@ scale plus an add of the two input gradients; for a 4-bit base it also copies th
 On a GPU those passes are a large share of a step's memory traffic (bench/NOTES.md has the profiles).
 
 Here the scale is folded into the small B matrix (out_features x rank) and both adds are folded into the
-last matmul (the rank-r term is accumulated into the base result: low_rank.py, or ``addmm_``), so what remains per
-projection is the matmuls.
+last matmul (``addmm_`` accumulates into the base result), so what remains per projection is the matmuls.
 The computation and the saved tensors are the same as PEFT's (the layer input and the rank-sized
 ``x @ A^T``); the adapters, their checkpoints and merging are untouched, only ``forward`` is routed here.
 
@@ -33,8 +32,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
-
-from studio.training.fast.low_rank import accumulate_
 
 
 def _dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -217,7 +214,7 @@ class _LoraLinear(torch.autograd.Function):
             a = _adapter_weight(lora_a, dtype)
             b_scaled = _adapter_weight(lora_b, dtype, scaling)  # (out x rank): far smaller than scaling the output
             xa = x_lora @ a.t()
-            accumulate_(out, xa, b_scaled.t())  # the LoRA term lands in the base result, no separate add
+            out.addmm_(xa, b_scaled.t())  # the LoRA term lands in the base result, no separate add
         keep_dense = quant_state is not None and _recomputing()
         ctx.save_for_backward(x2, xa, mask, a, b_scaled, dense if keep_dense else weight)
         ctx.quant_state, ctx.scaling, ctx.dropout_p, ctx.dtype = quant_state, scaling, dropout_p, dtype
@@ -236,7 +233,7 @@ class _LoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = g @ _saved_weight(weight, ctx.quant_state, dtype)
                 if mask is None:
-                    accumulate_(grad_x, g_xa, a)  # the LoRA path's input gradient, added onto the base one
+                    grad_x.addmm_(g_xa, a)  # the LoRA path's input gradient, accumulated in the same matmul
                 else:
                     grad_x.add_(torch.ops.aten.native_dropout_backward(g_xa @ a, mask, keep))
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
@@ -275,7 +272,7 @@ class _LoraLinearGroup(torch.autograd.Function):
             outs = []
             for (weight, bias, _, _), part, b, dense in zip(members, xa_parts, b_scaled, denses):
                 out = F.linear(x2, dense, None if bias is None else bias.to(dtype))
-                accumulate_(out, part, b.t())
+                out.addmm_(part, b.t())
                 outs.append(out.view(*x.shape[:-1], out.shape[-1]))
                 if packed is None:
                     kept.append(dense if keep_dense else weight)
@@ -319,7 +316,7 @@ def siblings_backward(gs, denses, x2, xa, a_stack, b_scaled, ranks, scalings, in
     if input_grad:
         for g, dense in zip(gs, denses):
             grad_x = g @ dense if grad_x is None else grad_x.addmm_(g, dense)
-        accumulate_(grad_x, g_xa, a_stack)
+        grad_x.addmm_(g_xa, a_stack)
     grad_a = (g_xa.t() @ x2).split_with_sizes(ranks, dim=0)
     grad_b = [(g.t() @ part).mul_(scale) for g, part, scale in zip(gs, xa.split_with_sizes(ranks, dim=1), scalings)]
     return grad_x, grad_a, grad_b

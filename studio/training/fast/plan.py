@@ -124,8 +124,6 @@ class SpeedPlan:
     fused_lora: bool = False
     # LoRA MLPs as one node whose SwiGLU kernel adds the gate, up and down LoRA terms (lora_mlp.py)
     fused_lora_mlp: bool = False
-    # Fused LoRA's rank-r terms added onto the base results by the studio's own kernel instead of cuBLAS (low_rank.py)
-    lora_accumulate_kernel: bool = False
     fused_norm: bool = False  # PyTorch's fused RMSNorm (kernels.py), where Liger's is not used
     graphed_decoding: bool = False  # generation's decoding steps as CUDA graphs (generation.py; GRPO on a GPU)
     # With the variable-length kernel: packed rows that are one sequence of at least this many tokens run through
@@ -179,8 +177,7 @@ class SpeedPlan:
                  f"{ATTENTION_NAMES.get(self.attention, self.attention)} attention"]
         if self.liger or self.fused_lora or self.fused_norm:
             parts.append("fused kernels (" + ", ".join(
-                name for name, used in (("LoRA", self.fused_lora), ("LoRA terms", self.lora_accumulate_kernel),
-                                        ("LoRA MLP", self.fused_lora_mlp),
+                name for name, used in (("LoRA", self.fused_lora), ("LoRA MLP", self.fused_lora_mlp),
                                         ("Liger", self.liger),
                                         ("RMSNorm", self.fused_norm and not self.liger)) if used) + ")")
         parts.append(self.checkpointing_text())
@@ -284,9 +281,6 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
     fused_lora = method in ("lora", "rslora", "qlora") and (
         t.fused_kernels == "on" or (t.fused_kernels == "auto" and device == "cuda"))
     fused_lora_mlp = _lora_mlp_kernel(cfg, machine, fused_lora and not generates, reasons)
-    # Where the studio's Triton kernels run; not in generation, whose one-token steps were measured without it.
-    lora_accumulate_kernel = (fused_lora and not generates and device == "cuda" and machine.triton_kernels_ok
-                              and t.precision != "fp32")
     fused_norm = (not liger and not generates and t.fused_kernels != "off" and device == "cuda"
                   and machine.fused_rms_norm and machine.model_type in FUSED_NORM_MODEL_TYPES)  # not measured there
     long_rows_cudnn = 0
@@ -297,7 +291,7 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
                        "bench/NOTES.md)")
     workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_lora_mlp=fused_lora_mlp,
-                     lora_accumulate_kernel=lora_accumulate_kernel, fused_norm=fused_norm,
+                     fused_norm=fused_norm,
                      data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
                      memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0, long_rows_cudnn=long_rows_cudnn)
     plan.micro_batch_tokens, why = micro_batch_tokens(cfg, packing, data)
