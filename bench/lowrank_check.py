@@ -9,9 +9,9 @@ Two families, on the 8B LoRA shapes (8,192 tokens):
                module constants allow, against Liger's SwiGLU (the same bytes without the LoRA terms).
 
 Each variant is checked against a float32 reference first (the largest error, relative to the largest value), then
-timed with triton.testing.do_bench. "tile" variants give each program one (BM x BN) tile; "rows" variants give each
-program BM rows and a run of column tiles that it walks in a loop (tl.range with num_stages, which lets Triton fetch
-the next tiles asynchronously into shared memory and read them back in the dot's layout).
+timed with triton.testing.do_bench. "tile" variants (accumulate only) give each program one (BM x BN) tile; "rows"
+variants give each program BM rows and a run of column tiles that it walks in a loop (tl.range with num_stages, which
+lets Triton fetch the next tiles asynchronously into shared memory and read them back in the dot's layout).
 
   python3 bench/lowrank_check.py [--quick] [--families accumulate,swiglu] [--out DIR]
 """

@@ -75,6 +75,32 @@ def _check_any_layout_of_the_factors():
     assert torch.equal(g1, g2) and torch.equal(u1, u2)
 
 
+def _check_fewer_stages_where_shared_memory_is_short():
+    """A launch Triton refuses for its shared memory (high ranks, smaller GPUs) runs again one stage shallower, down to
+    one; the depth that fitted is used from then on for that kernel and rank, and a refusal at one stage is raised."""
+    from triton.runtime.errors import OutOfResources
+
+    class Kernel:  # stands in for a compiled kernel whose buffers fit `fits` stages
+        def __init__(self, fits):
+            self.fits, self.tried = fits, []
+
+        def __getitem__(self, grid):
+            def launch(*args, STAGES, **kwargs):
+                self.tried.append(STAGES)
+                if STAGES > self.fits:
+                    raise OutOfResources(STAGES * 80_000, 232_448, "shared memory")
+            return launch
+    device = torch.device("cpu")
+    kernel = Kernel(fits=1)
+    for _ in range(2):
+        lora_mlp._launch(kernel, 4, 20, 600, ranks=(64, 64, 64), device=device)
+    assert kernel.tried == [3, 2, 1, 1]
+    lora_mlp._launch(kernel, 4, 20, 600, ranks=(16, 16, 16), device=device)  # another rank: tries from STAGES again
+    assert kernel.tried[4:] == [3, 2, 1]
+    with pytest.raises(OutOfResources):
+        lora_mlp._launch(Kernel(fits=0), 4, 20, 600, ranks=(128, 128, 128), device=device)
+
+
 def test_the_pytorch_path_matches_a_float64_reference():
     assert not lora_mlp.triton_runs(torch.device("cpu"))  # the PyTorch arithmetic, in this process
     _check_against_reference(torch.float32, 1e-5)
@@ -92,6 +118,10 @@ def test_the_triton_kernels_match_the_reference_under_the_interpreter():
         "_check_against_reference(torch.float16, 3e-2, ranks=(32, 32, 32), tokens=64, width=128)\n"
         # five column tiles: the backward's programs walk two each, the last one's second tile past the width
         "_check_against_reference(torch.float32, 1e-5, tokens=20, width=600)\n"
+        # ranks that are not powers of two, padded to a dot of 64 and 16
+        "_check_against_reference(torch.float32, 1e-5, ranks=(24, 8, 48), tokens=20, width=150)\n"
+        "from tests.test_lora_mlp import _check_fewer_stages_where_shared_memory_is_short\n"
+        "_check_fewer_stages_where_shared_memory_is_short()\n"
         "import pytest\nfrom tests.test_lora_mlp import test_a_second_backward_is_refused_not_wrong\n"
         "test_a_second_backward_is_refused_not_wrong(None)\n"
         "from tests.test_lora_mlp import _check_any_layout_of_the_factors\n_check_any_layout_of_the_factors()")

@@ -33,16 +33,16 @@ from studio.training.fast.fused_lora import (_adapter_weight, _base_parts, _has_
                                             siblings_backward)
 from studio.training.fast.triton_support import interpreted, tl, triton, triton_runs
 
-# Each program takes BLOCK_M tokens and walks a run of BLOCK_N-column tiles (the forward the whole width, the backward
-# a quarter of it), fetching the next tiles asynchronously into shared memory while it computes (STAGES deep): read
-# from there, a tile reaches the rank-r dot in the tensor cores' layout without a separate conversion. The ranks are
-# compile-time constants, so the factors' loads are whole contiguous runs that can be fetched ahead too. The fastest
-# form bench/lowrank_check.py found on the H200 (bench/NOTES.md), close to the speed of Liger's plain SwiGLU.
+# Each program takes BLOCK_M tokens and walks a run of BLOCK_N-column tiles (in the forward all of the width, in the
+# backward about a quarter of it), fetching the next tiles asynchronously into shared memory while it computes (STAGES
+# deep): read from there, a tile reaches the rank-r dot in the tensor cores' layout without a separate conversion. The
+# ranks are compile-time constants, so the factors' loads are whole contiguous runs that can be fetched ahead too. The
+# fastest form bench/lowrank_check.py found on the H200 (bench/NOTES.md), close to the speed of Liger's plain SwiGLU.
 BLOCK_M = 16
 BLOCK_N = 128
 NUM_WARPS = 4
-STAGES = 3
-FORWARD_SPLIT = 1  # how many programs share a block of tokens' columns
+STAGES = 3  # at most: fewer where the buffers do not fit the GPU's shared memory (high ranks, smaller GPUs)
+FORWARD_SPLIT = 1  # into how many runs of column tiles a block of tokens' columns is cut, one program each
 BACKWARD_SPLIT = 4
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
@@ -142,12 +142,31 @@ def _rank_block(*ranks: int) -> int:
     return max(16, 1 << (max(ranks) - 1).bit_length())
 
 
-def _launch(kernel, split: int, tokens: int, width: int, *args, ranks: tuple) -> None:
-    """`kernel` over (tokens x width) matrices: blocks of BLOCK_M tokens, each split among `split` programs."""
+# (kernel, rank block, device) -> the most stages its buffers fit in, once a launch found fewer than STAGES do
+_stages_that_fit: dict = {}
+
+
+def _launch(kernel, split: int, tokens: int, width: int, *args, ranks: tuple, device: torch.device) -> None:
+    """`kernel` over (tokens x width) matrices: blocks of BLOCK_M tokens, each block's column tiles cut into at most
+    `split` runs of equal length, one program each. Each stage buffers every stream's tile and every factor's
+    (rank x BLOCK_N) block, so at high ranks (or on GPUs with less shared memory) STAGES deep does not fit: Triton
+    refuses such a launch before it runs, and the kernel is launched again one stage shallower."""
+    from triton.runtime.errors import OutOfResources
     tiles = triton.cdiv(triton.cdiv(width, BLOCK_N), split)
     grid = (triton.cdiv(tokens, BLOCK_M), triton.cdiv(width, tiles * BLOCK_N))
-    kernel[grid](*args, RANK=_rank_block(*ranks), BM=BLOCK_M, BN=BLOCK_N, TILES=tiles, STAGES=STAGES,
-                 F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
+    rank = _rank_block(*ranks)
+    key = (kernel, rank, device)
+    stages = min(STAGES, _stages_that_fit.get(key, STAGES))
+    while True:
+        try:
+            kernel[grid](*args, RANK=rank, BM=BLOCK_M, BN=BLOCK_N, TILES=tiles, STAGES=stages,
+                         F32_DOT=_float32_dot(), num_warps=NUM_WARPS)
+            return
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            _stages_that_fit[key] = stages
 
 
 def swiglu_forward(gate, up, xa, b_gate, b_up) -> torch.Tensor:
@@ -159,7 +178,7 @@ def swiglu_forward(gate, up, xa, b_gate, b_up) -> torch.Tensor:
         tokens, width = gate.shape
         if tokens and width:
             _launch(_swiglu_forward, FORWARD_SPLIT, tokens, width, gate, up, h, xa, b_gate, b_up, tokens, width,
-                    xa.stride(0), rank_g, rank_u, ranks=(rank_g, rank_u))
+                    xa.stride(0), rank_g, rank_u, ranks=(rank_g, rank_u), device=gate.device)
         return h
     g, u = _with_lora_terms(gate, up, xa, b_gate, b_up)
     return (torch.nn.functional.silu(g) * u).to(gate.dtype)
@@ -177,7 +196,7 @@ def swiglu_backward(grad_h, gate, up, xa, b_gate, b_up, grad_xa_down, a_down) ->
         if tokens and width:
             _launch(_swiglu_backward, BACKWARD_SPLIT, tokens, width, grad_h, gate, up, xa, b_gate, b_up, grad_xa_down,
                     a_down, tokens, width, xa.stride(0), grad_xa_down.stride(0), rank_g, rank_u, rank_d,
-                    ranks=(rank_g, rank_u, rank_d))
+                    ranks=(rank_g, rank_u, rank_d), device=gate.device)
         # Written by the kernel, behind autograd's back: a second backward over this node must see them changed.
         torch.autograd.graph.increment_version(gate)
         torch.autograd.graph.increment_version(up)
@@ -253,7 +272,8 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # MLP classes whose forward is exactly down(silu(gate(x)) * up(x)) (others with the same projections scale, clamp or
 # normalise in between).
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-# Above this rank the kernels' rank-wide dots would need more shared memory than a GPU has: the MLP's own forward runs.
+# Above this rank the kernels' rank-wide dots would not fit shared memory even one stage deep (about 45 KB a program at
+# 128): the MLP's own forward runs.
 MAX_RANK = 128
 
 
