@@ -118,17 +118,21 @@ def row_forms(quick: bool):
 @contextlib.contextmanager
 def lora_mlp_form(bm: int, bn: int, stages: int, split: int, warps: int):
     """lora_mlp.py's kernels in another form for the time of the block (its module constants); yields the form's
-    name."""
+    name. The depths lora_mlp remembers after a launch did not fit are per form: kept apart from the other forms'."""
     from studio.training.fast import lora_mlp
     names = ("BLOCK_M", "BLOCK_N", "STAGES", "FORWARD_SPLIT", "BACKWARD_SPLIT", "NUM_WARPS")
     kept = [getattr(lora_mlp, n) for n in names]
+    kept_depths = dict(lora_mlp._stages_that_fit)
     for n, v in zip(names, (bm, bn, stages, split, split, warps)):
         setattr(lora_mlp, n, v)
+    lora_mlp._stages_that_fit.clear()
     try:
         yield f"rows BM={bm} BN={bn} STAGES={stages} split={split} w{warps}"
     finally:
         for n, v in zip(names, kept):
             setattr(lora_mlp, n, v)
+        lora_mlp._stages_that_fit.clear()
+        lora_mlp._stages_that_fit.update(kept_depths)
 
 
 def _rows_grid(tokens: int, width: int, bm: int, bn: int, split: int) -> tuple:
@@ -263,7 +267,7 @@ def run_swiglu_backward(g0, u0, a, bg, bu, quick: bool, results: list, shape: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few variants only (a smoke run)")
-    parser.add_argument("--families", default="accumulate,swiglu")
+    parser.add_argument("--families", default="accumulate,swiglu", help="which families to run, comma-separated")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
