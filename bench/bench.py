@@ -153,12 +153,15 @@ class Timer:
         import torch
         from transformers import TrainerCallback
 
+        from bench.energy import EnergyMeter
         from studio.distributed import agree_any, total
         self.torch, self.seconds, self.warmup = torch, seconds, warmup
         self.start = self.tokens0 = None
         self.steps = 0
         self.step_s, self.last = [], None
         self.result = {}
+        # The GPU's energy over the timed steps: at its power limit, a step's time follows its energy.
+        self.energy = EnergyMeter(int(os.environ.get("LOCAL_RANK", 0)))
         # Python's garbage collector, in the timed window: a full collection walks every object of the process
         # (transformers, torch, the datasets) and holds the host meanwhile.
         self.gc_runs, self.gc_s, self._gc_started = [0, 0, 0], 0.0, None
@@ -172,6 +175,7 @@ class Timer:
                     timer.torch.cuda.synchronize()
                     timer.start, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
                     timer.torch.cuda.reset_peak_memory_stats()
+                    timer.energy.restart()
                     timer.last = timer.start
                     gc.callbacks.append(timer.on_gc)
                     print(f"TIMING from step {state.global_step}", flush=True)  # a profiler can attach now
@@ -185,7 +189,9 @@ class Timer:
                         gc.callbacks.remove(timer.on_gc)
                         timer.torch.cuda.synchronize()
                         steps = sorted(timer.step_s)
+                        joules = timer.energy.joules()
                         timer.result = {"seconds": time.perf_counter() - timer.start, "steps": timer.steps,
+                                        "joules_per_step": joules and joules / timer.steps,
                                         "tokens": total(state.num_input_tokens_seen - timer.tokens0),
                                         "step_s_median": steps[len(steps) // 2], "step_s_max": steps[-1],
                                         "step_s_min": steps[0], "gc_runs": timer.gc_runs,
@@ -417,20 +423,22 @@ def versions() -> dict:
 
 def table(rows: list[dict]) -> str:
     stock = {r["shape"]: r["tokens_per_s"] for r in rows if r["arm"] == "stock" and "tokens_per_s" in r}
-    lines = ["| shape | arm | settings | tokens/s | runs (tokens/s) | MFU | MFU vs measured peak | peak GiB | vs stock "
-             "| loss check |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | arm | settings | tokens/s | runs (tokens/s) | MFU | MFU vs measured peak | peak GiB | GPU J a step (W) "
+             "| vs stock | loss check |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['arm']} | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['shape']} | {r['arm']} | failed: {r['error'][:120]} | | | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / stock[r['shape']]:.2f}x" if r["shape"] in stock else "-"
         check = r.get("loss_check")
         check_text = f"{check['relative_difference']:.1e}" if check else "-"
         repeats = r.get("repeats", [r["tokens_per_s"]])
         runs = f"{len(repeats)}: {min(repeats):,.0f}-{max(repeats):,.0f}" if len(repeats) > 1 else "1"
+        joules = r.get("joules_per_step")
+        energy = f"{joules:.0f} ({joules * r['steps'] / r['seconds']:.0f})" if joules else "-"
         lines.append(f"| {r['shape']} | {r['arm']} | {r['settings']} | {r['tokens_per_s']:,.0f} | {runs} | "
                      f"{100 * r['mfu']:.1f}% | {100 * r['mfu'] * PEAK_DATASHEET / r['matmul_peak']:.1f}% | "
-                     f"{r['peak_gib']:.1f} | {ratio} | {check_text} |")
+                     f"{r['peak_gib']:.1f} | {energy} | {ratio} | {check_text} |")
     return "\n".join(lines)
 
 
