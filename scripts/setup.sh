@@ -19,6 +19,17 @@ pip install -e ".${extras}"
 # Triton dependency already comes with CUDA builds of torch; on CPU-only machines it would be dead weight.
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   .venv/bin/python -c "import liger_kernel" 2>/dev/null || pip install "liger-kernel>=0.6"
+  # Hopper and Blackwell GPUs (compute capability 9.x, 10.x): FlashAttention-4's kernels for packed rows, the version
+  # measured (a pre-release; the planner tries it once and keeps FlashAttention-2 where it does not run). Its CuTe
+  # DSL comes in a build per CUDA major version, which must match torch's.
+  capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+  cuda_major=$(.venv/bin/python -c "import torch; print((torch.version.cuda or '').split('.')[0])" 2>/dev/null || true)
+  if [ "${capability%%.*}" = 9 ] || [ "${capability%%.*}" = 10 ]; then
+    extra=""; [ "$cuda_major" = 13 ] && extra="[cu13]"
+    .venv/bin/python -c "import flash_attn.cute" 2>/dev/null || pip install "flash-attn-4${extra}==4.0.0b36"
+    .venv/bin/python -c "import flash_attn.cute" 2>/dev/null \
+      || echo "setup: FlashAttention-4 did not install; training uses FlashAttention-2" >&2
+  fi
 fi
 # The tests check the LM head's Triton kernels on the CPU with triton's interpreter (tests/test_lm_head.py). triton
 # goes in a folder of its own, off the environment's path: importable, it would change what TRL loads on a CPU.

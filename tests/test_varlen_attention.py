@@ -201,6 +201,95 @@ def test_flash_kernel_matches_per_document_attention_on_the_gpu(layout):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
+@pytest.fixture()
+def fake_flash4(monkeypatch):
+    """FlashAttention-4's interface module as the studio calls it, computing the per-document reference (the real
+    kernels need a Hopper or Blackwell GPU). Records each call's arguments."""
+    import sys
+    import types
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                               softmax_scale=None, causal=False, **rest):
+        calls.append({"shape": tuple(q.shape), "bounds_q": cu_seqlens_q.tolist(), "bounds_k": cu_seqlens_k.tolist(),
+                      "max_q": max_seqlen_q, "max_k": max_seqlen_k, "scale": softmax_scale, "causal": causal,
+                      "rest": rest})
+        out = per_document_attention(q, k, v, cu_seqlens_q, max_seqlen_q, 0.0, softmax_scale)
+        return out, torch.zeros(q.shape[1], q.shape[0])
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface.flash_attn_varlen_func = flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    monkeypatch.setattr(varlen_attention, "_cache_compiled_kernels", lambda: None)
+    monkeypatch.setattr(varlen_attention, "_flash4", True)
+    return calls
+
+
+def test_flash4_keeps_packed_documents_apart(fake_flash4, reference_kernel):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    model = _tiny_llama(varlen_attention.NAME)
+    docs = [list(range(3, 14)), list(range(20, 27)), list(range(40, 58))]
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, return_position_ids=True)
+    packed_loss = model(**collator([{"input_ids": d} for d in docs])).loss
+    torch.testing.assert_close(packed_loss, _documents_loss(model, docs), rtol=1e-5, atol=1e-6)
+    assert reference_kernel == []  # FlashAttention-2 not called
+    scale = model.config.head_dim ** -0.5 if getattr(model.config, "head_dim", None) else 8 ** -0.5
+    assert fake_flash4 == [{"shape": (36, 4, 8), "bounds_q": [0, 11, 18, 36], "bounds_k": [0, 11, 18, 36],
+                            "max_q": 18, "max_k": 18, "scale": scale, "causal": True, "rest": {}}] * 2
+
+
+def test_flash4_has_no_dropout_so_attention_dropout_stays_on_flash2(fake_flash4, reference_kernel):
+    q, k = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+    bounds = torch.tensor([0, 5, 12], dtype=torch.int32)
+    varlen_attention.varlen_attention_forward(None, q, k, k, None, dropout=0.1, cu_seq_lens_q=bounds, max_length_q=7)
+    assert fake_flash4 == [] and len(reference_kernel) == 1
+    varlen_attention.varlen_attention_forward(None, q, k, k, None, dropout=0.0, cu_seq_lens_q=bounds, max_length_q=7)
+    assert len(fake_flash4) == 1 and len(reference_kernel) == 1
+
+
+def test_flash4_compiled_kernels_are_kept_in_the_studio_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
+    varlen_attention._cache_compiled_kernels.__wrapped__()
+    import os
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path.resolve() / "cache" / "flash-attn-4")
+
+
+def test_flash4_only_on_gpus_it_has_kernels_for(monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert varlen_attention.flash4_installed((9, 0)) and varlen_attention.flash4_installed((10, 0))
+    assert not varlen_attention.flash4_installed((8, 0)) and not varlen_attention.flash4_installed(None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not varlen_attention.flash4_installed((9, 0))
+
+
+def test_plan_takes_flash4_where_it_runs_and_says_how_to_get_it(tiny_model):
+    from studio.training.fast.plan import plan_speed
+    from tests.conftest import machine
+    cfg = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2})
+    plan = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4_ok=True))
+    assert plan.flash_attention_4 and "FlashAttention-4" in plan.summary()
+    assert not plan_speed(cfg, machine("cuda", "llama", varlen_ok=True)).flash_attention_4
+    missing = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4_missing=True))
+    assert not missing.flash_attention_4 and "pip install flash-attn-4" in " ".join(missing.reasons)
+    # Only with the variable-length attention it stands in for.
+    assert not plan_speed(cfg, machine("cuda", "gemma2", varlen_ok=True, flash4_ok=True)).flash_attention_4
+    plain = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2, "speed": "plain"})
+    assert not plan_speed(plain, machine("cuda", "llama", varlen_ok=True, flash4_ok=True)).flash_attention_4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention-4 runs on Hopper and Blackwell GPUs")
+@pytest.mark.parametrize("layout", ["heads-major", "tokens-major"])
+def test_flash4_matches_per_document_attention_on_the_gpu(layout, monkeypatch):
+    if not varlen_attention.flash4_installed(torch.cuda.get_device_capability()):
+        pytest.skip("flash-attn-4 is not installed, or this GPU has no kernels of it")
+    monkeypatch.setattr(varlen_attention, "_flash4", True)
+    test_flash_kernel_matches_per_document_attention_on_the_gpu(layout)
+    assert varlen_attention.flash4_runs(32, 8, 128, torch.bfloat16)
+
+
 def test_padding_free_pairs_give_the_padded_batch_its_logits_and_gradients(reference_kernel):
     """DPO's batches (right-padded, positions from 0) run on their real tokens only: the same logits at every real
     position and the same gradients as the padded batch through SDPA with its mask."""
@@ -246,3 +335,24 @@ def test_dpo_runs_padding_free_only_where_the_kernel_runs(tiny_model):
         assert not apply.padding_free(plan_speed(cfg, machine("cpu", "llama", varlen_ok=False)), stage)
     prompt = tiny_config(tiny_model, stage="dpo", method={"method": "prompt_tuning"})
     assert not apply.padding_free(plan_speed(prompt, machine("cuda", "llama", varlen_ok=True)), "dpo")
+
+
+def test_liger_stays_on_the_triton_kernels_the_plan_was_measured_with(monkeypatch):
+    """FlashAttention-4 brings CuTe's DSL, which newer Liger would otherwise prefer over its Triton kernels."""
+    import sys
+    import types
+
+    from studio.training.fast import apply
+    pinned = []
+    dispatch = types.ModuleType("liger_kernel.backends.dispatch")
+    dispatch.set_impl = pinned.append
+    backends = types.ModuleType("liger_kernel.backends")
+    backends.dispatch = dispatch
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends", backends)
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends.dispatch", dispatch)
+    apply._liger_triton_kernels()
+    assert pinned == ["triton"]
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends", None)  # an older Liger, without the dispatcher
+    apply._liger_triton_kernels()
+    assert pinned == ["triton"]

@@ -25,9 +25,12 @@ from studio.training.fast.plan import UNMASKED_STAGES, VARLEN_ATTENTION, SpeedPl
 def before_model_load(plan: SpeedPlan, device: str) -> None:
     if plan.attention == VARLEN_ATTENTION:
         from studio.training.fast import varlen_attention
-        varlen_attention.register(0 if plan.plain else plan.long_rows_cudnn)
+        varlen_attention.register(0 if plan.plain else plan.long_rows_cudnn,
+                                  flash4=plan.flash_attention_4 and not plan.plain)
     if device != "cuda" or plan.plain:
         return
+    if plan.liger:
+        _liger_triton_kernels()
     import torch
     _use_expandable_segments()
     # training.memory_limit_gib is binding: past it the allocator reports out of memory (and the out-of-memory
@@ -144,6 +147,18 @@ def adapt_for_stage(model, plan: SpeedPlan, stage: str) -> None:
     if padding_free(plan, stage):
         from studio.training.fast.padding_free import run_on_real_tokens
         run_on_real_tokens(model)
+
+
+def _liger_triton_kernels() -> None:
+    """Keep Liger on its Triton kernels, the ones the plan was measured with. Newer Liger prefers kernels written in
+    CuTe's Python DSL wherever that DSL imports, and FlashAttention-4 brings the DSL along: on the H200 the 8B LoRA
+    step then ran a quarter slower and the host-bound QLoRA step half as fast (bench/NOTES.md, session 17)."""
+    import importlib
+    try:  # (the package's `dispatch` attribute is a function of that module, not the module)
+        dispatch = importlib.import_module("liger_kernel.backends.dispatch")
+    except ImportError:  # a Liger with Triton kernels only
+        return
+    dispatch.set_impl("triton")
 
 
 def trainer_options(plan: SpeedPlan, device: str, batch_size: int, max_length: int, stage: str = "sft",

@@ -91,6 +91,8 @@ class Machine:
     fused_rms_norm: bool = False  # this torch has aten::_fused_rms_norm
     varlen_ok: bool = False  # the variable-length flash kernel runs for this model, GPU and precision
     cudnn_attention_ok: bool = False  # SDPA's cuDNN attention runs for this head size and precision (long rows)
+    flash4_ok: bool = False  # FlashAttention-4's variable-length kernels run for this model's heads here
+    flash4_missing: bool = False  # a GPU FlashAttention-4 has kernels for, without the flash-attn-4 package
     forks: bool = True  # data-loader workers can fork (POSIX)
     processes: int = 1  # the run's processes, on every machine together (one per GPU)
 
@@ -129,6 +131,8 @@ class SpeedPlan:
     # With the variable-length kernel: packed rows that are one sequence of at least this many tokens run through
     # cuDNN's causal attention instead (varlen_attention.py); 0: never.
     long_rows_cudnn: int = 0
+    # With the variable-length kernel: packed rows through FlashAttention-4's kernels instead of FlashAttention-2's.
+    flash_attention_4: bool = False
     data_workers: int = 0
     # With checkpointing on: how many of the last decoder layers keep their activations anyway (0: none,
     # every layer is checkpointed). Set when memory allows some but not all layers to skip recomputation.
@@ -173,8 +177,9 @@ class SpeedPlan:
             parts = ["stock TRL and PEFT (speed plan off)",
                      "packed rows" if self.packing else "padded rows", self.checkpointing_text()]
             return ", ".join(p for p in parts if p)
+        attention = ATTENTION_NAMES.get(self.attention, self.attention)
         parts = ["packed rows" if self.packing else "padded rows",
-                 f"{ATTENTION_NAMES.get(self.attention, self.attention)} attention"]
+                 f"{attention} attention" + (" (FlashAttention-4)" if self.flash_attention_4 else "")]
         if self.liger or self.fused_lora or self.fused_norm:
             parts.append("fused kernels (" + ", ".join(
                 name for name, used in (("LoRA", self.fused_lora), ("LoRA MLP", self.fused_lora_mlp),
@@ -289,11 +294,19 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
         reasons.append(f"attention: a row that is one sequence of {LONG_ROW_TOKENS:,} tokens or more through cuDNN's "
                        "fused attention (no boundaries to keep, and faster than FlashAttention-2 there: "
                        "bench/NOTES.md)")
+    flash_attention_4 = attention == VARLEN_ATTENTION and machine.flash4_ok
+    if flash_attention_4:
+        reasons.append("attention: FlashAttention-4's variable-length kernels (flash-attn-4 is installed; on the H200 "
+                       "about a fifth faster than FlashAttention-2 on packed rows: bench/NOTES.md)")
+    elif attention == VARLEN_ATTENTION and machine.flash4_missing:
+        reasons.append("attention: FlashAttention-2; on this GPU `pip install flash-attn-4` makes packed rows' attention "
+                       "faster (the studio's set-up installs it on NVIDIA machines)")
     workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_lora_mlp=fused_lora_mlp,
                      fused_norm=fused_norm,
                      data_workers=workers, reasons=reasons, layers=machine.shape.layers if machine.shape else 0,
-                     memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0, long_rows_cudnn=long_rows_cudnn)
+                     memory_limit_gib=t.memory_limit_gib if device == "cuda" else 0.0, long_rows_cudnn=long_rows_cudnn,
+                     flash_attention_4=flash_attention_4)
     plan.micro_batch_tokens, why = micro_batch_tokens(cfg, packing, data)
     if device == "cuda" and machine.shape is not None and t.gradient_checkpointing == "auto":
         reasons.append(why)

@@ -20,11 +20,20 @@ There cuDNN's fused attention (through SDPA) is much faster than FlashAttention-
 attention is most of the step, so the plan sends such rows to it (`long_rows_cudnn`: from that many tokens on, where
 `cudnn_runs` found the kernel working). A row of one sequence is told by the shape of its boundaries (two entries),
 without reading them from the GPU.
+
+Where the `flash-attn-4` package is installed on a Hopper or Blackwell GPU, the packed rows go through
+FlashAttention-4's variable-length kernels instead (`flash4`): the same boundaries, no mask, and on Hopper the
+warp-group matrix instructions FlashAttention-2 does not use; on the H200 it took about a fifth less time and energy
+on the bench's 8B rows and two fifths less time on its 1B rows (bench/NOTES.md, session 17). Its kernels are compiled
+by CuTe's Python DSL at their first call (seconds to tens of seconds), kept in a cache folder under the studio's data
+folder for the next run. `flash4_runs` tries them once against FlashAttention-2 before the plan relies on them.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 
 import torch
 
@@ -33,6 +42,10 @@ from studio.shapes import head_dim_of
 NAME = "packed_varlen"  # no "flash" in it: transformers takes such names for the flash-attn package
 # Rows of one sequence at least this long go through cuDNN's attention (0: never); set by register().
 _cudnn_from = 0
+# Packed rows go through FlashAttention-4's kernels (flash4); set by register().
+_flash4 = False
+# GPU generations (compute capability majors) FlashAttention-4 has kernels for: Hopper and Blackwell.
+FLASH4_GENERATIONS = (9, 10)
 
 
 def supported(config, capability: tuple[int, int] | None, dtype: torch.dtype | None) -> bool:
@@ -108,6 +121,56 @@ def flash_varlen(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, 
                                                    max_length, dropout, True, False, scale=scale)[0]
 
 
+def flash4_installed(capability: tuple[int, int] | None) -> bool:
+    """Whether FlashAttention-4 could run here: the package is installed and the GPU is of a generation it has kernels
+    for. (`flash4_runs` then tries it.)"""
+    return capability is not None and capability[0] in FLASH4_GENERATIONS \
+        and importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def flash4_runs(query_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Run FlashAttention-4's variable-length kernels once, forward and backward, on a few packed sequences with this
+    model's heads, against FlashAttention-2's. This compiles the kernels the run will use (they are compiled per head
+    size, grouping of heads and precision, not per length), so a run pays the compile here, once. Any failure, a
+    version without these kernels or a disagreement: not planned."""
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn((40, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+        k = torch.randn((40, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+        v = torch.randn((40, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+        grad = torch.randn((40, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen)
+        bounds = torch.tensor([0, 9, 33, 40], device="cuda", dtype=torch.int32)
+        out4 = flash4_varlen(q, k, v, bounds, 24, None)
+        got = torch.autograd.grad(out4, (q, k, v), grad)
+        out2 = flash_varlen(q, k, v, bounds, 24, 0.0, None)
+        want = torch.autograd.grad(out2, (q, k, v), grad)
+        pairs = [(out4.detach(), out2.detach()), *zip(got, want)]
+        return all(bool(torch.isfinite(a).all()) and torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+                   for a, b in pairs)
+    except Exception:  # noqa: BLE001 - any failure of the kernels here means: do not plan on them
+        return False
+
+
+def flash4_varlen(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scale):
+    """FlashAttention-4's causal attention within each packed sequence: (tokens x heads x head_dim) in, the same out.
+    Grouped-query heads are read by the kernel, not copied. (No dropout: the kernels have none.)"""
+    _cache_compiled_kernels()
+    from flash_attn.cute.interface import flash_attn_varlen_func
+    out = flash_attn_varlen_func(query, key, value, cu_seqlens_q=cu_seq_lens, cu_seqlens_k=cu_seq_lens,
+                                 max_seqlen_q=max_length, max_seqlen_k=max_length, softmax_scale=scale, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_compiled_kernels() -> None:
+    """FlashAttention-4 keeps its compiled kernels on disk only where asked to, before its first import: a folder of
+    the studio's data folder, so that only the first run on a machine waits for the compiler."""
+    from studio.paths import studio_home
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(studio_home() / "cache" / "flash-attn-4"))
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers' attention signature: query (batch x heads x tokens x head_dim), key and value the same
@@ -120,6 +183,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         # One sequence filling the row (the collator adds no padding here): plain causal attention.
         return _cudnn_causal(query, key, value, dropout, scaling), None
     # (1 x heads x tokens x d) -> (tokens x heads x d): a view (last dimension contiguous), no copy.
+    if _flash4 and not dropout:
+        out = flash4_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
+                            cu_seq_lens_q, int(max_length_q), scaling)
+        return out.unsqueeze(0), None
     out = flash_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
                        cu_seq_lens_q, int(max_length_q), dropout, scaling)
     return out.unsqueeze(0), None
@@ -136,11 +203,11 @@ def _unpacked(module, query, key, value, attention_mask, dropout, scaling, **kwa
                                   **kwargs)
 
 
-def register(long_rows_cudnn: int = 0) -> None:
+def register(long_rows_cudnn: int = 0, flash4: bool = False) -> None:
     """Make NAME a valid `attn_implementation` for every model (idempotent). Called by apply.py when a plan
     uses this attention, never at import. `long_rows_cudnn`: rows of one sequence of at least this many tokens go
-    through cuDNN's attention (0: none)."""
-    global _cudnn_from
-    _cudnn_from = long_rows_cudnn
+    through cuDNN's attention (0: none). `flash4`: packed rows go through FlashAttention-4's kernels."""
+    global _cudnn_from, _flash4
+    _cudnn_from, _flash4 = long_rows_cudnn, flash4
     from transformers import AttentionInterface
     AttentionInterface.register(NAME, varlen_attention_forward)
