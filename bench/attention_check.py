@@ -120,7 +120,8 @@ def check_shape(shape: str, seconds: float, arms: list[str]) -> list[dict]:
             for _ in range(3):
                 once()
             torch.cuda.synchronize()
-            meter, calls, start = EnergyMeter(), 0, time.perf_counter()
+            uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+            meter, calls, start = EnergyMeter(uuid=uuid), 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 for _ in range(10):
                     once()

@@ -161,7 +161,8 @@ class Timer:
         self.step_s, self.last = [], None
         self.result = {}
         # The GPU's energy over the timed steps: at its power limit, a step's time follows its energy.
-        self.energy = EnergyMeter(int(os.environ.get("LOCAL_RANK", 0)))
+        self.energy = EnergyMeter(uuid=str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+                                  if torch.cuda.is_available() else None)
         # Python's garbage collector, in the timed window: a full collection walks every object of the process
         # (transformers, torch, the datasets) and holds the host meanwhile.
         self.gc_runs, self.gc_s, self._gc_started = [0, 0, 0], 0.0, None

@@ -12,14 +12,20 @@ import ctypes
 
 
 class EnergyMeter:
-    def __init__(self, index: int = 0):
+    """`uuid`: the GPU's (torch's `get_device_properties(i).uuid`), since NVML numbers GPUs in bus order and ignores
+    CUDA_VISIBLE_DEVICES; without it, NVML's GPU `index`."""
+
+    def __init__(self, index: int = 0, uuid: str | None = None):
         self._read = None
         try:
             nvml = ctypes.CDLL("libnvidia-ml.so.1")
             if nvml.nvmlInit_v2() != 0:
                 return
             handle = ctypes.c_void_p()
-            if nvml.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(handle)) != 0:
+            found = nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}".encode(), ctypes.byref(handle)) if uuid else 1
+            if found != 0:  # (on a machine of one GPU, index 0 is that GPU whatever the UUID's spelling)
+                found = nvml.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(handle))
+            if found != 0:
                 return
             counter = ctypes.c_ulonglong()
 

@@ -22,7 +22,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   # Hopper and Blackwell GPUs (compute capability 9.x, 10.x): FlashAttention-4's kernels for packed rows, the version
   # measured (a pre-release; the planner tries it once and keeps FlashAttention-2 where it does not run). Its CuTe
   # DSL comes in a build per CUDA major version, which must match torch's.
-  capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+  capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 || true)
   cuda_major=$(.venv/bin/python -c "import torch; print((torch.version.cuda or '').split('.')[0])" 2>/dev/null || true)
   if [ "${capability%%.*}" = 9 ] || [ "${capability%%.*}" = 10 ]; then
     extra=""; [ "$cuda_major" = 13 ] && extra="[cu13]"

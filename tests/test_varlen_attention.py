@@ -257,11 +257,17 @@ def test_flash4_compiled_kernels_are_kept_in_the_studio_folder(monkeypatch, tmp_
 
 
 def test_flash4_only_on_gpus_it_has_kernels_for(monkeypatch):
-    import importlib.util
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    import importlib.metadata
+    installed = {"flash-attn-4": "4.0.0b36"}
+
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+    monkeypatch.setattr(importlib.metadata, "version", version)
     assert varlen_attention.flash4_installed((9, 0)) and varlen_attention.flash4_installed((10, 0))
     assert not varlen_attention.flash4_installed((8, 0)) and not varlen_attention.flash4_installed(None)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    installed = {"flash-attn": "2.8.3"}  # FlashAttention-2's package: the same import name, not the same kernels
     assert not varlen_attention.flash4_installed((9, 0))
 
 
@@ -269,15 +275,17 @@ def test_plan_takes_flash4_where_it_runs_and_says_how_to_get_it(tiny_model):
     from studio.training.fast.plan import plan_speed
     from tests.conftest import machine
     cfg = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2})
-    plan = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4_ok=True))
+    plan = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4="ok"))
     assert plan.flash_attention_4 and "FlashAttention-4" in plan.summary()
     assert not plan_speed(cfg, machine("cuda", "llama", varlen_ok=True)).flash_attention_4
-    missing = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4_missing=True))
+    missing = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4="missing"))
     assert not missing.flash_attention_4 and "pip install flash-attn-4" in " ".join(missing.reasons)
+    failed = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4="failed"))
+    assert not failed.flash_attention_4 and "did not run here" in " ".join(failed.reasons)
     # Only with the variable-length attention it stands in for.
-    assert not plan_speed(cfg, machine("cuda", "gemma2", varlen_ok=True, flash4_ok=True)).flash_attention_4
+    assert not plan_speed(cfg, machine("cuda", "gemma2", varlen_ok=True, flash4="ok")).flash_attention_4
     plain = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2, "speed": "plain"})
-    assert not plan_speed(plain, machine("cuda", "llama", varlen_ok=True, flash4_ok=True)).flash_attention_4
+    assert not plan_speed(plain, machine("cuda", "llama", varlen_ok=True, flash4="ok")).flash_attention_4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention-4 runs on Hopper and Blackwell GPUs")
@@ -354,5 +362,6 @@ def test_liger_stays_on_the_triton_kernels_the_plan_was_measured_with(monkeypatc
     apply._liger_triton_kernels()
     assert pinned == ["triton"]
     monkeypatch.setitem(sys.modules, "liger_kernel.backends", None)  # an older Liger, without the dispatcher
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends.dispatch", None)
     apply._liger_triton_kernels()
     assert pinned == ["triton"]

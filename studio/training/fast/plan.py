@@ -91,8 +91,9 @@ class Machine:
     fused_rms_norm: bool = False  # this torch has aten::_fused_rms_norm
     varlen_ok: bool = False  # the variable-length flash kernel runs for this model, GPU and precision
     cudnn_attention_ok: bool = False  # SDPA's cuDNN attention runs for this head size and precision (long rows)
-    flash4_ok: bool = False  # FlashAttention-4's variable-length kernels run for this model's heads here
-    flash4_missing: bool = False  # a GPU FlashAttention-4 has kernels for, without the flash-attn-4 package
+    # FlashAttention-4 on a GPU it has kernels for: "ok" (its variable-length kernels ran for this model's heads and
+    # agreed with FlashAttention-2), "failed" (installed, but that check failed), "missing" (not installed); "": no such GPU
+    flash4: str = ""
     forks: bool = True  # data-loader workers can fork (POSIX)
     processes: int = 1  # the run's processes, on every machine together (one per GPU)
 
@@ -294,13 +295,16 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
         reasons.append(f"attention: a row that is one sequence of {LONG_ROW_TOKENS:,} tokens or more through cuDNN's "
                        "fused attention (no boundaries to keep, and faster than FlashAttention-2 there: "
                        "bench/NOTES.md)")
-    flash_attention_4 = attention == VARLEN_ATTENTION and machine.flash4_ok
+    flash_attention_4 = attention == VARLEN_ATTENTION and machine.flash4 == "ok"
     if flash_attention_4:
         reasons.append("attention: FlashAttention-4's variable-length kernels (flash-attn-4 is installed; on the H200 "
                        "about a fifth faster than FlashAttention-2 on packed rows: bench/NOTES.md)")
-    elif attention == VARLEN_ATTENTION and machine.flash4_missing:
+    elif attention == VARLEN_ATTENTION and machine.flash4 == "missing":
         reasons.append("attention: FlashAttention-2; on this GPU `pip install flash-attn-4` makes packed rows' attention "
                        "faster (the studio's set-up installs it on NVIDIA machines)")
+    elif attention == VARLEN_ATTENTION and machine.flash4 == "failed":
+        reasons.append("attention: FlashAttention-2 (the installed flash-attn-4 did not run here, or disagreed with "
+                       "FlashAttention-2, when tried before training)")
     workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_lora_mlp=fused_lora_mlp,
                      fused_norm=fused_norm,

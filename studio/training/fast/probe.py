@@ -27,13 +27,15 @@ def probe(cfg: RunConfig, location: str, device: str) -> Machine:
     machine.varlen_ok = varlen_attention.supported(text, capability, dtype) \
         and varlen_attention.kernel_runs(head_dim_of(text), dtype)  # supported() says no without a GPU
     machine.cudnn_attention_ok = machine.varlen_ok and varlen_attention.cudnn_runs(head_dim_of(text), dtype)
-    if machine.varlen_ok and cfg.training.speed != "plain":
-        installed = varlen_attention.flash4_installed(capability)
-        machine.flash4_missing = bool(capability) and capability[0] in varlen_attention.FLASH4_GENERATIONS \
-            and not installed
-        machine.flash4_ok = installed and varlen_attention.flash4_runs(
-            text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            head_dim_of(text), dtype)
+    if machine.varlen_ok and cfg.training.speed != "plain" and capability \
+            and capability[0] in varlen_attention.FLASH4_GENERATIONS:
+        if not varlen_attention.flash4_installed(capability):
+            machine.flash4 = "missing"
+        else:
+            heads = text.num_attention_heads
+            runs = varlen_attention.flash4_runs(heads, getattr(text, "num_key_value_heads", None) or heads,
+                                                head_dim_of(text), dtype)
+            machine.flash4 = "ok" if runs else "failed"
     if device == "cuda":
         machine.free_gib = torch.cuda.mem_get_info()[0] / 2**30
         machine.host_free_gib = host_available_gib()

@@ -32,7 +32,7 @@ folder for the next run. `flash4_runs` tries them once against FlashAttention-2 
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib.metadata
 import os
 
 import torch
@@ -124,28 +124,39 @@ def flash_varlen(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, 
 def flash4_installed(capability: tuple[int, int] | None) -> bool:
     """Whether FlashAttention-4 could run here: the package is installed and the GPU is of a generation it has kernels
     for. (`flash4_runs` then tries it.)"""
-    return capability is not None and capability[0] in FLASH4_GENERATIONS \
-        and importlib.util.find_spec("flash_attn") is not None
+    if capability is None or capability[0] not in FLASH4_GENERATIONS:
+        return False
+    try:  # by its distribution: FlashAttention-2's `flash-attn` package has the same import name
+        importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
 def flash4_runs(query_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Run FlashAttention-4's variable-length kernels once, forward and backward, on a few packed sequences with this
-    model's heads, against FlashAttention-2's. This compiles the kernels the run will use (they are compiled per head
-    size, grouping of heads and precision, not per length), so a run pays the compile here, once. Any failure, a
-    version without these kernels or a disagreement: not planned."""
+    """Run FlashAttention-4's variable-length kernels once, forward and backward, on packed sequences with this model's
+    heads, against FlashAttention-2's. Its kernels are compiled per head size, grouping of heads and precision, and
+    also by whether the longest sequence fits one tile and whether gradients are wanted: one sequence longer than any
+    tile with short ones beside it, as in packed rows, and a forward without gradients (evaluation) compile and check
+    the kernels a run will mostly use, so it pays their compile here. Any failure, a version without these kernels or a
+    disagreement: not planned."""
     try:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn((40, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-        k = torch.randn((40, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-        v = torch.randn((40, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-        grad = torch.randn((40, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen)
-        bounds = torch.tensor([0, 9, 33, 40], device="cuda", dtype=torch.int32)
-        out4 = flash4_varlen(q, k, v, bounds, 24, None)
+        tokens, bounds_list = 340, [0, 300, 333, 340]
+        q = torch.randn((tokens, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+        k = torch.randn((tokens, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+        v = torch.randn((tokens, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+        grad = torch.randn((tokens, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen)
+        bounds = torch.tensor(bounds_list, device="cuda", dtype=torch.int32)
+        longest = max(b - a for a, b in zip(bounds_list, bounds_list[1:]))
+        out4 = flash4_varlen(q, k, v, bounds, longest, None)
         got = torch.autograd.grad(out4, (q, k, v), grad)
-        out2 = flash_varlen(q, k, v, bounds, 24, 0.0, None)
+        with torch.no_grad():
+            inference = flash4_varlen(q, k, v, bounds, longest, None)
+        out2 = flash_varlen(q, k, v, bounds, longest, 0.0, None)
         want = torch.autograd.grad(out2, (q, k, v), grad)
-        pairs = [(out4.detach(), out2.detach()), *zip(got, want)]
+        pairs = [(out4.detach(), out2.detach()), (inference, out2.detach()), *zip(got, want)]
         return all(bool(torch.isfinite(a).all()) and torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2)
                    for a, b in pairs)
     except Exception:  # noqa: BLE001 - any failure of the kernels here means: do not plan on them
