@@ -65,8 +65,10 @@ def main() -> int:
     # Self time: with --host the CPU operators carry their kernels' time too, which would count it twice.
     events = [e for e in averages if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
-    groups = {"matmul (gemm)": ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm"),
-              "attention (flash, flex, cuDNN)": ("flash", "flex", "triton_tem", "attention", "cudnn", "fmha"),
+    # Attention first: FlashAttention's kernel names carry CUTLASS types ("cutlass::bfloat16_t"), which the matmul
+    # keys would claim.
+    groups = {"attention (flash, flex, cuDNN)": ("flash", "flex", "triton_tem", "attention", "cudnn", "fmha"),
+              "matmul (gemm)": ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm"),
               "triton fused (liger/inductor)": ("triton",), "elementwise/reduce": ("elementwise", "reduce",
                                                                                       "vectorized", "copy", "fill")}
     split = dict.fromkeys(groups, 0.0)

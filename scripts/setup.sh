@@ -25,10 +25,13 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 || true)
   cuda_major=$(.venv/bin/python -c "import torch; print((torch.version.cuda or '').split('.')[0])" 2>/dev/null || true)
   if [ "${capability%%.*}" = 9 ] || [ "${capability%%.*}" = 10 ]; then
+    # The DSL's CUDA bindings are unpinned: keep them at torch's CUDA major version.
     extra=""; [ "$cuda_major" = 13 ] && extra="[cu13]"
-    .venv/bin/python -c "import flash_attn.cute" 2>/dev/null || pip install "flash-attn-4${extra}==4.0.0b36"
-    .venv/bin/python -c "import flash_attn.cute" 2>/dev/null \
-      || echo "setup: FlashAttention-4 did not install; training uses FlashAttention-2" >&2
+    bindings=""; [ -n "$cuda_major" ] && bindings="cuda-bindings==${cuda_major}.*"
+    # (By its distribution: FlashAttention-2's flash-attn package has the same import name.)
+    has_fa4() { .venv/bin/python -c "import importlib.metadata as m; m.version('flash-attn-4')" >/dev/null 2>&1; }
+    has_fa4 || pip install "flash-attn-4${extra}==4.0.0b36" $bindings
+    has_fa4 || echo "setup: FlashAttention-4 did not install; training uses FlashAttention-2" >&2
   fi
 fi
 # The tests check the LM head's Triton kernels on the CPU with triton's interpreter (tests/test_lm_head.py). triton

@@ -246,6 +246,22 @@ def test_flash4_has_no_dropout_so_attention_dropout_stays_on_flash2(fake_flash4,
     assert len(fake_flash4) == 1 and len(reference_kernel) == 1
 
 
+def test_a_failing_flash4_call_goes_on_with_flash2(fake_flash4, reference_kernel, monkeypatch):
+    import sys
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("lock on the kernel cache not acquired")
+    monkeypatch.setattr(sys.modules["flash_attn.cute.interface"], "flash_attn_varlen_func", broken)
+    q, k = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+    bounds = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with pytest.warns(RuntimeWarning, match="goes on with FlashAttention-2"):
+        out, _ = varlen_attention.varlen_attention_forward(None, q, k, k, None, cu_seq_lens_q=bounds, max_length_q=7)
+    want = per_document_attention(q.transpose(1, 2)[0], k.transpose(1, 2)[0], k.transpose(1, 2)[0], bounds, 7, 0.0,
+                                  None)
+    torch.testing.assert_close(out[0], want)
+    assert len(reference_kernel) == 1 and varlen_attention._flash4 is False  # the rest of the run: FlashAttention-2
+
+
 def test_flash4_compiled_kernels_are_kept_in_the_studio_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
     monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)

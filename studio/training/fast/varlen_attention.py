@@ -182,6 +182,16 @@ def _cache_compiled_kernels() -> None:
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(studio_home() / "cache" / "flash-attn-4"))
 
 
+def _give_up_flash4(error: Exception) -> None:
+    """A FlashAttention-4 call that failed in its forward leaves no graph behind: the run goes on with
+    FlashAttention-2 for the rest of the process, and says so, rather than failing a step the probe found working."""
+    global _flash4
+    _flash4 = False
+    import warnings
+    warnings.warn(f"FlashAttention-4 failed ({type(error).__name__}: {str(error)[:200]}); training goes on with "
+                  "FlashAttention-2", RuntimeWarning, stacklevel=2)
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers' attention signature: query (batch x heads x tokens x head_dim), key and value the same
@@ -195,9 +205,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return _cudnn_causal(query, key, value, dropout, scaling), None
     # (1 x heads x tokens x d) -> (tokens x heads x d): a view (last dimension contiguous), no copy.
     if _flash4 and not dropout:
-        out = flash4_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
-                            cu_seq_lens_q, int(max_length_q), scaling)
-        return out.unsqueeze(0), None
+        try:
+            out = flash4_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
+                                cu_seq_lens_q, int(max_length_q), scaling)
+            return out.unsqueeze(0), None
+        except RuntimeError as error:  # e.g. its compile cache's lock held by another process past its wait
+            _give_up_flash4(error)
     out = flash_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
                        cu_seq_lens_q, int(max_length_q), dropout, scaling)
     return out.unsqueeze(0), None
