@@ -14,7 +14,12 @@ if [ "$what" = attention ]; then
   rm -f $OUT/*.json
 fi
 # FlashAttention-4 and its CuTe DSL come to 86 MB of wheels, more than one call carries (64 MiB): the first call leaves
-# half of them in /tmp, and the next call, on the same machine while it is still held, brings the rest.
+# half of them in /tmp, and the next call, on the same machine while it is still held (30 s), brings the rest.
+# The halves (folders in .git/info/exclude): `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64` of flash-attn-4==4.0.0b36, nvidia-cutlass-dsl,
+# -libs-base and -libs-core 4.8.1, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext, einops, protobuf into .fa4a/;
+# nvidia-cutlass-dsl-libs-cu13==4.8.1 unzipped, `tar cf - . | xz -9e`, `split -b 33000000` into cu13.partaa (.fa4a/)
+# and cu13.partab (.fa4b/). .whl with bitsandbytes cut to its CUDA 13.0 library (7.6 MB) rides with .fa4b.
 #   bash bench/device_issue22h.sh fa4-part1   (carry .fa4a) copy the first half to /tmp/fa4
 #   bash bench/device_issue22h.sh fa4         (carry .fa4b) install FlashAttention-4, then the attention check with it
 #   bash bench/device_issue22h.sh fa4-bench   (carry .fa4b and .whl) install it, its GPU tests, then the bench's arms
