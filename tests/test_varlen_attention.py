@@ -246,6 +246,26 @@ def test_flash4_has_no_dropout_so_attention_dropout_stays_on_flash2(fake_flash4,
     assert len(fake_flash4) == 1 and len(reference_kernel) == 1
 
 
+def test_flash4_probe_plans_it_only_where_it_agrees_with_flash2(fake_flash4, reference_kernel, monkeypatch):
+    import sys
+    assert varlen_attention.flash4_runs.__wrapped__(4, 2, 16, torch.float32, "cpu")
+    # Forward and gradients, a sequence longer than one kernel tile beside short ones, and a forward without gradients.
+    assert [c["bounds_q"] for c in fake_flash4] == [[0, 300, 333, 340]] * 2 and len(reference_kernel) == 1
+    interface = sys.modules["flash_attn.cute.interface"]
+    right = interface.flash_attn_varlen_func
+
+    def off_by_a_little(*args, **kwargs):
+        out, lse = right(*args, **kwargs)
+        return out * 1.05, lse
+    monkeypatch.setattr(interface, "flash_attn_varlen_func", off_by_a_little)
+    assert not varlen_attention.flash4_runs.__wrapped__(4, 2, 16, torch.float32, "cpu")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(interface, "flash_attn_varlen_func", fails)
+    assert not varlen_attention.flash4_runs.__wrapped__(4, 2, 16, torch.float32, "cpu")
+
+
 def test_a_failing_flash4_call_goes_on_with_flash2(fake_flash4, reference_kernel, monkeypatch):
     import sys
 

@@ -134,7 +134,7 @@ def flash4_installed(capability: tuple[int, int] | None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def flash4_runs(query_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+def flash4_runs(query_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str = "cuda") -> bool:
     """Run FlashAttention-4's variable-length kernels once, forward and backward, on packed sequences with this model's
     heads, against FlashAttention-2's. Its kernels are compiled per head size, grouping of heads and precision, and
     also by whether the longest sequence fits one tile and whether gradients are wanted: one sequence longer than any
@@ -142,13 +142,13 @@ def flash4_runs(query_heads: int, kv_heads: int, head_dim: int, dtype: torch.dty
     the kernels a run will mostly use, so it pays their compile here. Any failure, a version without these kernels or a
     disagreement: not planned."""
     try:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=device).manual_seed(0)
         tokens, bounds_list = 340, [0, 300, 333, 340]
-        q = torch.randn((tokens, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-        k = torch.randn((tokens, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-        v = torch.randn((tokens, kv_heads, head_dim), device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-        grad = torch.randn((tokens, query_heads, head_dim), device="cuda", dtype=dtype, generator=gen)
-        bounds = torch.tensor(bounds_list, device="cuda", dtype=torch.int32)
+        q = torch.randn((tokens, query_heads, head_dim), device=device, dtype=dtype, generator=gen).requires_grad_(True)
+        k = torch.randn((tokens, kv_heads, head_dim), device=device, dtype=dtype, generator=gen).requires_grad_(True)
+        v = torch.randn((tokens, kv_heads, head_dim), device=device, dtype=dtype, generator=gen).requires_grad_(True)
+        grad = torch.randn((tokens, query_heads, head_dim), device=device, dtype=dtype, generator=gen)
+        bounds = torch.tensor(bounds_list, device=device, dtype=torch.int32)
         longest = max(b - a for a, b in zip(bounds_list, bounds_list[1:]))
         out4 = flash4_varlen(q, k, v, bounds, longest, None)
         got = torch.autograd.grad(out4, (q, k, v), grad)
@@ -157,8 +157,10 @@ def flash4_runs(query_heads: int, kv_heads: int, head_dim: int, dtype: torch.dty
         out2 = flash_varlen(q, k, v, bounds, longest, 0.0, None)
         want = torch.autograd.grad(out2, (q, k, v), grad)
         pairs = [(out4.detach(), out2.detach()), (inference, out2.detach()), *zip(got, want)]
-        return all(bool(torch.isfinite(a).all()) and torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2)
-                   for a, b in pairs)
+        # Against the largest value: the two kernels round bf16 gradients differently (on the H200 up to 5e-3 of the
+        # largest value, bench/NOTES.md), which an element-wise tolerance would fail on values near zero.
+        return all(bool(torch.isfinite(a).all()) and float((a.float() - b.float()).abs().max())
+                   <= 2e-2 * float(b.float().abs().max()) for a, b in pairs)
     except Exception:  # noqa: BLE001 - any failure of the kernels here means: do not plan on them
         return False
 
