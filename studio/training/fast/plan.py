@@ -73,6 +73,14 @@ GENERATING_STAGES = ("grpo",)
 # measured faster than FlashAttention-2's variable-length kernel at 16k and 64k tokens (bench/NOTES.md, session 10);
 # below, rows are rarely one sequence and attention is a small part of the step.
 LONG_ROW_TOKENS = 8192
+# What the plan says of FlashAttention-4 with the variable-length attention, by what the probe found (Machine.flash4).
+FLASH4_REASONS = {
+    "ok": "attention: FlashAttention-4's variable-length kernels (flash-attn-4 is installed; on the H200 about a fifth "
+          "faster than FlashAttention-2 on packed rows: bench/NOTES.md)",
+    "missing": "attention: FlashAttention-2; on this GPU `pip install flash-attn-4` makes packed rows' attention faster "
+               "(the studio's set-up installs it on NVIDIA machines)",
+    "failed": "attention: FlashAttention-2 (the installed flash-attn-4 did not run here, or disagreed with "
+              "FlashAttention-2, when tried before training)"}
 # How the progress line names each attention kernel (the plan keeps transformers' implementation names).
 ATTENTION_NAMES = {VARLEN_ATTENTION: "variable-length flash", "flex_attention": "flex", "sdpa": "SDPA",
                    "eager": "eager"}
@@ -296,15 +304,8 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
                        "fused attention (no boundaries to keep, and faster than FlashAttention-2 there: "
                        "bench/NOTES.md)")
     flash_attention_4 = attention == VARLEN_ATTENTION and machine.flash4 == "ok"
-    if flash_attention_4:
-        reasons.append("attention: FlashAttention-4's variable-length kernels (flash-attn-4 is installed; on the H200 "
-                       "about a fifth faster than FlashAttention-2 on packed rows: bench/NOTES.md)")
-    elif attention == VARLEN_ATTENTION and machine.flash4 == "missing":
-        reasons.append("attention: FlashAttention-2; on this GPU `pip install flash-attn-4` makes packed rows' attention "
-                       "faster (the studio's set-up installs it on NVIDIA machines)")
-    elif attention == VARLEN_ATTENTION and machine.flash4 == "failed":
-        reasons.append("attention: FlashAttention-2 (the installed flash-attn-4 did not run here, or disagreed with "
-                       "FlashAttention-2, when tried before training)")
+    if attention == VARLEN_ATTENTION and machine.flash4:
+        reasons.append(FLASH4_REASONS[machine.flash4])
     workers = 2 if device == "cuda" and machine.forks else 0  # workers fork; elsewhere they would re-import
     plan = SpeedPlan(packing, attention, liger, False, fused_lora=fused_lora, fused_lora_mlp=fused_lora_mlp,
                      fused_norm=fused_norm,

@@ -206,16 +206,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         # One sequence filling the row (the collator adds no padding here): plain causal attention.
         return _cudnn_causal(query, key, value, dropout, scaling), None
     # (1 x heads x tokens x d) -> (tokens x heads x d): a view (last dimension contiguous), no copy.
+    q, k, v = query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0]
     if _flash4 and not dropout:
         try:
-            out = flash4_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
-                                cu_seq_lens_q, int(max_length_q), scaling)
-            return out.unsqueeze(0), None
+            return flash4_varlen(q, k, v, cu_seq_lens_q, int(max_length_q), scaling).unsqueeze(0), None
         except RuntimeError as error:  # e.g. its compile cache's lock held by another process past its wait
             _give_up_flash4(error)
-    out = flash_varlen(query.transpose(1, 2)[0], key.transpose(1, 2)[0], value.transpose(1, 2)[0],
-                       cu_seq_lens_q, int(max_length_q), dropout, scaling)
-    return out.unsqueeze(0), None
+    return flash_varlen(q, k, v, cu_seq_lens_q, int(max_length_q), dropout, scaling).unsqueeze(0), None
 
 
 def _unpacked(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
