@@ -138,15 +138,56 @@ def check_shape(shape: str, seconds: float, arms: list[str]) -> list[dict]:
     return results
 
 
+def host_cost(shape: str, arms: list[str], calls: int = 300) -> list[dict]:
+    """The host's time a call: the same heads on 4 sequences (200 tokens, longer than one tile as in packed rows, and
+    three of 16), where the GPU's work is microseconds and the calls queue as fast as the host issues them. A step
+    bound by the host pays this in every layer: forward, backward and each checkpointed layer's recomputed forward."""
+    import torch
+
+    from bench.bench import SHAPES
+    s = SHAPES[shape]
+    heads, kv_heads, d = s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
+    bounds = torch.tensor([0, 200, 216, 232, 248], device="cuda", dtype=torch.int32)
+    q, k, v = (torch.randn((248, n, d), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for n in (heads, kv_heads, kv_heads))
+    results = []
+    for name, fn in attention_arms().items():
+        if name not in arms:
+            continue
+        row = {"shape": shape, "arm": name, "host_cost": True}
+        try:
+            for label, with_grad in (("forward_backward_ms", True), ("forward_no_grad_ms", False)):
+                def once():
+                    with torch.set_grad_enabled(with_grad):
+                        out = fn(q, k, v, bounds, 200)
+                    if with_grad:
+                        out.sum().backward()
+                for _ in range(5):
+                    once()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    once()
+                torch.cuda.synchronize()
+                row[label] = round(1000 * (time.perf_counter() - start) / calls, 3)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="8b,1b")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--arms", default="flash2,flash4,cudnn,cudnn-expanded")
     p.add_argument("--out", type=Path)
+    p.add_argument("--host-cost", action="store_true", help="only the host's time a call, on tiny inputs")
     args = p.parse_args()
     arms = args.arms.split(",")
-    rows = [row for shape in args.shapes.split(",") for row in check_shape(shape, args.seconds, arms)]
+    rows = [row for shape in args.shapes.split(",")
+            for row in (host_cost(shape, arms) if args.host_cost else check_shape(shape, args.seconds, arms))]
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M")

@@ -22,12 +22,17 @@ fi
 # and cu13.partab (.fa4b/). .whl with bitsandbytes cut to its CUDA 13.0 library (7.6 MB) rides with .fa4b.
 #   bash bench/device_issue22h.sh fa4-part1   (carry .fa4a) copy the first half to /tmp/fa4
 #   bash bench/device_issue22h.sh fa4         (carry .fa4b) install FlashAttention-4, then the attention check with it
+#   bash bench/device_issue22h.sh fa4-qlora   (carry .fa4b and .whl) the 8B QLoRA with and without FlashAttention-4:
+#                                             the host's time an attention call, the arms under 12 GiB and 40 GiB, a
+#                                             profile with the GPU's idle gaps, then (time left) the arms under 8 GiB
+#   bash bench/device_issue22h.sh fa4-final   (carry .fa4b and .whl) the planner's choices on the 8B LoRA, the 8B QLoRA
+#                                             under 12 and 8 GiB and the 1B, and FlashAttention-4 forced under 12 GiB
 #   bash bench/device_issue22h.sh fa4-bench   (carry .fa4b and .whl) install it, its GPU tests, then the bench's arms
 #                                             with it (the planner's choice) and without (--plan flash_attention_4=false)
 if [ "$what" = fa4-part1 ]; then
   mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/ && ls /tmp/fa4 | tee -a $OUT/log.txt
 fi
-if [ "$what" = fa4 ] || [ "$what" = fa4-bench ]; then
+if [ "$what" = fa4 ] || [ "$what" = fa4-bench ] || [ "$what" = fa4-qlora ] || [ "$what" = fa4-final ]; then
   [ -f /tmp/fa4/cu13.partaa ] || { echo "fa4: the first half is not on this machine (it was not held)"; exit 3; }
   # The wheels first, then the CUDA 13 libraries over them: pip --target will not merge into a folder it finds.
   rm -rf /tmp/site2 && mkdir -p /tmp/site2
@@ -42,15 +47,42 @@ if [ "$what" = fa4 ]; then
   timeout 400 python3 bench/attention_check.py --arms flash2,flash4 --out $OUT 2>&1 | grep -v Warning \
     | tee -a $OUT/log.txt | tail -30
 fi
-if [ "$what" = fa4-bench ]; then
+arms=("8b studio fa4" "8b studio fa2 --plan flash_attention_4=false" "8b studio-qlora fa4" "8b studio fa4-again"
+      "1b studio fa4" "1b studio fa2 --plan flash_attention_4=false")
+# fa4-final: the planner's own choices with FlashAttention-4 installed (FlashAttention-2 where it checkpoints), then
+# FlashAttention-4 forced on the 12 GiB QLoRA
+[ "$what" = fa4-final ] && arms=("8b studio planner" "8b studio-qlora planner-12g --memory-limit 12"
+      "8b studio-qlora planner-8g --memory-limit 8" "1b studio planner"
+      "8b studio-qlora fa4-forced-12g --memory-limit 12 --plan flash_attention_4=true")
+if [ "$what" = fa4-bench ] || [ "$what" = fa4-final ]; then
   export STUDIO_HOME=/tmp/studio-bench/home
   [ -n "$GPU_TESTS" ] && python3 -m pytest -q -p no:cacheprovider tests/test_varlen_attention.py -k on_the_gpu 2>&1 \
     | tail -3 | tee -a $OUT/log.txt
-  for arm in "8b studio fa4" "8b studio fa2 --plan flash_attention_4=false" "8b studio-qlora fa4" \
-             "8b studio fa4-again" "1b studio fa4" "1b studio fa2 --plan flash_attention_4=false"; do
+  for arm in "${arms[@]}"; do
     set -- $arm
     [ $SECONDS -gt ${ARMS_UNTIL:-470} ] && { echo "skipped (the call's time): $arm" | tee -a $OUT/log.txt; continue; }
     $B --shapes $1 --arms $2 --seconds 10 ${@:4} --tag $2-$1-$3 2>&1 | tail -2 | tee -a $OUT/log.txt
+  done
+  rm -f $OUT/*.json
+fi
+if [ "$what" = fa4-qlora ]; then
+  export STUDIO_HOME=/tmp/studio-bench/home
+  # The attention check calls the kernels directly: the same compile cache as the studio's, for the arms after it.
+  export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=$STUDIO_HOME/cache/flash-attn-4
+  timeout 150 python3 bench/attention_check.py --host-cost --shapes 8b --arms flash2,flash4 --out $OUT 2>&1 \
+    | grep "^{" | tee -a $OUT/log.txt
+  for arm in "fa4-12g 12" "fa2-12g 12 --plan flash_attention_4=false" "fa4-40g 40" \
+             "fa2-40g 40 --plan flash_attention_4=false" "profile" "fa4-8g 8" "fa2-8g 8 --plan flash_attention_4=false"; do
+    set -- $arm
+    [ $SECONDS -gt ${ARMS_UNTIL:-470} ] && { echo "skipped (the call's time): $arm" | tee -a $OUT/log.txt; continue; }
+    if [ "$1" = profile ]; then
+      timeout 200 python3 bench/profile_step.py --shape 8b --arm studio-qlora --gaps 2>&1 | grep -v Warning \
+        > $OUT/profile-8b-qlora-fa4.txt
+      tail -50 $OUT/profile-8b-qlora-fa4.txt
+      continue
+    fi
+    $B --shapes 8b --arms studio-qlora --seconds 8 --memory-limit $2 ${@:3} --tag qlora-8b-$1 2>&1 | tail -2 \
+      | tee -a $OUT/log.txt
   done
   rm -f $OUT/*.json
 fi
