@@ -324,6 +324,22 @@ def test_plan_takes_flash4_where_it_runs_and_says_how_to_get_it(tiny_model):
     assert not plan_speed(plain, machine("cuda", "llama", varlen_ok=True, flash4="ok")).flash_attention_4
 
 
+def test_plan_keeps_flash2_where_layers_are_checkpointed(tiny_model):
+    """With checkpointing FlashAttention-4 measured slower on the H200 (bench/NOTES.md, session 18)."""
+    from studio.training.fast.plan import FLASH4_CHECKPOINTED, FLASH4_REASONS, plan_speed
+    from tests.conftest import machine
+    for training in ({"gradient_checkpointing": "on"}, {"gradient_checkpointing": "auto"}):
+        cfg = tiny_config(tiny_model, data={"max_length": 4096}, training={"batch_size": 2, **training},
+                          method={"method": "qlora"} if training["gradient_checkpointing"] == "auto" else {})
+        plan = plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4="ok"))
+        assert plan.gradient_checkpointing and not plan.flash_attention_4
+        assert FLASH4_CHECKPOINTED in plan.reasons and FLASH4_REASONS["ok"] not in plan.reasons
+        assert "FlashAttention-4" not in plan.summary()
+    cfg = tiny_config(tiny_model, data={"max_length": 4096},
+                      training={"batch_size": 2, "gradient_checkpointing": "off"})
+    assert plan_speed(cfg, machine("cuda", "llama", varlen_ok=True, flash4="ok")).flash_attention_4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention-4 runs on Hopper and Blackwell GPUs")
 @pytest.mark.parametrize("layout", ["heads-major", "tokens-major"])
 def test_flash4_matches_per_document_attention_on_the_gpu(layout, monkeypatch):

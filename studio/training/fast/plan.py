@@ -81,6 +81,11 @@ FLASH4_REASONS = {
                "(the studio's set-up installs it on NVIDIA machines)",
     "failed": "attention: FlashAttention-2 (the installed flash-attn-4 did not run here, or disagreed with "
               "FlashAttention-2, when tried before training)"}
+# With checkpointed layers FlashAttention-4 measured slower than FlashAttention-2 on the H200's 8B QLoRA (7,604 against
+# 11,453 tokens/s under 12 GiB, the GPU idle a third of the step; level under 8 GiB with offloaded inputs) and faster
+# only without checkpointing (bench/NOTES.md, session 18): where the plan checkpoints, FlashAttention-2 stays.
+FLASH4_CHECKPOINTED = ("attention: FlashAttention-2, although flash-attn-4 is installed: with gradient checkpointing "
+                       "FlashAttention-4 measured slower (bench/NOTES.md)")
 # How the progress line names each attention kernel (the plan keeps transformers' implementation names).
 ATTENTION_NAMES = {VARLEN_ATTENTION: "variable-length flash", "flex_attention": "flex", "sdpa": "SDPA",
                    "eager": "eager"}
@@ -317,6 +322,9 @@ def plan_speed(cfg: RunConfig, machine: Machine, data: DataLengths | None = None
         reasons.append(why)
     _plan_parallel(plan, cfg, machine)
     _plan_checkpointing(plan, cfg, device, machine.shape, machine.free_gib, machine.host_free_gib)
+    if plan.flash_attention_4 and plan.gradient_checkpointing:
+        plan.flash_attention_4 = False
+        reasons[reasons.index(FLASH4_REASONS["ok"])] = FLASH4_CHECKPOINTED
     _plan_kept_logits(plan, cfg, machine)
     if cfg.stage in GENERATING_STAGES and device == "cuda":
         plan.graphed_decoding = plan.strategy != "fsdp"

@@ -26,7 +26,8 @@ FlashAttention-4's variable-length kernels instead (`flash4`): the same boundari
 warp-group matrix instructions FlashAttention-2 does not use; on the H200 it took about a fifth less time and energy
 on the bench's 8B rows and two fifths less time on its 1B rows (bench/NOTES.md, session 17). Its kernels are compiled
 by CuTe's Python DSL at their first call (seconds to tens of seconds), kept in a cache folder under the studio's data
-folder for the next run. `flash4_runs` tries them once against FlashAttention-2 before the plan relies on them.
+folder for the next run. `flash4_runs` tries them once against FlashAttention-2 before the plan relies on them. The
+plan uses them only where no layer is checkpointed: with checkpointing they measured slower (plan.FLASH4_CHECKPOINTED).
 """
 
 from __future__ import annotations
