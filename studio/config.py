@@ -135,8 +135,9 @@ class MethodConfig:
     last_layers: int = setting(
         0, "LoRA add-ons only in the model's last this many layers; 0 puts them in every layer. Training then "
         "stops each backward pass at the lowest layer with add-ons, so a step costs less (half the layers: about a "
-        "third less), while the layers below only read. Enough for a new style, tone or format; for new "
-        "knowledge, keep every layer.", minimum=0, maximum=100_000)
+        "third less), while the layers below only read and keep nothing for the backward, so it also needs less "
+        "memory (the plan's estimate counts only the layers with add-ons). Enough for a new style, tone or format; "
+        "for new knowledge, keep every layer.", minimum=0, maximum=100_000)
 
 
 @dataclass

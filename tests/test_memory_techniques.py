@@ -154,12 +154,12 @@ def test_tiled_mlp_gives_the_plain_loss_and_gradients(dropout, offload):
 
 
 def _plan(length: int, limit: float, method: str = "qlora", host: float | None = 500.0, processes: int = 1,
-          tied: bool = False, stage: str = "sft"):
+          tied: bool = False, stage: str = "sft", last_layers: int = 0):
     from studio.config import from_dict
     from studio.training.fast.plan import Machine, plan_speed
     shape = llama_8b_shape(tied)
     cfg = from_dict({"name": "x", "model": {"name_or_path": "x"}, "data": {"max_length": length}, "stage": stage,
-                     "method": {"method": method, "rank": 16},
+                     "method": {"method": method, "rank": 16, "last_layers": last_layers},
                      "training": {"batch_size": 1, "memory_limit_gib": limit, "precision": "bf16"}})
     machine = Machine(device="cuda", model_type="llama", shape=shape, free_gib=139.0, host_free_gib=host,
                       liger_installed=True, varlen_ok=True, processes=processes)
@@ -169,11 +169,14 @@ def _plan(length: int, limit: float, method: str = "qlora", host: float | None =
 def _peak(plan, shape, cfg, checkpointed=None, offloaded=None, mlp_tile=None, host_embeddings=None):
     from studio.training.fast.memory import peak_gib
     from studio.training.fast.plan import tokens_per_step
-    checkpointed = plan.layers - plan.uncheckpointed_layers if checkpointed is None else checkpointed
+    adapted = plan.adapted_layers or plan.layers
+    checkpointed = (adapted - plan.uncheckpointed_layers if plan.gradient_checkpointing else 0) \
+        if checkpointed is None else checkpointed
     return peak_gib(shape, cfg.method.method, cfg.method.rank, tokens_per_step(cfg), checkpointed, plan.liger,
                     offloaded=plan.offloaded_layers if offloaded is None else offloaded,
                     mlp_tile=plan.mlp_tile_tokens if mlp_tile is None else mlp_tile,
-                    host_embeddings=plan.host_embeddings if host_embeddings is None else host_embeddings)
+                    host_embeddings=plan.host_embeddings if host_embeddings is None else host_embeddings,
+                    adapted=plan.adapted_layers)
 
 
 def test_planner_leaves_the_techniques_off_where_checkpointing_is_enough():
@@ -227,6 +230,63 @@ def test_estimate_counts_the_techniques():
     assert plain - offloaded == pytest.approx(30 * 65536 * 4096 * 2 / 2**30)
     assert offloaded > tiled
     assert peak_gib(shape, "qlora", 16, 4096, 32, True, mlp_tile=8192) == peak_gib(shape, "qlora", 16, 4096, 32, True)
+
+
+def test_estimate_counts_only_the_layers_with_adapters():
+    """With method.last_layers the frozen layers beneath keep nothing for the backward, and only the adapted layers'
+    LoRA weights train."""
+    from studio.training.fast.memory import GIB, fixed_bytes, layer_activation_bytes, peak_gib
+    shape = llama_8b_shape()
+    every, last8 = (peak_gib(shape, "qlora", 16, 4096, 0, True, adapted=a) for a in (0, 8))
+    fewer_activations = 24 * 4096 * layer_activation_bytes(shape, True)
+    fewer_trained = fixed_bytes(shape, "qlora", 16, 4096) - fixed_bytes(shape, "qlora", 16, 4096, adapted=8)
+    assert fewer_trained == pytest.approx(0.75 * 16 * shape.lora_parameters(16))
+    assert every - last8 == pytest.approx((fewer_activations + fewer_trained) / GIB)
+    # Checkpointed and offloaded layers count among the adapted ones; past them, the same as all of them.
+    assert peak_gib(shape, "qlora", 16, 4096, 32, True, adapted=8) == peak_gib(shape, "qlora", 16, 4096, 8, True,
+                                                                              adapted=8)
+    assert peak_gib(shape, "qlora", 16, 4096, 4, True, adapted=32) == peak_gib(shape, "qlora", 16, 4096, 4, True)
+
+
+def test_planner_checkpoints_only_what_the_adapted_layers_need():
+    """An 8B QLoRA under 12 GiB checkpoints 26 of its 32 layers with adapters everywhere; with adapters on the last 8
+    only it fits without checkpointing, and under 8.5 GiB without offloading, where every layer adapted needs both."""
+    from studio.training.fast.memory import FILL
+    every, _, _ = _plan(4096, 12.0)
+    assert every.gradient_checkpointing and every.adapted_layers == 0
+    last8, shape, cfg = _plan(4096, 12.0, last_layers=8)
+    assert not last8.gradient_checkpointing and last8.adapted_layers == 8, last8.reasons
+    assert last8.memory_estimate_gib < every.memory_estimate_gib
+    assert last8.memory_estimate_gib == pytest.approx(_peak(last8, shape, cfg), abs=0.05)
+    small, _, _ = _plan(4096, 8.5)
+    assert small.offloaded_layers > 0
+    small8, shape, cfg = _plan(4096, 8.5, last_layers=8)
+    assert small8.offloaded_layers == 0 and small8.memory_estimate_gib <= FILL * 8.5, small8.reasons
+    # Tight enough that some adapted layers are checkpointed: counted among the 8, and the plan says so.
+    tight, shape, cfg = _plan(16384, 10.0, last_layers=8)
+    assert tight.gradient_checkpointing and 0 < tight.uncheckpointed_layers < 8, tight.reasons
+    assert 0 < tight.offloaded_layers <= 8 - tight.uncheckpointed_layers
+    assert any(r.startswith(f"checkpointing: {8 - tight.uncheckpointed_layers} of the 8 layers with adapters")
+               for r in tight.reasons), tight.reasons
+    assert tight.memory_estimate_gib <= FILL * 10.0 + 0.05
+    # last_layers naming every layer or more: as if unset.
+    assert _plan(4096, 12.0, last_layers=32)[0].adapted_layers == 0
+
+
+def test_offloaded_checkpoints_go_to_the_adapted_layers():
+    """The plan counts offloaded layers among the adapted ones (method.last_layers): the frozen layers beneath, which
+    keep nothing for the backward, are not among them."""
+    from studio.training.fast.activations import offloaded_checkpoint
+    from studio.training.fast.apply import adapt_base_model
+    from studio.training.fast.plan import SpeedPlan
+    plan = SpeedPlan(packing=False, attention="sdpa", liger=False, gradient_checkpointing=True, uncheckpointed_layers=1,
+                     offloaded_layers=1, adapted_layers=2, layers=3)
+    model = _tiny_lora(0.0, adapt_base=lambda base: adapt_base_model(base, plan))
+
+    def routed(layer):
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        return getattr(func, "func", None) is offloaded_checkpoint
+    assert [routed(layer) for layer in _layers(model)] == [False, True, False]
 
 
 def test_rows_of_one_long_sequence_go_to_cudnn_attention(monkeypatch):

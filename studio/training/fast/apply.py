@@ -69,7 +69,10 @@ def adapt_base_model(model, plan: SpeedPlan) -> None:
 
             from studio.training.fast.activations import offload_checkpoints
             layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-            offload_checkpoints(layers, plan.offloaded_layers)
+            # With method.last_layers the plan counts the offloaded layers among the adapted ones: the frozen layers
+            # beneath keep nothing for the backward.
+            adapted = layers[-plan.adapted_layers:] if plan.adapted_layers else layers
+            offload_checkpoints(adapted, plan.offloaded_layers)
     if plan.host_embeddings:
         from studio.training.fast.host_embeddings import embeddings_to_host
         embeddings_to_host(model)

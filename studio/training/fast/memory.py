@@ -56,40 +56,45 @@ def mlp_tile_bytes(shape: ModelShape, tokens: int, tile_tokens: int, liger: bool
 
 
 def fixed_bytes(shape: ModelShape, method: str, rank: int, tokens: int, value_bytes: int = 2, shards: int = 1,
-                host_embeddings: bool = False) -> float:
+                host_embeddings: bool = False, adapted: int = 0) -> float:
     """Everything except the activations: weights, trainable state, the last hidden states. `shards`: the GPUs
     FSDP splits the weights and the trainable state across (each holds its share between layers; the one layer
     gathered at a time is small next to the rest and left out). `host_embeddings`: the input embedding table is in
-    host memory (only an untied one leaves the GPU)."""
+    host memory (only an untied one leaves the GPU). `adapted`: the layers with adapters (0: all)."""
     per_weight = {"qlora": 0.5 + 4 / 64, "lora8bit": 1.1, "full": 2 * value_bytes + 8}.get(method, value_bytes)
     embedding_parameters = shape.embedding_parameters
     if host_embeddings and not shape.tied_embeddings:
         embedding_parameters -= shape.vocab * shape.hidden
     embeddings = embedding_parameters * (per_weight if method == "full" else value_bytes)
     trainable = 16 * shape.lora_parameters(rank) if method not in ("full", "prompt_tuning", "prefix_tuning") else 0
+    trainable *= adapted_layers(shape, adapted) / max(1, shape.layers)
     held = shape.layer_parameters * per_weight + embeddings + trainable
     return held / max(1, shards) + tokens * 4 * value_bytes * shape.hidden
 
 
 def peak_gib(shape: ModelShape, method: str, rank: int, tokens: int, checkpointed: int, liger: bool,
              value_bytes: int = 2, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0,
-             host_embeddings: bool = False) -> float:
+             host_embeddings: bool = False, adapted: int = 0) -> float:
     """Estimated peak with `checkpointed` of the layers checkpointed (the first ones; see trainer.py).
 
     Two moments compete: the end of the forward (every layer's saved tensors, the LM head's chunk buffers)
     and the recomputation of a checkpointed layer in the backward (by then the layers that were not
     checkpointed and the chunk buffers are freed, one layer's full set is back). `offloaded`: how many of the
     checkpointed layers keep their inputs in host memory; `mlp_tile`: the MLP runs in tiles of this many tokens
-    (0: whole); `host_embeddings`: the input embedding table is in host memory."""
+    (0: whole); `host_embeddings`: the input embedding table is in host memory. `adapted`: only the last this many
+    layers have adapters (method.last_layers; 0: all): the frozen layers beneath are reached by no gradient and keep
+    nothing for the backward, so `checkpointed` and `offloaded` count among the adapted layers."""
+    adapted = adapted_layers(shape, adapted)
+    checkpointed = min(checkpointed, adapted)
     mlp_tile = mlp_tile if tokens > mlp_tile else 0  # sequences no longer than a tile run the MLP whole
     full_layer = tokens * layer_activation_bytes(shape, liger, value_bytes, mlp_tiled=bool(mlp_tile))
     tile = mlp_tile_bytes(shape, tokens, mlp_tile, liger, value_bytes)
     offloaded = min(offloaded, checkpointed)
     inputs = (checkpointed - offloaded + min(offloaded, 2)) * tokens * value_bytes * shape.hidden
-    end_of_forward = (shape.layers - checkpointed) * full_layer + CHUNK_BUFFERS + tile
+    end_of_forward = (adapted - checkpointed) * full_layer + CHUNK_BUFFERS + tile
     dequantised = shape.layer_parameters / max(1, shape.layers) * value_bytes if method == "qlora" else 0.0
     recompute = full_layer + tile + dequantised if checkpointed else 0.0
-    fixed = fixed_bytes(shape, method, rank, tokens, value_bytes, shards, host_embeddings)
+    fixed = fixed_bytes(shape, method, rank, tokens, value_bytes, shards, host_embeddings, adapted)
     return (fixed + inputs + max(end_of_forward, recompute)) / GIB
 
 
@@ -100,12 +105,18 @@ def kept_logits_gib(tokens: int, vocab: int, value_bytes: int = 2) -> float:
 
 def layers_to_checkpoint(shape: ModelShape, method: str, rank: int, tokens: int, budget_gib: float,
                          liger: bool, shards: int = 1, offloaded: int = 0, mlp_tile: int = 0,
-                         host_embeddings: bool = False) -> int:
+                         host_embeddings: bool = False, adapted: int = 0) -> int:
     """The fewest layers to checkpoint so the estimate fits in FILL x budget; all of them when even that
-    does not fit (the run then relies on the out-of-memory retry with smaller batches)."""
+    does not fit (the run then relies on the out-of-memory retry with smaller batches). With `adapted`, of those."""
     target = FILL * budget_gib
-    for checkpointed in range(shape.layers + 1):
+    adapted = adapted_layers(shape, adapted)
+    for checkpointed in range(adapted + 1):
         if peak_gib(shape, method, rank, tokens, checkpointed, liger, shards=shards, offloaded=offloaded,
-                    mlp_tile=mlp_tile, host_embeddings=host_embeddings) <= target:
+                    mlp_tile=mlp_tile, host_embeddings=host_embeddings, adapted=adapted) <= target:
             return checkpointed
-    return shape.layers
+    return adapted
+
+
+def adapted_layers(shape: ModelShape, last_layers: int) -> int:
+    """How many decoder layers train: method.last_layers where it names fewer than the model has, else all."""
+    return last_layers if 0 < last_layers < shape.layers else shape.layers

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from studio.config import RunConfig
 from studio.shapes import ModelShape
-from studio.training.fast.memory import FILL, kept_logits_gib, layers_to_checkpoint, peak_gib
+from studio.training.fast.memory import FILL, adapted_layers, kept_logits_gib, layers_to_checkpoint, peak_gib
 
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
 FUSED_NORM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")  # their norm is kernels.PLAIN_RMS_NORMS
@@ -154,6 +154,9 @@ class SpeedPlan:
     # How many of the checkpointed layers (the first ones) keep their inputs in pinned host memory instead of on the
     # GPU (activations.py); 0: none.
     offloaded_layers: int = 0
+    # With method.last_layers: how many decoder layers (the last ones) have adapters; the checkpointed and offloaded
+    # counts are among them. 0: every layer.
+    adapted_layers: int = 0
     # The MLP runs over the sequence in tiles of this many tokens (activations.py); 0: whole.
     mlp_tile_tokens: int = 0
     # The input embedding table waits in host memory (host_embeddings.py).
@@ -417,9 +420,10 @@ def _plan_parallel(plan: SpeedPlan, cfg: RunConfig, machine: Machine) -> None:
         plan.reasons.append("strategy: DDP (the model's size is unknown, so memory could not be estimated)")
         return
     tokens = plan.micro_batch_tokens or tokens_per_step(cfg)
-    least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, shape.layers, plan.liger)
+    adapted = cfg.method.last_layers
+    least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, shape.layers, plan.liger, adapted=adapted)
     if t.gradient_checkpointing == "off":
-        least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, 0, plan.liger)
+        least = peak_gib(shape, cfg.method.method, cfg.method.rank, tokens, 0, plan.liger, adapted=adapted)
     if least <= FILL * budget:
         plan.strategy = "ddp"
         plan.reasons.append(f"strategy: DDP, the model and its training state fit one GPU (at least {least:.1f} GiB "
@@ -492,16 +496,22 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
         return
     tokens = plan.micro_batch_tokens or tokens_per_step(cfg)
     shards = plan.processes if plan.strategy == "fsdp" else 1
-    checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger, shards)
-    if checkpointed == shape.layers and peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
-                                                 shards=shards) > FILL * budget:
-        checkpointed = _plan_memory_techniques(plan, cfg, shape, tokens, budget, host_free_gib)
+    # Only the layers with adapters keep activations for the backward (method.last_layers): the checkpointed and
+    # offloaded counts are among them, the first of them.
+    trained = adapted_layers(shape, cfg.method.last_layers)
+    plan.adapted_layers = trained if trained < shape.layers else 0
+    checkpointed = layers_to_checkpoint(shape, method, cfg.method.rank, tokens, budget, plan.liger, shards,
+                                        adapted=trained)
+    if checkpointed == trained and peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
+                                            shards=shards, adapted=trained) > FILL * budget:
+        checkpointed = _plan_memory_techniques(plan, cfg, shape, tokens, budget, host_free_gib, trained)
     plan.memory_estimate_gib = round(peak_gib(shape, method, cfg.method.rank, tokens, checkpointed, plan.liger,
                                               shards=shards, offloaded=plan.offloaded_layers,
-                                              mlp_tile=plan.mlp_tile_tokens, host_embeddings=plan.host_embeddings), 1)
+                                              mlp_tile=plan.mlp_tile_tokens, host_embeddings=plan.host_embeddings,
+                                              adapted=trained), 1)
     plan.memory_budget_gib = round(budget, 1)
     plan.gradient_checkpointing = checkpointed > 0
-    plan.uncheckpointed_layers = shape.layers - checkpointed if checkpointed else 0
+    plan.uncheckpointed_layers = trained - checkpointed if checkpointed else 0
     room = f"estimate {plan.memory_estimate_gib:.1f} GiB of the {budget:.1f} GiB this run may use"
     if plan.offloaded_layers:
         room += f", {plan.offloaded_layers} layers' inputs in host memory"
@@ -511,8 +521,10 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
         room += ", input embeddings in host memory"
     if not checkpointed:
         reasons.append(f"checkpointing: off, it fits without ({room})")
-    elif checkpointed < shape.layers:
-        reasons.append(f"checkpointing: {checkpointed} of {shape.layers} layers, the fewest that fit ({room})")
+    elif checkpointed < trained:
+        of = f"{shape.layers} layers" if trained == shape.layers else \
+            f"the {trained} layers with adapters (method.last_layers; the frozen ones beneath keep nothing)"
+        reasons.append(f"checkpointing: {checkpointed} of {of}, the fewest that fit ({room})")
     else:
         over = plan.memory_estimate_gib > FILL * budget  # past what the planner aims for (room for the allocator)
         reasons.append(f"checkpointing: every layer ({room})" + (
@@ -520,11 +532,12 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
 
 
 def _plan_memory_techniques(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, tokens: int, budget: float,
-                            host_free_gib: float | None) -> int:
+                            host_free_gib: float | None, trained: int) -> int:
     """Every layer checkpointed still does not fit: offload the checkpointed inputs to host memory (as many layers'
     as the host has room for), then, if still over, the input embeddings to the host and the MLP in tiles
     (`_plan_smaller_footprint`). Returns the layers to checkpoint with what was chosen (offloading frees the inputs'
-    memory, so fewer layers may need checkpointing). Each step records why."""
+    memory, so fewer layers may need checkpointing). `trained`: the layers with adapters, among which those are
+    counted. Each step records why."""
     method, rank, reasons = cfg.method.method, cfg.method.rank, plan.reasons
     target = FILL * budget
     offloadable = 0
@@ -532,38 +545,42 @@ def _plan_memory_techniques(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, 
     def peak(checkpointed: int, mlp_tile: int | None = None, host_embeddings: bool | None = None) -> float:
         return peak_gib(shape, method, rank, tokens, checkpointed, plan.liger, offloaded=offloadable,
                         mlp_tile=plan.mlp_tile_tokens if mlp_tile is None else mlp_tile,
-                        host_embeddings=plan.host_embeddings if host_embeddings is None else host_embeddings)
+                        host_embeddings=plan.host_embeddings if host_embeddings is None else host_embeddings,
+                        adapted=trained)
 
     def fewest() -> int:
         return layers_to_checkpoint(shape, method, rank, tokens, budget, plan.liger, offloaded=offloadable,
-                                    mlp_tile=plan.mlp_tile_tokens, host_embeddings=plan.host_embeddings)
+                                    mlp_tile=plan.mlp_tile_tokens, host_embeddings=plan.host_embeddings,
+                                    adapted=trained)
 
     layer_input_gib = tokens * 2 * shape.hidden / 2**30
-    over = f"every layer checkpointed needs {peak(shape.layers):.1f} GiB of the {budget:.1f} GiB this run may use"
-    room = shape.layers if host_free_gib is None else int(HOST_FILL * host_free_gib / layer_input_gib)
+    every = "every layer" if trained == shape.layers else f"each of the {trained} layers with adapters"
+    over = f"{every} checkpointed needs {peak(trained):.1f} GiB of the {budget:.1f} GiB this run may use"
+    room = trained if host_free_gib is None else int(HOST_FILL * host_free_gib / layer_input_gib)
     if plan.processes > 1:
         reasons.append(f"offloaded checkpoints and MLP tiles: off, {over}, but they run in one process only (their own "
                        "backward pass per layer, which DDP's and FSDP2's hooks do not expect)")
-        return shape.layers
+        return trained
     if room < 3:  # two inputs stay on the GPU in any case (the one recomputed, the one fetched ahead)
         reasons.append(f"offloaded checkpoints: off, {over}, but the host's available memory "
                        f"({host_free_gib:.1f} GiB) has no room for the layers' inputs ({layer_input_gib:.1f} GiB each)")
     else:
-        offloadable = min(room, shape.layers)
-        host = "" if offloadable == shape.layers else \
+        offloadable = min(room, trained)
+        host = "" if offloadable == trained else \
             f" (as many as {HOST_FILL:.0%} of the host's available memory holds)"
         reasons.append(f"offloaded checkpoints: on, {over}; up to {offloadable} checkpointed layers' inputs "
                        f"({layer_input_gib:.2f} GiB each){host} wait in pinned host memory, copied while the GPU "
                        "computes")
     checkpointed = fewest()
     if peak(checkpointed) > target:
-        _plan_smaller_footprint(plan, cfg, shape, tokens, peak, target)
+        _plan_smaller_footprint(plan, cfg, shape, tokens, peak, target, trained)
         checkpointed = fewest()
     plan.offloaded_layers = min(offloadable, checkpointed)
     return checkpointed
 
 
-def _plan_smaller_footprint(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, tokens: int, peak, target: float):
+def _plan_smaller_footprint(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, tokens: int, peak, target: float,
+                            trained: int):
     """Still over with the inputs offloaded: the first of these that fits, else the one that needs least. The input
     embeddings in host memory first (a wait for a lookup each forward), then the MLP in tiles from the largest down
     (each tile's MLP runs once more in the backward, and smaller tiles use the GPU less well).
@@ -574,7 +591,7 @@ def _plan_smaller_footprint(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, 
                and cfg.stage not in GENERATING_STAGES)
     tiles = [tile for tile in MLP_TILE_TOKENS if tokens > tile]  # a sequence within one tile runs the MLP whole
     choices = [(host_ok, 0)] + [(host_ok, tile) for tile in tiles]
-    needs = [peak(shape.layers, tile, host) for host, tile in choices]
+    needs = [peak(trained, tile, host) for host, tile in choices]
     fits = [i for i, need in enumerate(needs) if need <= target]
     pick = fits[0] if fits else min(range(len(choices)), key=lambda i: (needs[i], i))
     host, tile = choices[pick]
@@ -582,7 +599,7 @@ def _plan_smaller_footprint(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, 
         plan.host_embeddings = True
         table = shape.vocab * shape.hidden * 2 / 2**30
         plan.reasons.append(f"input embeddings in host memory: every layer checkpointed with its input offloaded "
-                            f"still needs {peak(shape.layers, 0, False):.1f} GiB; the frozen table ({table:.2f} GiB) "
+                            f"still needs {peak(trained, 0, False):.1f} GiB; the frozen table ({table:.2f} GiB) "
                             f"waits on the host and each forward looks its rows up there (with it: {needs[0]:.1f} GiB)")
     if tile:
         plan.mlp_tile_tokens = tile
