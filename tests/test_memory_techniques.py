@@ -268,6 +268,8 @@ def test_planner_checkpoints_only_what_the_adapted_layers_need():
     assert 0 < tight.offloaded_layers <= 8 - tight.uncheckpointed_layers
     assert any(r.startswith(f"checkpointing: {8 - tight.uncheckpointed_layers} of the 8 layers with adapters")
                for r in tight.reasons), tight.reasons
+    checkpointed = 8 - tight.uncheckpointed_layers
+    assert f"gradient checkpointing on {checkpointed} of the 8 layers with adapters" in tight.summary()
     assert tight.memory_estimate_gib <= FILL * 10.0 + 0.05
     # last_layers naming every layer or more: as if unset.
     assert _plan(4096, 12.0, last_layers=32)[0].adapted_layers == 0

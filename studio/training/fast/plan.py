@@ -224,7 +224,9 @@ class SpeedPlan:
             return "no checkpointing" + tiled
         offloaded = f" ({self.offloaded_layers} layers' inputs in host memory)" if self.offloaded_layers else ""
         if self.uncheckpointed_layers and self.layers:
-            return (f"gradient checkpointing on {self.layers - self.uncheckpointed_layers} of {self.layers} layers"
+            of = self.adapted_layers or self.layers  # with method.last_layers: among the layers with adapters
+            which = f"the {of} layers with adapters" if self.adapted_layers else f"{of} layers"
+            return (f"gradient checkpointing on {of - self.uncheckpointed_layers} of {which}"
                     f"{offloaded} (the rest fit without){tiled}")
         return "gradient checkpointing" + offloaded + tiled
 
