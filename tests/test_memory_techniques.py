@@ -153,6 +153,47 @@ def test_tiled_mlp_gives_the_plain_loss_and_gradients(dropout, offload):
     assert len(calls) == 3
 
 
+def test_a_plan_with_last_layers_keeps_frozen_layers_out_of_the_backward():
+    """LoRA in the last layer only, the plan's offloaded checkpoint and MLP tiles applied as a run applies them: the
+    frozen layers beneath get no gradient (nothing of theirs is kept or recomputed), and the loss and gradients are
+    the plain path's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from studio.training.fast import activations
+    from studio.training.fast.apply import adapt_base_model, adapt_peft_model
+    from studio.training.fast.plan import SpeedPlan
+    plan = SpeedPlan(packing=False, attention="sdpa", liger=False, gradient_checkpointing=True, uncheckpointed_layers=0,
+                     offloaded_layers=1, adapted_layers=1, layers=3, mlp_tile_tokens=4)
+
+    def last_layer_lora(adapt_base=None):
+        config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config)
+        if adapt_base is not None:
+            adapt_base(base)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                                layers_to_transform=[2]))
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+        return model.train()
+    plain, planned = last_layer_lora(), last_layer_lora(lambda base: adapt_base_model(base, plan))
+    adapt_peft_model(planned, plan)
+    assert activations.tile_mlps(planned, plan.mlp_tile_tokens) == 3
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda module, args, out: outputs.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad)) for layer in _layers(planned)]
+    ids = torch.randint(0, 97, (2, 13))
+    assert _same_as_plain_counting_offloaded_backwards(planned, plain, ids) == 1  # the adapted layer only
+    for hook in hooks:
+        hook.remove()
+    assert outputs[:3] == [False, False, True]
+
+
 def _plan(length: int, limit: float, method: str = "qlora", host: float | None = 500.0, processes: int = 1,
           tied: bool = False, stage: str = "sft", last_layers: int = 0):
     from studio.config import from_dict

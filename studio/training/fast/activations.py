@@ -270,10 +270,13 @@ def tile_mlps(model, tile_tokens: int) -> int:
             continue
         inner = mlp.forward
 
-        def forward(x, inner=inner):
+        def forward(x, inner=inner, mlp=mlp):
             if x.shape[-2] <= tile_tokens:
                 return inner(x)
-            if not torch.is_grad_enabled():  # a checkpointed layer's first forward: tiles, so no tile's peak is whole
+            # A checkpointed layer's first forward, or a frozen layer below the adapted ones (method.last_layers) that
+            # no gradient reaches: tiles without a graph, so no tile's peak is whole. (The anchor would pull the
+            # frozen layer, and every layer beneath it, into the backward.)
+            if not torch.is_grad_enabled() or (not x.requires_grad and not _trains(mlp)):
                 return torch.cat([inner(t) for t in x.split(tile_tokens, dim=-2)], dim=-2)
             return _TiledMLP.apply(inner, tile_tokens, _anchor(x.device), x)
 

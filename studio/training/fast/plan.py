@@ -594,17 +594,18 @@ def _plan_smaller_footprint(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, 
     tiles = [tile for tile in MLP_TILE_TOKENS if tokens > tile]  # a sequence within one tile runs the MLP whole
     choices = [(host_ok, 0)] + [(host_ok, tile) for tile in tiles]
     needs = [peak(trained, tile, host) for host, tile in choices]
+    every = "every layer" if trained == shape.layers else f"each of the {trained} layers with adapters"
     fits = [i for i, need in enumerate(needs) if need <= target]
     pick = fits[0] if fits else min(range(len(choices)), key=lambda i: (needs[i], i))
     host, tile = choices[pick]
     if host:
         plan.host_embeddings = True
         table = shape.vocab * shape.hidden * 2 / 2**30
-        plan.reasons.append(f"input embeddings in host memory: every layer checkpointed with its input offloaded "
+        plan.reasons.append(f"input embeddings in host memory: {every} checkpointed with its input offloaded "
                             f"still needs {peak(trained, 0, False):.1f} GiB; the frozen table ({table:.2f} GiB) "
                             f"waits on the host and each forward looks its rows up there (with it: {needs[0]:.1f} GiB)")
     if tile:
         plan.mlp_tile_tokens = tile
         larger = f"; the next larger choice: {needs[pick - 1]:.1f} GiB" if pick > 1 else ""
         plan.reasons.append(f"MLP in tiles of {tile:,} tokens: a layer's MLP activations for the whole sequence "
-                            f"would not fit (every layer checkpointed: {needs[pick]:.1f} GiB with them tiled{larger})")
+                            f"would not fit ({every} checkpointed: {needs[pick]:.1f} GiB with them tiled{larger})")
