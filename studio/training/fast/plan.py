@@ -533,6 +533,11 @@ def _plan_checkpointing(plan: SpeedPlan, cfg: RunConfig, device: str, shape: Mod
             "; even so it may not fit: lower training.batch_size or data.max_length" if over else ""))
 
 
+def _every_layer(trained: int, shape: ModelShape) -> str:
+    """How the plan's reasons name all the layers that keep activations (with method.last_layers: the adapted ones)."""
+    return "every layer" if trained == shape.layers else f"each of the {trained} layers with adapters"
+
+
 def _plan_memory_techniques(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, tokens: int, budget: float,
                             host_free_gib: float | None, trained: int) -> int:
     """Every layer checkpointed still does not fit: offload the checkpointed inputs to host memory (as many layers'
@@ -556,7 +561,7 @@ def _plan_memory_techniques(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, 
                                     adapted=trained)
 
     layer_input_gib = tokens * 2 * shape.hidden / 2**30
-    every = "every layer" if trained == shape.layers else f"each of the {trained} layers with adapters"
+    every = _every_layer(trained, shape)
     over = f"{every} checkpointed needs {peak(trained):.1f} GiB of the {budget:.1f} GiB this run may use"
     room = trained if host_free_gib is None else int(HOST_FILL * host_free_gib / layer_input_gib)
     if plan.processes > 1:
@@ -594,7 +599,7 @@ def _plan_smaller_footprint(plan: SpeedPlan, cfg: RunConfig, shape: ModelShape, 
     tiles = [tile for tile in MLP_TILE_TOKENS if tokens > tile]  # a sequence within one tile runs the MLP whole
     choices = [(host_ok, 0)] + [(host_ok, tile) for tile in tiles]
     needs = [peak(trained, tile, host) for host, tile in choices]
-    every = "every layer" if trained == shape.layers else f"each of the {trained} layers with adapters"
+    every = _every_layer(trained, shape)
     fits = [i for i, need in enumerate(needs) if need <= target]
     pick = fits[0] if fits else min(range(len(choices)), key=lambda i: (needs[i], i))
     host, tile = choices[pick]
