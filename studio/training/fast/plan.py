@@ -77,8 +77,8 @@ LONG_ROW_TOKENS = 8192
 FLASH4_REASONS = {
     "ok": "attention: FlashAttention-4's variable-length kernels (flash-attn-4 is installed; on the H200 about a fifth "
           "faster than FlashAttention-2 on packed rows: bench/NOTES.md)",
-    "missing": "attention: FlashAttention-2; on this GPU `pip install flash-attn-4` makes packed rows' attention faster "
-               "(the studio's set-up installs it on NVIDIA machines)",
+    "missing": "attention: FlashAttention-2; on this GPU `pip install flash-attn-4` makes packed rows' attention "
+               "faster (the studio's set-up installs it on NVIDIA machines)",
     "failed": "attention: FlashAttention-2 (the installed flash-attn-4 did not run here, or disagreed with "
               "FlashAttention-2, when tried before training)"}
 # With checkpointed layers FlashAttention-4 measured slower than FlashAttention-2 on the H200's 8B QLoRA (7,604 against
